@@ -6,7 +6,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
 EXE = Path(sys.executable).with_name("ads-relevance")
 

@@ -1,9 +1,7 @@
 """The demo generator: deterministic bytes, unequal markets, planted signals, planted bad rows."""
 
 import hashlib
-import json
 
-import pandas as pd
 import pyarrow.dataset as ds
 import pytest
 
