@@ -20,11 +20,11 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	@# torch first, as the CPU wheel: an unpinned torch would pull a multi-GB CUDA build.
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
-	$(PY) -m pip install --quiet -e ".[dev,spark]"
+	$(PY) -m pip install --quiet -e ".[dev,spark,dask]"
 	touch $(STAMP)
 
 demo: setup
-	$(VENV)/bin/ads-relevance demo
+	$(VENV)/bin/ads-relevance pipeline --demo
 
 test: setup
 	$(PY) -m pytest -q

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Annotated, Optional
@@ -65,24 +64,92 @@ def ingest(
 
 
 @app.command()
-def demo(
-    workdir: Annotated[Path, typer.Option(help="Work directory for the demo's data and outputs.")] = Path("demo_workdir"),
-    rows_per_market: Annotated[int, typer.Option(help="Rows of the largest market.")] = 2_000,
+def evaluate(
+    run: Annotated[Path, typer.Option(help="Training run directory (holds predictions/<split>.parquet).")],
+    split: Annotated[str, typer.Option(help="Split to evaluate: test or valid.")] = "test",
+    n_boot: Annotated[int, typer.Option(help="Bootstrap resamples of the intervals.")] = 1000,
     seed: Annotated[int, typer.Option()] = 0,
 ) -> None:
-    """The main job on embedded defaults: generate demo data (with 2% bad rows), ingest it, print the summary."""
-    from relevance.demo_data import write_demo_data
-    from relevance.ingest import format_summary
-    from relevance.ingest import ingest as run_ingest
+    """Per-market ROC-AUC and PR-AUC with stratified bootstrap 95% intervals; writes RUN/metrics.json."""
+    from relevance.metrics import evaluate_run, metrics_path
+    from relevance.report import format_auc_table
 
-    raw = workdir / "raw"
-    write_demo_data(raw, rows_per_market=rows_per_market, seed=seed, corrupt_fraction=0.02, overwrite=True)
-    typer.echo(f"demo data: {raw}")
-    summary = run_ingest(str(raw), workdir / "dataset", seed=seed)
-    typer.echo(format_summary(summary))
-    typer.echo(f"\ncurated dataset: {workdir / 'dataset' / 'curated'}")
-    typer.echo(f"quarantine:      {workdir / 'dataset' / 'quarantine'}")
-    typer.echo(f"summary:         {workdir / 'dataset' / 'ingest_summary.json'}")
+    try:
+        metrics = evaluate_run(run, n_boot=n_boot, seed=seed, split=split)
+    except (ValueError, FileNotFoundError) as err:
+        _fail(err)
+    typer.echo(format_auc_table({metrics["method"]: metrics}))
+    typer.echo(f"\nmetrics: {metrics_path(run, split)}")
+
+
+@app.command()
+def report(
+    runs: Annotated[list[Path], typer.Option("--runs", help="Run directories to compare (repeat the option).")],
+    out: Annotated[Path, typer.Option(help="Directory for report.md, report.html, auc_by_market.png.")],
+    baseline: Annotated[str, typer.Option(help="Method the deltas are taken against.")] = "lora",
+    n_boot: Annotated[int, typer.Option(help="Bootstrap resamples.")] = 1000,
+) -> None:
+    """Markets × methods AUC report with deltas vs shared LoRA, significance marks, cost, and a chart."""
+    from relevance.report import build_report, format_auc_table
+
+    try:
+        info = build_report(runs, out, baseline_method=baseline, n_boot=n_boot)
+    except (ValueError, FileNotFoundError) as err:
+        _fail(err)
+    typer.echo(format_auc_table(info["metrics"]))
+    typer.echo(f"\nreport: {info['report_html']}\nchart:  {info['png']}")
+
+
+@app.command()
+def pipeline(
+    demo: Annotated[bool, typer.Option("--demo", help="Generate demo data and fine-tune MiniLM-L6 (the main job).")] = False,
+    raw: Annotated[Optional[str], typer.Option(help="Raw Parquet (market=xx/); generated with --demo.")] = None,
+    workdir: Annotated[Path, typer.Option(help="Work directory: data, runs, report, MLflow store, Prefect home.")] = Path("demo_workdir"),
+    base_model: Annotated[Optional[str], typer.Option(help="Encoder directory; --demo uses MiniLM-L6 from its PyPI package.")] = None,
+    methods: Annotated[str, typer.Option(help="Comma-separated methods, trained under one budget.")] = "mtl-lora,lora,lora-market-token,per-market-lora",
+    max_steps: Annotated[int, typer.Option(help="Optimizer steps per method.")] = 150,
+    rows_per_market: Annotated[int, typer.Option(help="--demo: rows of the largest market.")] = 2_000,
+    task_runner: Annotated[str, typer.Option(help="in-process or dask (needs the dask extra).")] = "in-process",
+    seed: Annotated[int, typer.Option()] = 0,
+) -> None:
+    """Run the relevance-pipeline flow on embedded defaults: ephemeral Prefect, SQLite MLflow in --workdir."""
+    workdir = workdir.absolute()
+    os.environ.setdefault("PREFECT_HOME", str(workdir / ".prefect"))
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    for quiet in ("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "HF_HUB_DISABLE_PROGRESS_BARS"):  # keep the log readable
+        os.environ.setdefault(quiet, "false" if quiet.startswith("MLFLOW") else "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    from relevance.pipeline_plan import demo_base_model, pipeline_summary
+
+    if demo:
+        from relevance.demo_data import write_demo_data
+
+        raw = raw or str(workdir / "raw")
+        write_demo_data(raw, rows_per_market=rows_per_market, seed=seed, corrupt_fraction=0.02, overwrite=True)
+        base_model = base_model or demo_base_model()
+        typer.echo(f"demo data: {raw}\nbase model: {base_model}")
+    if raw is None or base_model is None:
+        _fail(ValueError("give --raw and --base-model, or --demo"))
+    from pipelines.relevance_pipeline import PipelineParams, relevance_pipeline
+
+    params = PipelineParams(raw=raw, workdir=str(workdir), base_model=base_model, methods=methods.split(","),
+                            max_steps=max_steps, seed=seed, task_runner=task_runner,
+                            score_input=raw if demo else None)
+    state = relevance_pipeline(params, return_state=True)
+    if not state.is_completed():
+        _fail(RuntimeError(f"relevance-pipeline ended {state.name}: {state.message}"))
+    typer.echo(pipeline_summary(state.result()))
+
+
+# Jobs whose code lives in their own modules (heavy imports happen inside the commands).
+from relevance.cli_registry import promote_command, register_command, score_command  # noqa: E402
+from relevance.cli_train import train_command  # noqa: E402
+
+app.command("train")(train_command)
+app.command("register")(register_command)
+app.command("promote")(promote_command)
+app.command("score")(score_command)
 
 
 def main() -> None:  # pragma: no cover - console entry

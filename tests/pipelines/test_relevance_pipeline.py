@@ -1,0 +1,101 @@
+"""Every flow on Prefect's ephemeral API with a tiny in-code model: states, artifacts, registry."""
+
+import asyncio
+
+import pytest
+from mlflow import MlflowClient
+
+pytestmark = pytest.mark.slow
+
+
+def artifacts(keys):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    async def read():
+        async with get_client() as client:
+            return await client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=list(keys))))
+
+    return asyncio.run(read())
+
+
+@pytest.fixture(scope="module")
+def pipeline_run(tmp_path_factory, tiny_model, demo_raw):
+    from pipelines.relevance_pipeline import PipelineParams, relevance_pipeline
+
+    work = tmp_path_factory.mktemp("work")
+    params = PipelineParams(raw=demo_raw, workdir=str(work), base_model=tiny_model, methods=["mtl-lora", "lora"],
+                            max_steps=8, eval_every=4, batch_size=16, max_length=48, n_boot=100,
+                            score_input=demo_raw)
+    state = relevance_pipeline(params, return_state=True)
+    return work, state
+
+
+def test_pipeline_completes_with_artifacts_and_registry(pipeline_run):
+    work, state = pipeline_run
+    assert state.is_completed(), state.message
+    out = state.result()
+    assert set(out["runs"]) == {"mtl-lora", "lora"}
+    assert (work / "report" / "report.html").exists() and (work / "dataset" / "ingest_summary.json").exists()
+    found = {a.key: a for a in artifacts(["per-market-auc", "gate-decisions", "ingest-summary"])}
+    assert set(found) == {"per-market-auc", "gate-decisions", "ingest-summary"}
+    assert "Promotion gate" in found["gate-decisions"].data and "report.html" in found["gate-decisions"].data
+    client = MlflowClient(out["tracking_uri"], registry_uri=out["tracking_uri"])
+    names = {m.name for m in client.search_registered_models()}
+    assert names == {"ads-relevance-de", "ads-relevance-fr", "ads-relevance-us"}
+    assert len(out["decisions"]) == 3 and {d["decision"] for d in out["decisions"]} <= {"promoted", "refused"}
+    champions = {d["market"] for d in out["decisions"] if d["decision"] == "promoted"}
+    scores = out["scores"]["markets"]
+    for market, counts in scores.items():  # markets with a champion are scored, the others quarantined
+        assert counts["rows_in"] == counts["scored"] + sum(counts["quarantined"].values())
+        assert (counts["scored"] > 0) == (market in champions)
+
+
+def test_ingest_flow_is_cached_on_unchanged_input(tmp_path, demo_raw, monkeypatch):
+    import relevance.ingest as ingest_mod
+    from pipelines.ingest import ingest_flow
+
+    real, calls = ingest_mod.ingest, []
+    monkeypatch.setattr(ingest_mod, "ingest", lambda *a, **k: calls.append(1) or real(*a, **k))
+    out = str(tmp_path / "ds")
+    first = ingest_flow(demo_raw, out, return_state=True)
+    second = ingest_flow(demo_raw, out, return_state=True)
+    assert first.is_completed() and second.is_completed()
+    assert second.result() == first.result() and len(calls) == 1  # the second run was served from the cache
+    import shutil
+
+    shutil.rmtree(out)  # output gone: the cache must not pretend it is there
+    assert ingest_flow(demo_raw, out, return_state=True).is_completed() and len(calls) == 2
+
+
+def test_transient_storage_fault_succeeds_on_retry(tmp_path, demo_raw, monkeypatch):
+    import relevance.ingest as ingest_mod
+    from pipelines import _policy
+    from pipelines.ingest import ingest_flow
+
+    monkeypatch.setattr(_policy, "RETRY_DELAYS", [0, 0])
+    real, calls = ingest_mod.ingest, []
+
+    def flaky(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise OSError("transient storage fault: connection reset")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ingest_mod, "ingest", flaky)
+    state = ingest_flow(demo_raw, str(tmp_path / "ds"), return_state=True)
+    assert state.is_completed() and len(calls) == 2
+
+
+def test_corrupt_input_fails_the_flow_naming_the_file(tmp_path, demo_raw):
+    import shutil
+
+    from pipelines.ingest import ingest_flow
+
+    raw = tmp_path / "raw"
+    shutil.copytree(demo_raw, raw)
+    (raw / "market=us" / "broken.parquet").write_bytes(b"not parquet at all")
+    state = ingest_flow(str(raw), str(tmp_path / "ds"), return_state=True)
+    assert state.is_failed()
+    assert "broken.parquet" in state.message or "broken.parquet" in str(state.result(raise_on_failure=False))
+    assert not (tmp_path / "ds").exists()
