@@ -34,9 +34,13 @@ test-fast: setup
 
 bench: setup
 	$(PY) benchmarks/ingest_speed.py
+	$(PY) benchmarks/adapter_speed.py
+	$(PY) benchmarks/scoring_speed.py
 
 bench-quick: setup
-	$(PY) benchmarks/ingest_speed.py --quick
+	$(PY) benchmarks/ingest_speed.py --quick --out /tmp/ads-relevance-bench-quick-ingest.json
+	$(PY) benchmarks/adapter_speed.py --quick --out /tmp/ads-relevance-bench-quick-adapter.json
+	$(PY) benchmarks/scoring_speed.py --quick --out /tmp/ads-relevance-bench-quick-scoring.json
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info demo_workdir
