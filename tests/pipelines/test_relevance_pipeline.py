@@ -99,3 +99,22 @@ def test_corrupt_input_fails_the_flow_naming_the_file(tmp_path, demo_raw):
     assert state.is_failed()
     assert "broken.parquet" in state.message or "broken.parquet" in str(state.result(raise_on_failure=False))
     assert not (tmp_path / "ds").exists()
+
+
+def test_training_fans_out_over_dask(tmp_path, tiny_model, demo_raw):
+    """task_runner="dask": the methods train concurrently in Dask worker processes, same outputs."""
+    pytest.importorskip("prefect_dask")
+    from pipelines.ingest import ingest_flow
+    from pipelines.relevance_pipeline import PipelineParams, _train_all
+    from relevance.pipeline_plan import training_plan
+
+    dataset = tmp_path / "ds"
+    ingest_flow(demo_raw, str(dataset))
+    params = PipelineParams(raw=demo_raw, workdir=str(tmp_path), base_model=tiny_model, task_runner="dask",
+                            dask_workers=2)
+    plan = training_plan(dataset, tiny_model, tmp_path / "runs", ["mtl-lora", "lora"], max_steps=4, eval_every=2,
+                         batch_size=16, max_length=48, track=False)
+    infos = _train_all(params, [c.to_dict() for c in plan])
+    assert sorted(i["method"] for i in infos) == ["lora", "mtl-lora"]
+    for info in infos:
+        assert (tmp_path / "runs" / info["method"] / "predictions" / "test.parquet").exists()
