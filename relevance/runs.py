@@ -168,8 +168,10 @@ def write_synthetic_run(run_dir: str | Path, base_model: str | Path, method: str
 
     out = Path(run_dir)
     codes = tuple(sorted(validate_market(m) for m in markets))
-    model, tokenizer = load_cross_encoder(base_model, "cpu")
-    inject(model, AdapterConfig("lora" if method == MARKET_TOKEN_METHOD else method, markets=codes))
+    with torch.random.fork_rng(devices=[]):  # same seed, same run (A and a fresh head use the global RNG)
+        torch.manual_seed(seed)
+        model, tokenizer = load_cross_encoder(base_model, "cpu")
+        inject(model, AdapterConfig("lora" if method == MARKET_TOKEN_METHOD else method, markets=codes))
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for layer in adapter_layers(model).values():

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -53,14 +52,10 @@ def wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout: float = 1
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    from mlflow import MlflowClient
+def server(tmp_path_factory, fresh_store):
 
     root = tmp_path_factory.mktemp("mlflow-server")
-    template = tmp_path_factory.getbasetemp() / "mlflow-template.db"
-    if not template.exists():  # a migrated schema: the server starts without running migrations
-        MlflowClient(f"sqlite:///{template}").search_experiments()
-    shutil.copy(template, root / "store.db")
+    fresh_store(root / "store.db")  # a migrated schema: the server starts without running migrations
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     log = root / "server.log"
@@ -79,16 +74,6 @@ def server(tmp_path_factory):
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=15)
-
-
-@pytest.fixture
-def one_torch_thread():
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: a second OpenMP thread only adds barrier waits
-    yield
-    torch.set_num_threads(before)
 
 
 def test_register_promote_load_and_score_through_a_server(server, tmp_path, one_torch_thread):

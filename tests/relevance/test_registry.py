@@ -20,19 +20,6 @@ from relevance.tiny import build_tiny_model
 MARKETS = ("de", "us")
 
 
-def fresh_store(tmp_path_factory, dest: Path) -> str:
-    """A SQLite MLflow store copied from a session-wide template: creating the schema costs ~7 s."""
-    import shutil
-
-    from mlflow import MlflowClient
-
-    template = tmp_path_factory.getbasetemp() / "mlflow-template.db"
-    if not template.exists():
-        MlflowClient(f"sqlite:///{template}").search_experiments()
-    shutil.copy(template, dest)
-    return f"sqlite:///{dest}"
-
-
 def make_frame(n: int = 80, markets=MARKETS, seed: int = 0) -> pd.DataFrame:
     frames = [pd.DataFrame(generate_market(m, n, np.random.default_rng([seed, i]))) for i, m in enumerate(markets)]
     df = pd.concat(frames, ignore_index=True)
@@ -51,19 +38,8 @@ def write_curated(ds: Path, df: pd.DataFrame) -> Path:
     return ds
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny models are slower with 2 OpenMP threads than with 1, badly so on a busy 2-core machine."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
+def world(tmp_path_factory, fresh_store):
     root = tmp_path_factory.mktemp("registry")
     base = build_tiny_model(root / "tiny")
     test = make_frame()
@@ -74,7 +50,7 @@ def world(tmp_path_factory):
         "worse": write_synthetic_run(runs / "worse", base, "per-market-lora", MARKETS, test=test, seed=3),
         "token": write_synthetic_run(runs / "token", base, "lora-market-token", MARKETS, test=test, seed=4),
     }
-    uri = fresh_store(tmp_path_factory, root / "mlflow.db")
+    uri = fresh_store(root / "mlflow.db")
     return {"root": root, "base": base, "test": test, "runs": paths, "uri": uri}
 
 

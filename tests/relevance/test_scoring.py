@@ -29,28 +29,12 @@ from relevance.tiny import build_tiny_model
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny models are slower with 2 OpenMP threads than with 1, badly so on a busy 2-core machine."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
+def world(tmp_path_factory, fresh_store):
     """A champion for de and us (none for fr), and demo input of de, us, fr with bad rows of every rule."""
-    from mlflow import MlflowClient
 
     root = tmp_path_factory.mktemp("scoring")
-    template = tmp_path_factory.getbasetemp() / "mlflow-template.db"
-    if not template.exists():
-        MlflowClient(f"sqlite:///{template}").search_experiments()
-    shutil.copy(template, root / "mlflow.db")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
+    uri = fresh_store(root / "mlflow.db")
     base = build_tiny_model(root / "tiny")
     test = pd.concat([pd.DataFrame(generate_market(m, 20, np.random.default_rng(i))) for i, m in enumerate(["de", "us"])])
     run = write_synthetic_run(root / "runs" / "mtl", base, "mtl-lora", ("de", "us"), test=test, seed=1)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 
 import numpy as np
 import pandas as pd
@@ -22,15 +21,10 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    from mlflow import MlflowClient
+def world(tmp_path_factory, fresh_store):
 
     root = tmp_path_factory.mktemp("spark")
-    template = tmp_path_factory.getbasetemp() / "mlflow-template.db"
-    if not template.exists():
-        MlflowClient(f"sqlite:///{template}").search_experiments()
-    shutil.copy(template, root / "mlflow.db")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
+    uri = fresh_store(root / "mlflow.db")
     base = build_tiny_model(root / "tiny")
     test = pd.DataFrame(generate_market("de", 20, np.random.default_rng(0)))
     run = write_synthetic_run(root / "runs" / "token", base, "lora-market-token", ("de",), test=test, seed=7)

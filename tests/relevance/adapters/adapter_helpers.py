@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 
-import pytest
 import torch
 from torch import nn
 from transformers import (
@@ -19,19 +17,6 @@ from transformers import (
 from relevance.adapters import AdapterLayer, MTLLoRALinear, adapter_layers, use_tasks
 
 VOCAB = 100
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread() -> Iterator[None]:
-    """Run the tiny-model tests on one thread (imported into each test module, so autouse applies).
-
-    Tiny matrices gain nothing from threads, and on a shared 2-core machine an OpenMP barrier that
-    waits for a preempted thread turns every op into a scheduler quantum (the suite ran 5x slower).
-    """
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def tiny_bert(seed: int = 0, hidden: int = 32) -> nn.Module:

@@ -6,7 +6,6 @@ import json
 import math
 
 import pytest
-from adapter_helpers import one_torch_thread  # noqa: F401  (autouse fixture)
 
 from relevance.adapters import AdapterConfig
 

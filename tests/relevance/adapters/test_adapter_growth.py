@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 import torch
 from adapter_helpers import inputs_for, logits, randomize, tiny_bert
-from adapter_helpers import one_torch_thread  # noqa: F401  (autouse fixture)
 from torch import nn
 
 from relevance.adapters import (

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 from adapter_helpers import randomize
-from adapter_helpers import one_torch_thread  # noqa: F401  (autouse fixture)
 from torch import nn
 
 from relevance.adapters import LoRALinear, MTLLoRALinear, PerTaskLoRALinear
