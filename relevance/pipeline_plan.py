@@ -45,7 +45,7 @@ def training_plan(data: str | os.PathLike, base_model: str, runs_dir: str | os.P
                   methods: Sequence[str] = ALL_METHODS, tracking_uri: str | None = None,
                   **budget: Any) -> list:
     """One TrainConfig per method, identical except for ``method``, ``out`` and ``run_name``."""
-    from relevance.train import TrainConfig
+    from relevance.train_config import TrainConfig
 
     unknown = [m for m in methods if m not in ALL_METHODS]
     if unknown or not methods:
