@@ -16,8 +16,12 @@ in a *fresh* process, so its peak RSS (VmHWM) is its own:
 bf16 is an explicit option of the engine (``--bf16``): reported with its score correlation and AUC
 against fp32 on the demo labels, so the speed is never bought with silent quality loss.
 
-    python benchmarks/scoring_speed.py            # MiniLM-L6, 20,000 pairs (~15-20 min on 2 cores)
-    python benchmarks/scoring_speed.py --quick    # tiny model, 500 pairs (smoke run, ~2 min)
+    python benchmarks/scoring_speed.py --repeats 2   # MiniLM-L6, 20,000 pairs, best of 2 (~20 min, 2 idle cores)
+    python benchmarks/scoring_speed.py --quick       # tiny model, 500 pairs (smoke run, ~2 min)
+
+Timings on a shared machine swing with other processes' load (OpenMP threads stall when a core is
+taken away): measure with ``--repeats 2`` (ABBA order, best of N), or ``--threads 1`` when busy. The
+Spark peak RSS is the driver's only (its JVM and Python workers are separate processes).
 """
 
 from __future__ import annotations

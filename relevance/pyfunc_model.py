@@ -13,8 +13,8 @@ both encodings and both scores agree.
 
 ``model_config`` (written by :mod:`relevance.registry`): ``market``, ``market_token``, ``max_length``,
 ``batch_size``, ``method``. Predict ``params``: ``batch_size``, ``bf16`` (bf16 autocast, off by default:
-1.7x the fp32 rate for MiniLM-L6 on a 2-core CPU with bf16 units, score correlation 0.99993, max
-|diff| 2.4e-4, AUC unchanged to 1e-4 — ``benchmarks/scoring_speed.py``) and ``threads`` (torch
+1.56x the fp32 rate end to end for MiniLM-L6 on a 2-core CPU with bf16 units, score correlation
+0.99994, max |diff| 3e-4, AUC within 4e-4 — ``benchmarks/scoring_speed.py``) and ``threads`` (torch
 intra-op threads, 0 = leave as is; Spark sets it so parallel tasks do not oversubscribe cores).
 """
 

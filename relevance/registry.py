@@ -35,8 +35,8 @@ from pathlib import Path
 from typing import Any
 
 from data_contracts.markets import is_valid_market, validate_market
-from relevance.runs import TrainingRun, find_baseline_run, read_training_run
 from relevance import settings
+from relevance.runs import TrainingRun, find_baseline_run, read_training_run
 
 logger = logging.getLogger(__name__)
 
@@ -196,10 +196,7 @@ def _experiment_id(client, name: str) -> str:
     found = client.get_experiment_by_name(name)
     if found:
         return found.experiment_id
-    location = None
-    if client.tracking_uri.startswith("sqlite:///"):
-        location = (Path(client.tracking_uri[len("sqlite:///"):]).parent / "mlartifacts").absolute().as_uri()
-    return client.create_experiment(name, artifact_location=location)
+    return client.create_experiment(name, artifact_location=settings.artifact_location(client.tracking_uri))
 
 
 def _ensure_registered(client, name: str) -> None:
