@@ -41,6 +41,27 @@ def demo_data(
     typer.echo(f"wrote {sum(rows.values()):,} rows to {out}: " + ", ".join(f"{m}={n:,}" for m, n in rows.items()))
 
 
+@app.command("build-qa-benchmark")
+def build_qa_benchmark(
+    squad: Annotated[Path, typer.Option(help="SQuAD-format JSON file (XQuAD, JSQuAD, …).")],
+    market: Annotated[str, typer.Option(help="Market code the rows belong to (e.g. en, de, jp).")],
+    out: Annotated[Path, typer.Option(help="Raw dataset directory; rows go to OUT/market=CODE/.")],
+    seed: Annotated[int, typer.Option(help="Seed of the negative sampling: same seed, same rows.")] = 0,
+    overwrite: Annotated[bool, typer.Option(help="Replace this market's partition if it exists.")] = False,
+    max_questions: Annotated[Optional[int], typer.Option(help="Keep a seeded random subset of this many questions.")] = None,
+) -> None:
+    """Turn QA data into raw query–ad rows: per question a positive, a same-article and an other-article negative."""
+    from relevance.qa_benchmark import write_qa_benchmark
+
+    try:
+        info = write_qa_benchmark(squad, market, out, seed, overwrite, max_questions)
+    except (ValueError, FileNotFoundError, FileExistsError) as err:
+        _fail(err)
+    typer.echo(f"{info['market']}: {info['rows']:,} rows from {info['questions']:,} questions in "
+               f"{info['articles']} articles ({info['hard_negatives']:,} hard, {info['easy_negatives']:,} easy "
+               f"negatives) -> {info['path']}")
+
+
 @app.command()
 def ingest(
     raw: Annotated[str, typer.Option(help="Raw dataset: a local directory or a pyarrow filesystem URI (s3://…).")],

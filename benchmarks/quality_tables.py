@@ -1,0 +1,143 @@
+"""Tables of the quality benchmark: per-market AUC over seeds, paired deltas vs shared LoRA, cost.
+
+Kept apart from :mod:`quality` (which trains) so the tables can be rebuilt from finished runs and
+read without the training code. Differences are taken per seed on the same test examples (paired
+stratified bootstrap, :func:`relevance.metrics.paired_comparison`); across seeds we report the mean
+difference and in how many seeds the 95% interval excludes 0 — seeds are too few for an interval.
+"""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from relevance.metrics import paired_comparison
+
+BASELINE = "lora"
+
+
+def _preds(run: dict) -> pd.DataFrame:
+    return pd.read_parquet(Path(run["run_dir"]) / "predictions" / "test.parquet")
+
+
+def _mean(values: list[float | None]) -> float | None:
+    vals = [v for v in values if v is not None]
+    return statistics.fmean(vals) if vals else None
+
+
+def summarise(runs: dict[int, dict[str, dict]], data: dict, settings: dict, env: dict,
+              n_boot: int = 1000) -> dict[str, Any]:
+    """One JSON-ready record of the benchmark: data, settings, environment, AUC, deltas and cost."""
+    seeds = sorted(runs)
+    methods = list(runs[seeds[0]])
+    markets = sorted({m for s in seeds for r in runs[s].values() for m in r["metrics"]["markets"]})
+    keys = [*markets, "macro"]
+    auc: dict[str, dict[str, Any]] = {}
+    deltas: dict[str, dict[str, Any]] = {}
+    for method in methods:
+        auc[method] = {}
+        for key in keys:
+            per_seed = []
+            for s in seeds:
+                met = runs[s][method]["metrics"]
+                e = met["macro"] if key == "macro" else met["markets"].get(key, {})
+                per_seed.append({"seed": s, **{k: e.get(k) for k in ("auc", "ci_low", "ci_high", "n", "n_pos")}})
+            auc[method][key] = {"per_seed": per_seed, "mean": _mean([p["auc"] for p in per_seed])}
+    for method in methods:
+        if method == BASELINE:
+            continue
+        comps = {s: paired_comparison(_preds(runs[s][BASELINE]), _preds(runs[s][method]), n_boot=n_boot, seed=0)
+                 for s in seeds}
+        deltas[method] = {}
+        for key in keys:
+            per_seed = []
+            for s in seeds:
+                e = comps[s]["macro"] if key == "macro" else comps[s]["markets"].get(key, {})
+                per_seed.append({"seed": s, **{k: e.get(k) for k in ("diff", "ci_low", "ci_high", "p_value",
+                                                                      "significant")}})
+            deltas[method][key] = {"per_seed": per_seed, "mean_diff": _mean([p["diff"] for p in per_seed]),
+                                   "significant_seeds": sum(bool(p["significant"]) for p in per_seed),
+                                   "significant_positive_seeds": sum(bool(p["significant"]) and p["diff"] > 0
+                                                                     for p in per_seed),
+                                   "n_seeds": len(seeds)}
+    cost = {}
+    for method in methods:
+        infos = [runs[s][method]["info"] for s in seeds]
+        cost[method] = {"trainable_params": infos[0].get("trainable_params"),
+                        "train_time_s": _mean([i.get("train_time_s") for i in infos]),
+                        "examples_per_s": _mean([i.get("examples_per_s") for i in infos])}
+    rows = {m: {"questions": b["questions"], "articles": b["articles"], "source": b["source"],
+                **data["ingest"]["markets"][m]["curated"]} for m, b in data["built"].items()}
+    return {"benchmark": "quality", **env, "settings": settings, "data": rows, "markets": markets,
+            "methods": methods, "seeds": seeds, "auc": auc, "deltas": deltas, "cost": cost,
+            "runs": {str(s): {m: r["run_dir"] for m, r in runs[s].items()} for s in seeds}}
+
+
+def _f(x: float | None, signed: bool = False) -> str:
+    return "n/a" if x is None else (f"{x:+.3f}" if signed else f"{x:.3f}")
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" if i == 0 else "---:" for i in range(len(header))) + "|"]
+    return "\n".join([*lines, *("| " + " | ".join(r) + " |" for r in rows)])
+
+
+def render_markdown(result: dict[str, Any]) -> str:
+    """The human-readable benchmark report (``quality.md``)."""
+    s, methods, keys = result["settings"], result["methods"], [*result["markets"], "macro"]
+    seeds = result["seeds"]
+    v = result["versions"]
+    out = [
+        "# Quality benchmark: MTL-LoRA vs LoRA baselines on real multilingual relevance data", "",
+        f"Run {result['date']} at commit `{result['commit']}` on {result['machine']['cpu']} "
+        f"({result['machine']['cpus']} CPUs, load {result['machine']['load_avg_1min_at_start']} at start); "
+        f"python {v['python']}, torch {v['torch']}, transformers {v['transformers']}. "
+        f"Wall time {result.get('wall_time_s', 'n/a')} s. Produced by `python benchmarks/quality.py"
+        f"{' --quick' if s.get('quick') else ''}`.", "",
+        "## Setup", "",
+        f"- Encoder: `{Path(s['base_model']).name}` ({s['base_model']}); adapters r=8, α=16 on q/k/v/o, "
+        "MTL-LoRA n=3, τ=0.1, dropout 0.05; classifier and pooler trained by every method.",
+        f"- One budget for every method and seed: {s['max_steps']} steps × batch {s['batch_size']}, "
+        f"max length {s['max_length']}, learning rate {s['learning_rate']} (linear warm-up 6 %, linear decay), "
+        f"precision {s['precision']}, {s['torch_threads']} torch threads; seeds {', '.join(map(str, seeds))}.",
+        f"- Data: per market a seeded subset of {s['max_questions']} questions, 3 rows each (positive, "
+        "same-article negative, other-article negative); split by article "
+        f"({s['split']} train/valid/test), so an XQuAD article is in the same split in every language.", "",
+        _table(["market", "source", "articles", "questions", "train", "valid", "test"],
+               [[m, Path(d["source"]).name, str(d["articles"]), str(d["questions"]), str(d.get("train", 0)),
+                 str(d.get("valid", 0)), str(d.get("test", 0))] for m, d in sorted(result["data"].items())]), "",
+        "## Test ROC-AUC by market (mean over seeds; per seed with 95% bootstrap interval)", "",
+    ]
+    out.append(_table(["market", *methods],
+                      [[k, *(_f(result["auc"][m][k]["mean"]) for m in methods)] for k in keys]))
+    out += ["", "<details><summary>Per seed</summary>", ""]
+    out.append(_table(["market", "seed", *methods], [
+        [k, str(sd), *(_interval(result["auc"][m][k]["per_seed"][i], "auc") for m in methods)]
+        for k in keys for i, sd in enumerate(seeds)]))
+    out += ["", "</details>", "", f"## Δ test ROC-AUC vs shared LoRA (`{BASELINE}`)", "",
+            "Mean difference over seeds; then each seed's paired-bootstrap 95% interval (same examples, "
+            "same resamples). ✱ marks an interval that excludes 0.", ""]
+    others = [m for m in methods if m != BASELINE]
+    out.append(_table(["market", *others], [
+        [k, *(_delta_cell(result["deltas"][m][k]) for m in others)] for k in keys]))
+    out += ["", "## Cost", "", _table(["method", "trainable params", "train time s (mean)", "train examples/s"], [
+        [m, f"{c['trainable_params']:,}" if c["trainable_params"] else "n/a",
+         "n/a" if c["train_time_s"] is None else f"{c['train_time_s']:.0f}",
+         "n/a" if c["examples_per_s"] is None else f"{c['examples_per_s']:.1f}"]
+        for m, c in result["cost"].items()]), ""]
+    return "\n".join(out)
+
+
+def _interval(e: dict, key: str) -> str:
+    if e.get(key) is None:
+        return "n/a"
+    return f"{e[key]:.3f} [{e['ci_low']:.3f}, {e['ci_high']:.3f}]"
+
+
+def _delta_cell(d: dict) -> str:
+    parts = [f"{p['diff']:+.3f} [{p['ci_low']:+.3f}, {p['ci_high']:+.3f}]{'✱' if p['significant'] else ''}"
+             for p in d["per_seed"] if p.get("diff") is not None]
+    return f"**{_f(d['mean_diff'], True)}**: " + "; ".join(parts) if parts else "n/a"
