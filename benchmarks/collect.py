@@ -1,0 +1,101 @@
+"""Collect every benchmark's result file into one page, ``benchmarks/RESULTS.md``.
+
+Why: each benchmark writes its own JSON (and the quality one a Markdown report); a reader wants one
+page with every figure we quote, each next to the file it came from. Tables are rendered by the
+benchmarks' own formatters, so this page and the scripts' printed output never disagree. A result
+file that is absent is listed as not run, never filled in.
+
+    python benchmarks/collect.py                                   # benchmarks/results -> RESULTS.md
+    python benchmarks/collect.py --results DIR --out DIR/RESULTS.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+
+def _ingest(data: dict) -> str:
+    lines = [f"{'rows':>10} {'seconds':>9} {'rows/s':>10} {'peak RSS MB':>12}"]
+    for r in data["results"]:
+        lines.append(f"{r['rows']:>10,} {r['seconds']:>9.1f} {r['rows_per_s']:>10,.0f} {r['peak_rss_mb']:>12.0f}")
+    lines.append(f"peak memory ratio largest/smallest input: {data['peak_memory_ratio']:.2f}x; "
+                 f"{data.get('date', '?')} on {data.get('cpus', '?')} CPUs")
+    return "\n".join(lines)
+
+
+def _adapter(data: dict) -> str:
+    from adapter_speed import _table
+
+    return _table(data)
+
+
+def _scoring(data: dict) -> str:
+    from scoring_speed import format_table
+
+    return format_table(data)
+
+
+SPEED = (
+    ("Ingest speed", "ingest_speed.json", _ingest, "benchmarks/ingest_speed.py"),
+    ("Adapter speed (default threads)", "adapter_speed.json", _adapter, "benchmarks/adapter_speed.py"),
+    ("Adapter speed (1 thread)", "adapter_speed_1thread.json", _adapter, "benchmarks/adapter_speed.py --threads 1"),
+    ("Adapter speed on GPU", "adapter_speed_gpu.json", _adapter, "benchmarks/gpu.sh"),
+    ("Scoring speed", "scoring_speed.json", _scoring, "benchmarks/scoring_speed.py"),
+)
+QUALITY = (("Quality (CPU)", "quality.md"), ("Quality on GPU", "quality_gpu.md"))
+
+
+def _demote(md: str) -> str:
+    """Headings one level down, so an embedded report nests under this page's section."""
+    return re.sub(r"^(#+) ", lambda m: "#" + m.group(1) + " ", md, flags=re.M)
+
+
+def collect(results: Path, out: Path) -> str:
+    parts = ["# Benchmark results", "",
+             f"Collected from `{results}` by `benchmarks/collect.py` (`make bench` reruns everything). "
+             "Figures were measured on the machine each section names; ratios are against the peer "
+             "measured in the same run.", ""]
+    missing = []
+    for title, name, render, command in SPEED:
+        path = results / name
+        if not path.is_file():
+            missing.append(f"{title} (`{name}`, from `{command}`)")
+            continue
+        parts += [f"## {title}", "", f"From `{name}` (`{command}`):", "", "```", render(json.loads(path.read_text())),
+                  "```", ""]
+    for title, name in QUALITY:
+        path = results / name
+        if not path.is_file():
+            missing.append(f"{title} (`{name}`)")
+            continue
+        body = path.read_text(encoding="utf-8").split("\n", 1)[1]  # drop the report's own title
+        parts += [f"## {title}", "", f"From `{name}`:", "", _demote(body).strip(), ""]
+    if missing:
+        parts += ["## Not run", "", *(f"- {m}" for m in missing), ""]
+    text = "\n".join(parts)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text, encoding="utf-8")
+    return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--results", type=Path, default=HERE / "results", help="folder of result files")
+    p.add_argument("--out", type=Path, default=HERE / "RESULTS.md")
+    args = p.parse_args(argv)
+    if not args.results.is_dir():
+        p.error(f"--results {args.results} is not a folder")
+    collect(args.results, args.out)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,45 @@
+"""The benchmark entry points that need no training: gpu.sh's fail-fast and the results collector."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from collect import collect  # noqa: E402
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU: gpu.sh would really run")
+def test_gpu_script_fails_fast_without_a_gpu(tmp_path):
+    out = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu.sh"), str(tmp_path / "out")],
+                         capture_output=True, text=True, timeout=60, env={"PATH": "/usr/bin:/bin",
+                                                                          "PYTHON": sys.executable})
+    assert out.returncode == 3
+    assert "no CUDA GPU is visible" in out.stderr and "GPU_SH_SMOKE=1" in out.stderr
+    assert not (tmp_path / "out" / "adapter_speed_gpu.json").exists()
+
+
+def test_gpu_script_needs_an_output_dir():
+    out = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu.sh")], capture_output=True, text=True, timeout=30)
+    assert out.returncode != 0 and "usage: benchmarks/gpu.sh OUT_DIR" in out.stderr
+
+
+def test_collect_renders_what_exists_and_lists_what_does_not(tmp_path):
+    results = ROOT / "benchmarks" / "results"
+    shutil.copy(results / "ingest_speed.json", tmp_path)
+    shutil.copy(results / "scoring_speed.json", tmp_path)
+    (tmp_path / "quality.md").write_text("# Quality title\n\n## Test ROC-AUC\n\n| market | mtl-lora |\n|---|---:|\n| en | 0.950 |\n")
+    text = collect(tmp_path, tmp_path / "RESULTS.md")
+    assert (tmp_path / "RESULTS.md").read_text() == text
+    ingest = json.loads((results / "ingest_speed.json").read_text())
+    assert f"{ingest['results'][-1]['rows']:,}" in text  # the measured figure, not a placeholder
+    assert "CrossEncoder.predict" in text
+    assert "### Test ROC-AUC" in text and "| en | 0.950 |" in text and "Quality title" not in text
+    not_run = text.split("## Not run", 1)[1]
+    assert "adapter_speed.json" in not_run and "quality_gpu.md" in not_run and "ingest_speed" not in not_run
