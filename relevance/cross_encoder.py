@@ -17,6 +17,7 @@ by length so each padded batch wastes little compute.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
 from pathlib import Path
@@ -28,6 +29,8 @@ import torch
 
 from data_contracts.markets import task_index
 from relevance.data import collate, length_sorted_batches
+
+logger = logging.getLogger(__name__)
 
 MARKET_TOKEN_FORMAT = "[{market}] {query}"
 
@@ -64,7 +67,8 @@ def load_cross_encoder(base_model: str | Path, device: str | torch.device | None
     source = str(path) if looks_like_path else text
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
-        model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=1)
+        model, info = AutoModelForSequenceClassification.from_pretrained(source, num_labels=1,
+                                                                         output_loading_info=True)
     except OSError as exc:  # a name that is neither a local directory nor in the offline cache
         raise FileNotFoundError(
             f"base model {text!r} could not be loaded: it is not a local model directory and not a model "
@@ -73,7 +77,21 @@ def load_cross_encoder(base_model: str | Path, device: str | torch.device | None
         ) from exc
     if not getattr(tokenizer, "is_fast", False):
         raise ValueError(f"base model {text!r} has no fast tokenizer (tokenizer.json): one is required")
+    _warn_untrained(text, info.get("missing_keys", ()))
     return model.to(resolve_device(device)), tokenizer
+
+
+def _warn_untrained(name: str, missing: Any) -> None:
+    """Say so when the base lacks weights besides the new head (e.g. multilingual-e5 has no pooler).
+
+    Such layers are freshly initialised from the RNG: unless they are trained and saved (listed in
+    ``modules_to_save``), a reload gives other random values than the ones the adapter was trained on.
+    """
+    modules = sorted({k.rsplit(".", 1)[0] for k in missing if not k.startswith("classifier.")})
+    if modules:
+        logger.warning("base model %s has no weights for %s: they are freshly initialised. Train and save "
+                       "them with the adapter by adding them to modules_to_save (for a missing pooler: "
+                       "--modules-to-save classifier,pooler)", name, ", ".join(modules))
 
 
 def ad_text(title: str, description: str | None) -> str:

@@ -156,3 +156,26 @@ def test_score_routes_task_ids_for_a_task_conditioned_model(tiny: Path) -> None:
         score(model, tok, df.assign(market="jp"))
     with pytest.raises(ValueError, match="'market' column"):
         score(model, tok, df.drop(columns="market"))
+
+
+def test_a_base_without_pooler_weights_is_reported(tmp_path: Path, tiny: Path, caplog) -> None:
+    """multilingual-e5 ships no pooler: loading must say so, or a reload silently changes the model."""
+    import logging
+
+    from safetensors.torch import load_file, save_file
+
+    from relevance.cross_encoder import load_cross_encoder
+
+    bare = tmp_path / "no-pooler"
+    bare.mkdir()
+    for f in tiny.iterdir():
+        if f.name != "model.safetensors":
+            (bare / f.name).write_bytes(f.read_bytes())
+    weights = load_file(str(tiny / "model.safetensors"))
+    save_file({k: v for k, v in weights.items() if ".pooler." not in k}, str(bare / "model.safetensors"))
+    with caplog.at_level(logging.WARNING, logger="relevance.cross_encoder"):
+        load_cross_encoder(tiny)
+    assert not caplog.records  # the tiny model has a pooler: only the new head is missing, no warning
+    with caplog.at_level(logging.WARNING, logger="relevance.cross_encoder"):
+        load_cross_encoder(bare)
+    assert "no weights for bert.pooler.dense" in caplog.text and "--modules-to-save classifier,pooler" in caplog.text
