@@ -80,6 +80,20 @@ def _f(x: float | None, signed: bool = False) -> str:
     return "n/a" if x is None else (f"{x:+.3f}" if signed else f"{x:.3f}")
 
 
+def main(argv: list[str] | None = None) -> int:
+    """Re-render ``quality.md`` from ``quality.json`` (after a change to these tables; no training)."""
+    import argparse
+    import json
+
+    p = argparse.ArgumentParser(description=main.__doc__)
+    p.add_argument("json", type=Path, help="quality.json written by benchmarks/quality.py")
+    args = p.parse_args(argv)
+    md = args.json.with_suffix(".md")
+    md.write_text(render_markdown(json.loads(args.json.read_text())), encoding="utf-8")
+    print(f"wrote {md}")
+    return 0
+
+
 def _table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" if i == 0 else "---:" for i in range(len(header))) + "|"]
     return "\n".join([*lines, *("| " + " | ".join(r) + " |" for r in rows)])
@@ -93,7 +107,7 @@ def render_markdown(result: dict[str, Any]) -> str:
     out = [
         "# Quality benchmark: MTL-LoRA vs LoRA baselines on real multilingual relevance data", "",
         f"Run {result['date']} at commit `{result['commit']}` on {result['machine']['cpu']} "
-        f"({result['machine']['cpus']} CPUs, load {result['machine']['load_avg_1min_at_start']} at start); "
+        f"({result['machine']['cpus']} CPUs, 1-min load {_f(result['machine']['load_avg_1min_at_start'])} at start); "
         f"python {v['python']}, torch {v['torch']}, transformers {v['transformers']}. "
         f"Wall time {result.get('wall_time_s', 'n/a')} s. Produced by `python benchmarks/quality.py"
         f"{' --quick' if s.get('quick') else ''}`.", "",
@@ -113,6 +127,7 @@ def render_markdown(result: dict[str, Any]) -> str:
     ]
     out.append(_table(["market", *methods],
                       [[k, *(_f(result["auc"][m][k]["mean"]) for m in methods)] for k in keys]))
+    out += ["", *_summary(result, keys)]
     out += ["", "<details><summary>Per seed</summary>", ""]
     out.append(_table(["market", "seed", *methods], [
         [k, str(sd), *(_interval(result["auc"][m][k]["per_seed"][i], "auc") for m in methods)]
@@ -131,6 +146,21 @@ def render_markdown(result: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+def _summary(result: dict[str, Any], keys: list[str]) -> list[str]:
+    """Per method, computed from the deltas: where the difference to shared LoRA holds in every seed."""
+    lines = ["In words (computed from the Δ table below: a market counts when its 95% interval excludes 0 "
+             "in every seed):", ""]
+    for method, by_key in result["deltas"].items():
+        n = len(result["seeds"])
+        up = [k for k in keys if by_key[k]["significant_positive_seeds"] == n]
+        down = [k for k in keys if by_key[k]["significant_seeds"] == n and by_key[k]["significant_positive_seeds"] == 0]
+        some = [k for k in keys if 0 < by_key[k]["significant_seeds"] < n]
+        lines.append(f"- `{method}` vs `{BASELINE}`: macro Δ {_f(by_key['macro']['mean_diff'], True)}; "
+                     f"better in every seed: {', '.join(up) or 'none'}; worse in every seed: "
+                     f"{', '.join(down) or 'none'}; significant in some seeds only: {', '.join(some) or 'none'}.")
+    return lines
+
+
 def _interval(e: dict, key: str) -> str:
     if e.get(key) is None:
         return "n/a"
@@ -141,3 +171,7 @@ def _delta_cell(d: dict) -> str:
     parts = [f"{p['diff']:+.3f} [{p['ci_low']:+.3f}, {p['ci_high']:+.3f}]{'✱' if p['significant'] else ''}"
              for p in d["per_seed"] if p.get("diff") is not None]
     return f"**{_f(d['mean_diff'], True)}**: " + "; ".join(parts) if parts else "n/a"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
