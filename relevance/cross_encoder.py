@@ -42,11 +42,14 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def load_cross_encoder(base_model: str | Path, device: str | torch.device | None = None) -> tuple[Any, Any]:
+def load_cross_encoder(base_model: str | Path, device: str | torch.device | None = None,
+                       saved_modules: Sequence[str] = ("classifier",)) -> tuple[Any, Any]:
     """``(model, tokenizer)``: ``AutoModelForSequenceClassification(num_labels=1)`` + ``AutoTokenizer``.
 
     ``base_model`` is a local directory or a model name resolvable offline (hub cache). A path-like
     value that does not exist is a ``FileNotFoundError`` naming it, instead of a hub lookup error.
+    ``saved_modules`` are the modules the adapter trains and saves (its ``modules_to_save``): weights
+    missing from the base outside them are reported (see :func:`_warn_untrained`).
     """
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -77,17 +80,23 @@ def load_cross_encoder(base_model: str | Path, device: str | torch.device | None
         ) from exc
     if not getattr(tokenizer, "is_fast", False):
         raise ValueError(f"base model {text!r} has no fast tokenizer (tokenizer.json): one is required")
-    _warn_untrained(text, info.get("missing_keys", ()))
+    _warn_untrained(text, info.get("missing_keys", ()), saved_modules)
     return model.to(resolve_device(device)), tokenizer
 
 
-def _warn_untrained(name: str, missing: Any) -> None:
+def _warn_untrained(name: str, missing: Any, saved_modules: Sequence[str]) -> None:
     """Say so when the base lacks weights besides the new head (e.g. multilingual-e5 has no pooler).
 
     Such layers are freshly initialised from the RNG: unless they are trained and saved (listed in
     ``modules_to_save``), a reload gives other random values than the ones the adapter was trained on.
     """
-    modules = sorted({k.rsplit(".", 1)[0] for k in missing if not k.startswith("classifier.")})
+    from relevance.adapters.heads import name_matches
+
+    def saved(module: str) -> bool:  # the module or one of its parents is trained and saved
+        parts = module.split(".")
+        return any(name_matches(".".join(parts[:i]), p) for i in range(1, len(parts) + 1) for p in saved_modules)
+
+    modules = sorted({m for m in (k.rsplit(".", 1)[0] for k in missing) if not saved(m)})
     if modules:
         logger.warning("base model %s has no weights for %s: they are freshly initialised. Train and save "
                        "them with the adapter by adding them to modules_to_save (for a missing pooler: "

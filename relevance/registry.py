@@ -243,9 +243,11 @@ def _baseline_tags(baseline: TrainingRun | None, market: str, uri: str | None) -
 def _merged_models(run: TrainingRun, markets: Sequence[str], work: Path) -> dict[str, Path]:
     """Export each market's merged transformers model of ``run`` under ``work``."""
     from relevance.adapters import export_merged, load_adapter
+    from relevance.adapters.persistence import read_adapter_config
     from relevance.cross_encoder import load_cross_encoder
 
-    model, tokenizer = load_cross_encoder(run.base_model, "cpu")
+    saved = read_adapter_config(run.path / "adapter")["config"].modules_to_save
+    model, tokenizer = load_cross_encoder(run.base_model, "cpu", saved)
     load_adapter(model, run.path / "adapter")
     return {m: export_merged(model, m, work / f"merged-{m}", tokenizer) for m in markets}
 

@@ -147,8 +147,9 @@ class _Run:
         train_df, self.valid_df, self.test_df, self.markets = read_training_splits(config.data, config.markets)
         self.fingerprint = data_fingerprint(config.data)
         torch.manual_seed(config.seed)  # a head the base model lacks is initialised from it
-        self.model, self.tok = load_cross_encoder(config.base_model, d.device)
-        inject(self.model, config.adapter_config(self.markets))
+        adapter_config = config.adapter_config(self.markets)
+        self.model, self.tok = load_cross_encoder(config.base_model, d.device, adapter_config.modules_to_save)
+        inject(self.model, adapter_config)
         d.barrier()  # every rank has checked the run directory before rank 0 claims it
         if self.main:
             ckpt.write_json(self.out / "train_config.json", config.to_dict())
