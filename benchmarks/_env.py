@@ -5,11 +5,27 @@ from __future__ import annotations
 import os
 import platform
 import subprocess
+import tempfile
 import time
 from importlib import metadata
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results"
+QUICK_DIR = Path(tempfile.gettempdir()) / "ads-relevance-bench-quick"
+
+
+def output_path(out: Path | str | None, name: str, quick: bool) -> Path:
+    """Where a benchmark writes ``name``: ``--out`` when given, else ``benchmarks/results/`` for a real
+    run and a temporary folder for a ``--quick`` one. A smoke figure must never replace a measured one,
+    so a quick run that is pointed into ``benchmarks/results/`` is refused."""
+    if out is None:
+        return (QUICK_DIR if quick else RESULTS) / name
+    path = Path(out)
+    if quick and (path.resolve() == RESULTS.resolve() or RESULTS.resolve() in path.resolve().parents):
+        raise SystemExit(f"--out {path} is inside {RESULTS}: --quick (smoke) results never go there; "
+                         f"drop --out (default {QUICK_DIR / name}) or choose another folder")
+    return path
 
 
 def commit() -> str:

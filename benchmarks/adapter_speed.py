@@ -31,6 +31,7 @@ INFER_METHODS = ("base", "mtl-lora-unmerged", "mtl-lora-merged")
 MARKETS = ("de", "es", "fr", "gb", "us")
 TARGETS = ("query", "key", "value", "attention.output.dense")
 LIMITS = {"mtl-lora": 1.10, "lora": 1.05, "mtl-lora-unmerged": 1.15, "mtl-lora-merged": 1.02}
+from _env import output_path  # noqa: E402  (benchmarks/ is sys.path[0] when a script runs)
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -101,7 +102,7 @@ def _sync(device: str) -> None:
 def _adapted(base: Any, method: str) -> Any:
     """A fresh copy of ``base`` with ``method`` applied, B/Λ/w perturbed so nothing is a no-op."""
     import torch
-    from relevance.adapters import AdapterConfig, adapter_layers, inject
+    from relevance.model.adapters import AdapterConfig, adapter_layers, inject
 
     model = copy.deepcopy(base)
     if method == "peft-lora":
@@ -122,7 +123,7 @@ def _adapted(base: Any, method: str) -> Any:
 
 
 def _forward(model: Any, method: str, batch: dict[str, Any]) -> Any:
-    from relevance.adapters import use_tasks
+    from relevance.model.adapters import use_tasks
 
     if method in ("mtl-lora", "per-market-lora", "mtl-lora-unmerged"):
         with use_tasks(model, batch["tasks"]):
@@ -162,7 +163,7 @@ def _infer_fn(model: Any, method: str, batch: dict[str, Any], bf16: bool = False
 
 
 def _build(kind: str, method: str, base: Any, batch: dict[str, Any], bf16: bool = False) -> Callable[[], None]:
-    from relevance.adapters import merged_copy
+    from relevance.model.adapters import merged_copy
 
     if kind == "train":
         return _train_step_fn(_adapted(base, method), method, batch, bf16)
@@ -258,13 +259,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 3, quick 1)")
     parser.add_argument("--no-memory", action="store_true", help="skip the per-method memory subprocesses")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all CPUs available)")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "adapter_speed.json",
-                        help="JSON results path (default: benchmarks/results/adapter_speed.json)")
+    parser.add_argument("--out", type=Path, default=None, help="JSON results path (default: benchmarks/results/adapter_speed.json; a --quick run: a temp folder)")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cuda (memory probes are CPU-only)")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast for every contender")
     parser.add_argument("--batch", default=None, help="BATCH,LENGTH of the synthetic batch (default 32,64)")
     parser.add_argument("--memory-probe", nargs=2, metavar=("KIND", "METHOD"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    args.out = output_path(args.out, 'adapter_speed.json', args.quick)
     if args.memory_probe:
         print(f"{_memory_probe(*args.memory_probe, quick=args.quick, threads=args.threads):.3f}")
         return 0

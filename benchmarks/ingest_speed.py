@@ -19,6 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from _env import output_path  # noqa: E402  (benchmarks/ is sys.path[0] when a script runs)
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -36,7 +37,7 @@ def peak_rss_mb() -> float:
 
 
 def worker(raw: str, out: str) -> None:
-    from relevance.ingest import ingest
+    from relevance.data.ingest import ingest
 
     t0 = time.perf_counter()
     summary = ingest(raw, out, progress=False)
@@ -46,7 +47,7 @@ def worker(raw: str, out: str) -> None:
 
 
 def measure(n_rows: int, tmp: Path) -> dict:
-    from relevance.demo_data import SIZE_WEIGHTS, write_demo_data
+    from relevance.data.demo_data import SIZE_WEIGHTS, write_demo_data
 
     raw = tmp / f"raw-{n_rows}"
     t0 = time.perf_counter()
@@ -66,9 +67,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="smoke run with small inputs")
     ap.add_argument("--sizes", default=None, help="comma-separated row counts (default 500000,2000000)")
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "ingest_speed.json"))
+    ap.add_argument("--out", default=None, help="JSON results path (default: benchmarks/results/ingest_speed.json; a --quick run: a temp folder)")
     ap.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    args.out = output_path(args.out, 'ingest_speed.json', args.quick)
     if args.worker:
         return worker(*args.worker)
     sizes = [int(s) for s in (args.sizes or ("20000,80000" if args.quick else "500000,2000000")).split(",")]

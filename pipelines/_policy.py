@@ -16,7 +16,7 @@ def retry_transient(task, task_run, state) -> bool:
     except PERMANENT:
         return False
     except Exception as err:  # noqa: BLE001 - anything else may be transient
-        from relevance.ingest import IngestError
+        from relevance.data.ingest import IngestError
 
         return not isinstance(err, IngestError)
     return True

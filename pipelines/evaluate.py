@@ -14,14 +14,14 @@ from relevance.pipeline_plan import BASELINE_METHOD, auc_rows
 
 @task(name="evaluate", task_run_name="evaluate-{run_dir}", **retrying())
 def evaluate_task(run_dir: str, split: str = "test", n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
-    from relevance.metrics import evaluate_run
+    from relevance.evaluation.metrics import evaluate_run
 
     return evaluate_run(run_dir, n_boot=n_boot, seed=seed, split=split)
 
 
 @task(name="report", **retrying())
 def report_task(run_dirs: list[str], out_dir: str, n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
-    from relevance.report import build_report
+    from relevance.evaluation.report import build_report
 
     info = build_report(run_dirs, out_dir, baseline_method=BASELINE_METHOD, n_boot=n_boot, seed=seed)
     return {k: info[k] for k in ("report_md", "report_html", "png", "significant", "notes")}

@@ -16,7 +16,7 @@ def _cache_key(context, parameters) -> str:
 @task(name="ingest", cache_key_fn=_cache_key, **retrying())
 def ingest_task(raw: str, out: str, split: str = "0.8,0.1,0.1", seed: int = 0) -> dict:
     from data_contracts.splits import parse_fractions
-    from relevance.ingest import ingest
+    from relevance.data.ingest import ingest
 
     return ingest(raw, out, parse_fractions(split), seed, progress=False)
 

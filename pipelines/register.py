@@ -12,7 +12,7 @@ from pipelines._policy import PERSIST, retrying
 @task(name="register", **retrying())
 def register_task(run_dir: str, tracking_uri: str | None = None, prefix: str = "ads-relevance",
                   baseline_run: str | None = None, markets: list[str] | None = None) -> list[dict[str, Any]]:
-    from relevance.registry import register
+    from relevance.serving.registry import register
 
     return register(run_dir, markets, tracking_uri=tracking_uri, prefix=prefix, baseline_run=baseline_run)
 
@@ -20,7 +20,7 @@ def register_task(run_dir: str, tracking_uri: str | None = None, prefix: str = "
 @task(name="promote", **retrying())
 def promote_task(data: str, tracking_uri: str | None = None, prefix: str = "ads-relevance", tolerance: float = 0.002,
                  report_dir: str | None = None, force: bool = False, reason: str | None = None) -> list[dict[str, Any]]:
-    from relevance.promotion import promote_all
+    from relevance.serving.promotion import promote_all
 
     return promote_all(data, tracking_uri=tracking_uri, prefix=prefix, tolerance=tolerance, force=force,
                        reason=reason, report_dir=report_dir)

@@ -14,7 +14,7 @@ def score_task(input: str, output: str, alias: str = "champion", engine: str = "
                tracking_uri: str | None = None, markets: list[str] | None = None, prefix: str = "ads-relevance",
                skip_unknown: bool = False) -> dict[str, Any]:
     """Score with ``--resume`` semantics: a retry continues where the failed attempt stopped."""
-    from relevance.scoring import score_dataset
+    from relevance.serving.scoring import score_dataset
 
     return score_dataset(input, output, engine=engine, tracking_uri=tracking_uri, alias=alias, markets=markets,
                          prefix=prefix, skip_unknown=skip_unknown, resume=True)

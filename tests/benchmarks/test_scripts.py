@@ -43,3 +43,15 @@ def test_collect_renders_what_exists_and_lists_what_does_not(tmp_path):
     assert "### Test ROC-AUC" in text and "| en | 0.950 |" in text and "Quality title" not in text
     not_run = text.split("## Not run", 1)[1]
     assert "adapter_speed.json" in not_run and "quality_gpu.md" in not_run and "ingest_speed" not in not_run
+
+
+def test_quick_runs_never_write_into_results(tmp_path):
+    from _env import QUICK_DIR, RESULTS, output_path
+
+    assert output_path(None, "x.json", quick=False) == RESULTS / "x.json"
+    assert output_path(None, "x.json", quick=True) == QUICK_DIR / "x.json"
+    assert output_path(tmp_path / "q.json", "x.json", quick=True) == tmp_path / "q.json"
+    for inside in (RESULTS / "x.json", RESULTS, RESULTS / "sub" / "quality"):
+        with pytest.raises(SystemExit, match="never go there"):
+            output_path(inside, "x.json", quick=True)
+

@@ -21,12 +21,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from relevance import registry
-from relevance.demo_data import generate_market, write_demo_data
-from relevance.promotion import promote
-from relevance.runs import write_synthetic_run
-from relevance.scoring import score_dataset
-from relevance.tiny import build_tiny_model
+from relevance.serving import registry
+from relevance.data.demo_data import generate_market, write_demo_data
+from relevance.serving.promotion import promote
+from relevance.training.runs import write_synthetic_run
+from relevance.serving.scoring import score_dataset
+from relevance.model.tiny import build_tiny_model
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

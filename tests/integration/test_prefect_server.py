@@ -69,8 +69,8 @@ def prefect(env, *args, timeout=300):
 
 
 def test_deployment_run_on_a_real_server_and_worker(tmp_path):
-    from relevance.demo_data import write_demo_data
-    from relevance.tiny import build_tiny_model
+    from relevance.data.demo_data import write_demo_data
+    from relevance.model.tiny import build_tiny_model
 
     raw = tmp_path / "raw"
     write_demo_data(raw, markets="us,de", rows_per_market=200, seed=0)

@@ -19,14 +19,14 @@ def prefect_home(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):
-    from relevance.tiny import build_tiny_model
+    from relevance.model.tiny import build_tiny_model
 
     return str(build_tiny_model(tmp_path_factory.mktemp("tiny") / "model"))
 
 
 @pytest.fixture(scope="session")
 def demo_raw(tmp_path_factory):
-    from relevance.demo_data import write_demo_data
+    from relevance.data.demo_data import write_demo_data
 
     raw = tmp_path_factory.mktemp("demo") / "raw"
     write_demo_data(raw, markets="us,de,fr", rows_per_market=300, seed=0, corrupt_fraction=0.02)

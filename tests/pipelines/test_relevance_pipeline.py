@@ -52,7 +52,7 @@ def test_pipeline_completes_with_artifacts_and_registry(pipeline_run):
 
 
 def test_ingest_flow_is_cached_on_unchanged_input(tmp_path, demo_raw, monkeypatch):
-    import relevance.ingest as ingest_mod
+    import relevance.data.ingest as ingest_mod
     from pipelines.ingest import ingest_flow
 
     real, calls = ingest_mod.ingest, []
@@ -69,7 +69,7 @@ def test_ingest_flow_is_cached_on_unchanged_input(tmp_path, demo_raw, monkeypatc
 
 
 def test_transient_storage_fault_succeeds_on_retry(tmp_path, demo_raw, monkeypatch):
-    import relevance.ingest as ingest_mod
+    import relevance.data.ingest as ingest_mod
     from pipelines import _policy
     from pipelines.ingest import ingest_flow
 

@@ -1,0 +1,265 @@
+"""Ingest: raw hive-partitioned Parquet → validated, split, market-partitioned dataset.
+
+Streaming by record batch, so memory stays bounded whatever the input size: each batch is validated
+against the contract (``data_contracts.query_ad``), valid rows get a ``query_id`` and a split and go to
+``curated/market=xx/split=yy/``, invalid rows go to ``quarantine/market=xx/`` with ``rule`` and
+``detail``. Nothing is dropped: per market, ``rows_in == sum(curated) + sum(quarantined)``, and the
+summary asserts it before anything is published.
+
+Output is built aside (a hidden sibling of DST) and swapped in with renames only when everything
+succeeded, so a crash or a corrupt input file leaves the previous DST untouched.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import uuid
+from collections import Counter, defaultdict
+from collections.abc import Iterator
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from data_contracts import query_ad
+from data_contracts.markets import is_valid_market
+from data_contracts.splits import SPLITS, assign_splits, derive_query_id
+from relevance.data.dedup import SeenIds
+
+CURATED_SCHEMA = pa.schema(
+    [
+        ("example_id", pa.string()),
+        ("query", pa.string()),
+        ("ad_title", pa.string()),
+        ("ad_description", pa.string()),
+        ("label", pa.int8()),
+        ("query_id", pa.string()),
+    ]
+)
+QUARANTINE_SCHEMA = pa.schema(
+    [(c, pa.string()) for c in query_ad.contract_columns(True)]
+    + [("source_file", pa.string()), ("rule", pa.string()), ("detail", pa.string())]
+)
+UNKNOWN_MARKET = "_unknown"  # summary / quarantine key for rows whose market cannot be trusted
+
+
+class IngestError(RuntimeError):
+    """The input cannot be ingested at all (empty, unreadable, corrupt); nothing was written."""
+
+
+def resolve_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+    """A pyarrow filesystem and path for a local path or any URI pyarrow knows (s3://, gs://, file://)."""
+    if "://" in uri:
+        return pafs.FileSystem.from_uri(uri)
+    return pafs.LocalFileSystem(), os.path.abspath(uri)
+
+
+def discover_files(fs: pafs.FileSystem, base: str) -> list[str]:
+    """Every data file under ``base``, sorted; names starting with ``_`` or ``.`` are metadata, skipped."""
+    info = fs.get_file_info(base)
+    if info.type == pafs.FileType.NotFound:
+        raise IngestError(f"raw input {base!r} does not exist")
+    if info.type == pafs.FileType.File:
+        return [base]
+    files = fs.get_file_info(pafs.FileSelector(base, recursive=True))
+    out = []
+    for f in files:
+        rel = os.path.relpath(f.path, base)
+        if f.type == pafs.FileType.File and not any(p.startswith(("_", ".")) for p in rel.split(os.sep)):
+            out.append(f.path)
+    if not out:
+        raise IngestError(f"raw input {base!r} holds no data files: expected Parquet under market=xx/ directories")
+    return sorted(out)
+
+
+def partition_market(path: str, base: str) -> str | None:
+    """The value of the ``market=`` directory of ``path`` (relative to ``base``), if any."""
+    for part in os.path.relpath(path, base).split(os.sep)[:-1]:
+        if part.startswith("market="):
+            return part[len("market="):]
+    return None
+
+
+def _open_all(fs: pafs.FileSystem, files: list[str]) -> dict[str, int]:
+    """Open every file's footer before writing anything: a non-Parquet file fails here, named."""
+    rows = {}
+    for path in files:
+        try:
+            with fs.open_input_file(path) as fh:
+                rows[path] = pq.ParquetFile(fh).metadata.num_rows
+        except Exception as err:  # pyarrow raises several types for garbage
+            raise IngestError(f"cannot read {path} as Parquet ({type(err).__name__}: {err}); nothing was written") from err
+    return rows
+
+
+def _batches(fs: pafs.FileSystem, path: str, batch_size: int) -> Iterator[pa.RecordBatch]:
+    try:
+        with fs.open_input_file(path) as fh:
+            yield from pq.ParquetFile(fh).iter_batches(batch_size=batch_size)
+    except (pa.ArrowException, OSError) as err:
+        raise IngestError(f"cannot read {path} ({type(err).__name__}: {err}); nothing was written") from err
+
+
+class _Writers:
+    """One open ParquetWriter per output partition; row groups are flushed as they are written."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.open: dict[tuple[str, ...], pq.ParquetWriter] = {}
+
+    def write(self, parts: tuple[tuple[str, str], ...], table: pa.Table) -> None:
+        if table.num_rows == 0:
+            return
+        key = tuple(f"{k}={v}" for k, v in parts)
+        if key not in self.open:
+            folder = self.root.joinpath(*key)
+            folder.mkdir(parents=True, exist_ok=True)
+            self.open[key] = pq.ParquetWriter(folder / "part-00000.parquet", table.schema)
+        self.open[key].write_table(table)
+
+    def close(self) -> None:
+        for w in self.open.values():
+            w.close()
+        self.open.clear()
+
+
+def _market_key(partition: str | None, row_market: object) -> str:
+    if partition is not None:
+        return partition if is_valid_market(partition) else UNKNOWN_MARKET
+    return row_market if is_valid_market(row_market) else UNKNOWN_MARKET  # type: ignore[return-value]
+
+
+def ingest(
+    raw: str,
+    out: str | os.PathLike,
+    fractions: tuple[float, float, float] = (0.8, 0.1, 0.1),
+    seed: int = 0,
+    batch_size: int = 65_536,
+    progress: bool = True,
+) -> dict:
+    """Ingest ``raw`` into ``out`` (``curated/``, ``quarantine/``, ``ingest_summary.json``); returns the summary."""
+    fs, base = resolve_filesystem(raw)
+    files = discover_files(fs, base)
+    total_rows = sum(_open_all(fs, files).values())
+
+    dst = Path(out).absolute()
+    staging = dst.parent / f".{dst.name}.staging-{uuid.uuid4().hex[:8]}"
+    staging.mkdir(parents=True)
+    curated, quarantine = _Writers(staging / "curated"), _Writers(staging / "quarantine")
+    rows_in: Counter[str] = Counter()
+    cur: dict[str, Counter[str]] = defaultdict(Counter)
+    quar: dict[str, Counter[str]] = defaultdict(Counter)
+    seen = SeenIds(staging / "seen_ids.sqlite")
+    bar = _progress(total_rows, progress)
+    try:
+        for path in files:
+            part = partition_market(path, base)
+            names = pq.read_schema(fs.open_input_file(path)).names
+            missing = query_ad.missing_columns(names, True, part)
+            for batch in _batches(fs, path, batch_size):
+                df = batch.to_pandas()
+                res = query_ad.validate(df, partition_market=part, missing=missing, seen_ids=seen)
+                _write_valid(res.valid, fractions, seed, curated, cur)
+                _write_quarantine(res.quarantined, path, part, quarantine, quar)
+                keys = df["market"] if "market" in df.columns else [None] * len(df)
+                rows_in.update(_market_key(part, m) for m in keys)
+                bar.update(len(df))
+        curated.close()
+        quarantine.close()
+        seen.close()
+        (staging / "seen_ids.sqlite").unlink()
+        summary = build_summary(rows_in, cur, quar)
+        (staging / "ingest_summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+        _publish(staging, dst)
+    except BaseException:
+        curated.close()
+        quarantine.close()
+        seen.close()
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    finally:
+        bar.close()
+    return summary
+
+
+def _progress(total: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="rows", unit_scale=True, desc="ingest", disable=not enabled, file=sys.stderr)
+
+
+def _write_valid(valid, fractions, seed, writers: _Writers, counts) -> None:
+    if valid.empty:
+        return
+    qid = valid["query_id"].tolist()
+    queries = valid["query"].tolist()
+    valid["query_id"] = [q if q is not None and str(q).strip() else derive_query_id(t) for q, t in zip(qid, queries)]
+    valid["split"] = assign_splits(valid["query_id"].tolist(), seed, fractions)
+    for (market, split), group in valid.groupby(["market", "split"], sort=True):
+        table = pa.Table.from_pandas(group[CURATED_SCHEMA.names], schema=CURATED_SCHEMA, preserve_index=False)
+        writers.write((("market", market), ("split", split)), table)
+        counts[market][split] += len(group)
+
+
+def _write_quarantine(quarantined, path, part, writers: _Writers, counts) -> None:
+    if quarantined.empty:
+        return
+    quarantined["source_file"] = path
+    quarantined["_key"] = [_market_key(part, m) for m in quarantined["market"]]
+    for market, group in quarantined.groupby("_key", sort=True):
+        table = pa.Table.from_pandas(group[QUARANTINE_SCHEMA.names], schema=QUARANTINE_SCHEMA, preserve_index=False)
+        writers.write((("market", market),), table)
+        counts[market].update(group["rule"].tolist())
+
+
+def build_summary(rows_in: Counter, curated: dict, quarantined: dict) -> dict:
+    """Per-market and total counts; raises if any market does not reconcile (a bug, never data)."""
+    markets = {}
+    for m in sorted(rows_in):
+        c = {s: int(curated.get(m, Counter())[s]) for s in SPLITS}
+        q = {r: int(n) for r, n in sorted(quarantined.get(m, Counter()).items())}
+        if rows_in[m] != sum(c.values()) + sum(q.values()):
+            raise AssertionError(f"market {m}: rows_in {rows_in[m]} != curated {c} + quarantined {q}")
+        markets[m] = {"rows_in": int(rows_in[m]), "curated": c, "quarantined": q}
+    totals_q: Counter[str] = Counter()
+    for v in markets.values():
+        totals_q.update(v["quarantined"])
+    totals = {
+        "rows_in": sum(v["rows_in"] for v in markets.values()),
+        "curated": {s: sum(v["curated"][s] for v in markets.values()) for s in SPLITS},
+        "quarantined": dict(sorted(totals_q.items())),
+    }
+    return {"contract_version": query_ad.CONTRACT_VERSION, "markets": markets, "totals": totals}
+
+
+def _publish(staging: Path, dst: Path) -> None:
+    """Swap the finished staging directory in for ``dst`` with renames (the old one is removed last)."""
+    old = None
+    if dst.exists():
+        old = dst.parent / f".{dst.name}.old-{uuid.uuid4().hex[:8]}"
+        os.rename(dst, old)
+    os.rename(staging, dst)
+    if old is not None:
+        shutil.rmtree(old)
+
+
+def format_summary(summary: dict) -> str:
+    """The summary as fixed-width tables: rows per market and split, then quarantined rows per rule."""
+    markets = list(summary["markets"].items()) + [("TOTAL", summary["totals"])]
+    head = f"{'market':<10}{'rows_in':>10}{'train':>10}{'valid':>10}{'test':>10}{'quarantined':>13}{'reconciles':>12}"
+    lines = [f"contract {summary['contract_version']}", head, "-" * len(head)]
+    for m, v in markets:
+        c, q = v["curated"], sum(v["quarantined"].values())
+        ok = "yes" if v["rows_in"] == sum(c.values()) + q else "NO"
+        lines.append(f"{m:<10}{v['rows_in']:>10,}{c['train']:>10,}{c['valid']:>10,}{c['test']:>10,}{q:>13,}{ok:>12}")
+    rules = list(summary["totals"]["quarantined"])
+    if rules:
+        head = f"{'quarantined by rule':<28}" + "".join(f"{m:>8}" for m, _ in markets)
+        lines += ["", head, "-" * len(head)]
+        for r in rules:
+            lines.append(f"{r:<28}" + "".join(f"{v['quarantined'].get(r, 0):>8,}" for _, v in markets))
+    return "\n".join(lines)

@@ -1,0 +1,1 @@
+"""Per-market AUC with bootstrap intervals, paired comparisons between methods, and the AUC report."""

@@ -1,0 +1,103 @@
+"""Batch scoring: every valid query–ad row of every market, scored by its market's registered model.
+
+Output contract: :mod:`data_contracts.scores`. How the job keeps its promises:
+
+- **Bounded memory.** Input is streamed in record batches of ``window`` rows; within a window each
+  market's rows are sorted by token length before batching (``RelevanceModel.score_frame``), so padding
+  wastes little compute; forwards run under ``torch.inference_mode``.
+- **Bad rows never crash it.** Windows are validated against the scoring contract and rejected rows go
+  to ``_quarantine/`` with rule and detail (:mod:`relevance.serving.scoring_input`).
+- **Fail before writing.** Every input footer is opened and every market's model resolved before
+  anything is written: a corrupt file or a market without a model (unless ``skip_unknown``) is an error
+  naming it, and ``DST`` is untouched.
+- **Atomic, resumable.** The output is built in the hidden sibling ``.DST.scoring`` and renamed over
+  ``DST`` at the end. A finished input file's parts are renamed into place and then recorded in
+  ``_manifest.json``; with ``resume``, a killed job skips recorded files and redoes the others from
+  scratch, with the model versions it started with, so every input row lands exactly once.
+
+The ``DST`` of a job must be a local path (it is renamed into place); the input may be any pyarrow
+filesystem URI. The Spark engine (:mod:`relevance.serving.spark_scoring`) shares :class:`ScoringJob`
+(:mod:`relevance.serving.scoring_job`).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from relevance.serving.registry import DEFAULT_PREFIX, load_local
+from relevance.serving.scoring_input import PartWriters, ScoringError, process_file
+from relevance.serving.scoring_job import ScoringJob, scores_table
+
+ENGINES = ("local", "spark")
+__all__ = ["ENGINES", "ScoringError", "ScoringJob", "score_dataset", "score_local"]
+
+
+def _progress(total: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="rows", unit_scale=True, desc="score", disable=not enabled, file=sys.stderr)
+
+
+def score_local(source: str, output: str | os.PathLike, *, tracking_uri: str | None = None, alias: str = "champion",
+                markets: Sequence[str] | None = None, resume: bool = False, skip_unknown: bool = False,
+                prefix: str = DEFAULT_PREFIX, batch_size: int = 64, window: int = 4096, bf16: bool = False,
+                progress: bool = False, on_window: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """The streaming engine in this process (module docstring); returns the summary.
+
+    Without ``resume``, what an interrupted job left in the staging directory is discarded.
+    ``on_window(n_rows)`` runs after every streamed window (progress hooks; tests kill the job there).
+    """
+    if window < 1 or batch_size < 1:
+        raise ValueError(f"window={window} and batch_size={batch_size} must be positive integers")
+    job = ScoringJob(source, output, engine="local", alias=alias, markets=markets, skip_unknown=skip_unknown,
+                     prefix=prefix, tracking_uri=tracking_uri, resume=resume)
+    tmp = Path(tempfile.mkdtemp(prefix="ads-relevance-models-"))
+    bar = _progress(job.total_rows(), progress)
+    try:
+        models = {m: load_local(p) for m, p in job.download_models(tmp).items()}
+        selection = set(job.selection) if job.selection is not None else None
+        for f in job.todo():
+            writers = PartWriters(job.staging, f.index)
+
+            def on_valid(market: str, rows: pd.DataFrame, writers: PartWriters = writers) -> int:
+                values = models[market].score_frame(rows, batch_size=batch_size, bf16=bf16)
+                writers.write("scores", market, scores_table(rows, values, job.models[market]))
+                return len(rows)
+
+            def tick(n: int) -> None:
+                bar.update(n)
+                if on_window is not None:
+                    on_window(n)
+
+            try:
+                counts = process_file(job.fs, f, writers, job.seen, set(models), selection, window, on_valid, tick)
+            except BaseException:
+                writers.abort()
+                raise
+            writers.commit()
+            job.commit(f.index, counts)
+        return job.finish()
+    finally:
+        bar.close()
+        job.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def score_dataset(source: str, output: str | os.PathLike, *, engine: str = "local", **kwargs: Any) -> dict[str, Any]:
+    """Score ``source`` into ``output`` with ``engine`` (``local`` or ``spark``); returns the summary."""
+    if engine not in ENGINES:
+        raise ValueError(f"engine {engine!r} is invalid: expected one of {list(ENGINES)}")
+    if engine == "spark":
+        from relevance.serving.spark_scoring import score_with_spark
+
+        return score_with_spark(source, output, **kwargs)
+    kwargs.pop("spark_master", None)  # meaningful to the Spark engine only
+    return score_local(source, output, **kwargs)

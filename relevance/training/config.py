@@ -1,0 +1,169 @@
+"""What defines a training run: :class:`TrainConfig`, validated field by field.
+
+Kept apart from the training loop (:mod:`relevance.training.loop`) so that the pipeline, the CLI and resume
+checks can build and compare configs without reading the loop. Bad values raise ``ValueError`` naming
+the field, the value and what was expected.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from data_contracts.markets import validate_market
+
+METHODS = ("mtl-lora", "lora", "lora-market-token", "per-market-lora")
+SAMPLING = ("proportional", "temperature")
+PRECISIONS = ("auto", "fp32", "bf16")
+# Fields that may differ between a run and its resumption: where things are, not what is learned.
+RUNTIME_FIELDS = frozenset({"data", "out", "device", "tracking_uri", "experiment", "run_name",
+                            "track", "progress", "resume", "keep_checkpoints"})
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+_POS_INT = (lambda v: _is_int(v) and v >= 1, "a positive integer")
+_OPT_POS_INT = (lambda v: v is None or (_is_int(v) and v >= 1), "a positive integer or None")
+_POS_NUM = (lambda v: _is_num(v) and v > 0, "a positive finite number")
+_NON_NEG = (lambda v: _is_num(v) and v >= 0, "a non-negative finite number")
+_FRACTION = (lambda v: _is_num(v) and 0 <= v < 1, "a number in [0, 1)")
+_BOOL = (lambda v: isinstance(v, bool), "True or False")
+_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    **dict.fromkeys(("r", "n_up", "batch_size", "epochs", "max_length", "eval_every", "eval_batch_size",
+                     "keep_checkpoints"), _POS_INT),
+    **dict.fromkeys(("max_steps", "checkpoint_every", "patience"), _OPT_POS_INT),
+    **dict.fromkeys(("alpha", "mtl_temperature", "learning_rate", "max_grad_norm", "sampling_temperature"), _POS_NUM),
+    **dict.fromkeys(("weight_decay", "min_delta"), _NON_NEG),
+    **dict.fromkeys(("adapter_dropout", "warmup_ratio"), _FRACTION),
+    **dict.fromkeys(("track", "progress", "resume"), _BOOL),
+    "seed": (_is_int, "an integer"),
+}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that defines a training run; bad values raise ``ValueError`` naming the field.
+
+    ``max_steps`` (when set) overrides ``epochs``. ``patience`` counts evaluations without an
+    improvement of the mean per-market valid AUC larger than ``min_delta``; ``None`` disables early
+    stopping. ``sampling_temperature`` applies to ``sampling="temperature"`` (p_t ∝ n_t^(1/T)).
+    """
+
+    data: str
+    method: str
+    base_model: str
+    out: str
+    markets: tuple[str, ...] | None = None
+    r: int = 8
+    alpha: float = 16.0
+    n_up: int = 3
+    mtl_temperature: float = 0.1
+    adapter_dropout: float = 0.05
+    target_modules: tuple[str, ...] | None = None
+    modules_to_save: tuple[str, ...] | None = None
+    learning_rate: float = 5e-4
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.06
+    max_grad_norm: float = 1.0
+    batch_size: int = 32
+    epochs: int = 1
+    max_steps: int | None = None
+    max_length: int = 128
+    sampling: str = "proportional"
+    sampling_temperature: float = 2.0
+    eval_every: int = 200
+    checkpoint_every: int | None = None
+    keep_checkpoints: int = 2
+    patience: int | None = None
+    min_delta: float = 0.0
+    eval_batch_size: int = 128
+    seed: int = 0
+    precision: str = "auto"
+    device: str | None = None
+    tracking_uri: str | None = None
+    experiment: str = "ads-relevance"
+    run_name: str | None = None
+    track: bool = True
+    progress: bool = True
+    resume: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("data", "base_model", "out"):
+            value = getattr(self, name)
+            if isinstance(value, Path):
+                object.__setattr__(self, name, str(value))
+            elif not isinstance(value, str) or not value:
+                _bad(name, value, "a non-empty path")
+        _choice("method", self.method, METHODS)
+        _choice("sampling", self.sampling, SAMPLING)
+        _choice("precision", self.precision, PRECISIONS)
+        for name in ("markets", "target_modules", "modules_to_save"):
+            value = getattr(self, name)
+            if value is not None:
+                if isinstance(value, str) or not all(isinstance(v, str) and v for v in value):
+                    _bad(name, value, "a tuple of non-empty strings or None")
+                object.__setattr__(self, name, tuple(value))
+        if self.markets is not None:
+            if not self.markets:
+                _bad("markets", self.markets, "at least one market code, or None for all")
+            for code in self.markets:
+                try:
+                    validate_market(code)
+                except ValueError as exc:
+                    _bad("markets", self.markets, str(exc))
+        for name, (ok, expected) in _RULES.items():
+            if not ok(getattr(self, name)):
+                _bad(name, getattr(self, name), expected)
+
+    @property
+    def market_token(self) -> bool:
+        """True when the query carries the market prefix (``lora-market-token``)."""
+        return self.method == "lora-market-token"
+
+    @property
+    def temperature(self) -> float:
+        """The sampler's T: 1 for proportional sampling."""
+        return self.sampling_temperature if self.sampling == "temperature" else 1.0
+
+    def adapter_config(self, markets: tuple[str, ...]):
+        """The adapter library's config for this method (``lora-market-token`` is a shared ``lora``)."""
+        from relevance.model.adapters import AdapterConfig
+
+        extra: dict[str, Any] = {}
+        if self.target_modules is not None:
+            extra["target_modules"] = self.target_modules
+        if self.modules_to_save is not None:
+            extra["modules_to_save"] = self.modules_to_save
+        method = "lora" if self.method == "lora-market-token" else self.method
+        return AdapterConfig(method, markets=tuple(markets), r=self.r, alpha=self.alpha, n_up=self.n_up,
+                             temperature=self.mtl_temperature, dropout=self.adapter_dropout, **extra)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready (tuples become lists); :meth:`from_dict` inverts it."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown TrainConfig fields {unknown}; known fields: {sorted(known)}")
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+
+
+def _bad(name: str, value: object, expected: str) -> None:
+    raise ValueError(f"TrainConfig.{name}={value!r} is invalid: expected {expected}")
+
+
+def _choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        _bad(name, value, f"one of {list(allowed)}")

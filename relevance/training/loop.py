@@ -1,0 +1,314 @@
+"""Training configuration and the run directory it produces.
+
+``train(TrainConfig(...))`` fine-tunes a cross-encoder with one adapter method on the curated
+dataset and writes the run directory that ``evaluate``, ``report`` and the registry read — keep it
+exactly:
+
+    RUN/train_config.json          this config (resume refuses a run made with other hyper-parameters)
+    RUN/adapter/                   save_adapter output of the *best* evaluation's weights
+    RUN/run_info.json              method, run_name, base_model, trainable_params, train_time_s,
+                                   examples_per_s, mlflow_run_id, data_fingerprint, best_step,
+                                   markets, task_map
+    RUN/predictions/valid.parquet  example_id, market, label, score (best weights)
+    RUN/predictions/test.parquet
+    RUN/checkpoints/step-NNNNNNNN/ see relevance.training.checkpoint
+
+Methods: ``mtl-lora``; ``lora`` (one shared adapter, no market input); ``lora-market-token`` (the
+same shared adapter whose query is prefixed with the market, see
+:data:`relevance.model.cross_encoder.MARKET_TOKEN_FORMAT`); ``per-market-lora``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from data_contracts.markets import task_map as make_task_map
+from relevance.training import checkpoint as ckpt
+from relevance.model.cross_encoder import (
+    encode_frame,
+    load_cross_encoder,
+    predictions_frame,
+    score,
+    task_ids_for,
+    task_routing,
+)
+from relevance.data.curated import data_fingerprint, read_training_splits
+from relevance.model.batching import collate
+from relevance.training.batches import MultiMarketSampler
+from relevance import settings
+from relevance.training.tracking import NullTracker, Tracker, log_final, market_aucs
+
+logger = logging.getLogger(__name__)
+
+from relevance.training.config import METHODS, PRECISIONS, RUNTIME_FIELDS, SAMPLING, TrainConfig  # noqa: F401
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` returns (on every rank): the run directory, its run_info, the best model."""
+
+    run_dir: Path
+    run_info: dict[str, Any]
+    model: torch.nn.Module
+
+
+@dataclass
+class _Dist:
+    """This process's place in a torchrun job (rank 0 of 1 without one)."""
+
+    rank: int
+    world: int
+    device: torch.device
+    owns_group: bool
+
+    def gather(self, value: Any) -> list[Any]:
+        if self.world == 1:
+            return [value]
+        out: list[Any] = [None] * self.world
+        torch.distributed.all_gather_object(out, value)
+        return out
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            torch.distributed.barrier()
+
+
+def _init_distributed(device: str | None) -> _Dist:
+    """Join the torchrun process group when ``WORLD_SIZE`` > 1 (gloo on CPU, NCCL on GPU)."""
+    import torch.distributed as dist
+
+    world, local = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = torch.cuda.is_available() and (device is None or device.startswith("cuda"))
+    owns = world > 1 and not dist.is_initialized()
+    if owns:
+        dist.init_process_group("nccl" if cuda else "gloo")
+    dev = torch.device(device) if device else torch.device(f"cuda:{local}" if cuda else "cpu")
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    return _Dist(dist.get_rank() if world > 1 else 0, world, dev, owns)
+
+
+def _autocast(config: TrainConfig, device: torch.device):
+    """bf16 autocast on a CUDA GPU that supports it (``auto``) or when asked (``bf16``); else fp32."""
+    from contextlib import nullcontext
+
+    cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    if config.precision == "bf16" or (config.precision == "auto" and cuda_bf16):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def _schedule(warmup: int, total: int) -> Callable[[int], float]:
+    """Linear warmup to the peak LR over ``warmup`` steps, then linear decay to 0 at ``total``."""
+    def factor(s: int) -> float:
+        return (s + 1) / (warmup + 1) if s < warmup else max(0.0, (total - s) / max(1, total - warmup))
+    return factor
+
+
+def train(config: TrainConfig, on_step: Callable[[int], None] | None = None) -> TrainResult:
+    """Train as ``config`` says and write the run directory (module docstring); return the result.
+
+    ``on_step(step)`` runs after every optimizer step (tests use it to kill a run mid-way). Under
+    ``torchrun`` (``WORLD_SIZE`` > 1) this is DDP — gloo on CPU, NCCL on GPU — and only rank 0 writes.
+    """
+    d = _init_distributed(config.device)
+    try:
+        run = _Run(config, d)
+        try:
+            return run.fit(on_step)
+        except BaseException as exc:  # the MLflow run must not stay RUNNING forever
+            run.tracker.end("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+            raise
+    finally:
+        if d.owns_group:
+            torch.distributed.destroy_process_group()
+
+
+class _Run:
+    """One training run's pieces, from setup (``__init__``) through the loop to the outputs."""
+
+    def __init__(self, config: TrainConfig, d: _Dist) -> None:
+        from relevance.model.adapters import inject
+
+        self.config, self.d, self.out, self.main = config, d, Path(config.out), d.rank == 0
+        local = Path(config.base_model).expanduser()
+        self.base_model = str(local.absolute()) if local.exists() else config.base_model  # as run_info says
+        resuming = ckpt.check_run_dir(self.out, config.to_dict(), config.resume, set(RUNTIME_FIELDS))
+        train_df, self.valid_df, self.test_df, self.markets = read_training_splits(config.data, config.markets)
+        self.fingerprint = data_fingerprint(config.data)
+        torch.manual_seed(config.seed)  # a head the base model lacks is initialised from it
+        adapter_config = config.adapter_config(self.markets)
+        self.model, self.tok = load_cross_encoder(config.base_model, d.device, adapter_config.modules_to_save)
+        inject(self.model, adapter_config)
+        d.barrier()  # every rank has checked the run directory before rank 0 claims it
+        if self.main:
+            ckpt.write_json(self.out / "train_config.json", config.to_dict())
+        self.enc = encode_frame(self.tok, train_df, config.max_length, config.market_token)
+        self.labels = torch.tensor(train_df["label"].to_numpy(), dtype=torch.float32)
+        self.task_ids = task_ids_for(self.model, train_df["market"].tolist())
+        self.sampler = MultiMarketSampler(train_df["market"].tolist(), [len(x) for x in self.enc["input_ids"]],
+                                          config.batch_size, config.seed, config.temperature, rank=d.rank,
+                                          world_size=d.world)
+        self.total = config.max_steps or config.epochs * self.sampler.batches_per_epoch
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=config.learning_rate, weight_decay=config.weight_decay)
+        warmup = math.ceil(config.warmup_ratio * self.total)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _schedule(warmup, self.total))
+        torch.manual_seed(config.seed * 1009 + d.rank)  # the dropout stream, distinct per rank
+        self.prog, self.best = ckpt.Progress(), None
+        found = ckpt.list_checkpoints(self.out) if resuming else []
+        if found:
+            self._resume(found[-1])
+        self.tracker = self._tracker()
+
+    def _resume(self, path: Path) -> None:
+        ckpt.clean_temporary(self.out)
+        state, self.best = ckpt.load_checkpoint(path, self.model, self.optimizer, self.scheduler, self.d.rank)
+        if state.get("data_fingerprint") != self.fingerprint:
+            raise ValueError(f"cannot resume from {path}: the dataset changed (fingerprint "
+                             f"{state.get('data_fingerprint')} vs now {self.fingerprint}); start a new --out")
+        if state.get("world_size") != self.d.world:
+            raise ValueError(f"cannot resume from {path}: it ran on {state.get('world_size')} process(es), "
+                             f"now {self.d.world}; use the same --nproc_per_node")
+        self.sampler.load_state_dict(state["sampler"])
+        self.prog = ckpt.Progress(**state["progress"])
+        logger.info("resuming %s from step %d", self.out, self.prog.step)
+
+    def _tracker(self) -> NullTracker:
+        """MLflow on rank 0 (re-attached to the run's MLflow run on resume); a no-op elsewhere."""
+        config, prog, tracker = self.config, self.prog, NullTracker()
+        if self.main and config.track:
+            tracker = Tracker(settings.tracking_uri(config.tracking_uri), config.experiment,
+                              config.run_name or self.out.name, prog.mlflow_run_id,
+                              tags={"method": config.method, "run_dir": str(self.out.absolute())})
+            if prog.mlflow_run_id is None:
+                tracker.log_params({**config.to_dict(), "data_fingerprint": self.fingerprint,
+                                    "markets": ",".join(self.markets), "total_steps": self.total,
+                                    "world_size": self.d.world})
+            prog.mlflow_run_id = tracker.run_id
+        prog.mlflow_run_id = self.d.gather(prog.mlflow_run_id)[0]
+        return tracker
+
+    def _predict(self, df: pd.DataFrame) -> pd.DataFrame:
+        """Predictions of ``df``, each rank scoring every W-th row, gathered on all ranks."""
+        c, d = self.config, self.d
+        part = score(self.model, self.tok, df.iloc[d.rank:: d.world], batch_size=c.eval_batch_size,
+                     max_length=c.max_length, market_token=c.market_token)
+        scores = np.empty(len(df), dtype=np.float64)
+        for r, chunk in enumerate(d.gather(part)):
+            scores[r:: d.world] = chunk
+        return predictions_frame(df, scores)
+
+    def _evaluate(self) -> None:
+        """Valid AUC per market; a better mean keeps these weights as the best; patience counts."""
+        prog, config = self.prog, self.config
+        aucs, mean, loss = market_aucs(self._predict(self.valid_df))
+        self.tracker.log_metrics({**{f"valid_auc_{m}": v for m, v in aucs.items()}, "valid_auc_mean": mean,
+                                  "valid_loss": loss}, prog.step)
+        prog.history.append({"step": prog.step, "valid_auc": aucs, "valid_auc_mean": mean, "valid_loss": loss})
+        value = mean if mean is not None else -loss  # no market with both classes: select on loss
+        if prog.best_metric is None or value > prog.best_metric + config.min_delta:
+            prog.best_metric, prog.best_step, prog.bad_evals = value, prog.step, 0
+            self.best = ckpt.trainable_state(self.model)
+            if self.main:
+                ckpt.save_best_adapter(self.model, self.out, self.base_model)
+        else:
+            prog.bad_evals += 1
+            prog.stopped = config.patience is not None and prog.bad_evals >= config.patience
+        self.model.train()
+
+    def _checkpoint(self) -> None:
+        rngs = self.d.gather(ckpt.rng_state())
+        if self.main:
+            state = {"progress": asdict(self.prog), "sampler": self.sampler.state_dict(),
+                     "data_fingerprint": self.fingerprint, "world_size": self.d.world}
+            ckpt.save_checkpoint(self.out, self.prog.step, self.model, self.optimizer, self.scheduler, rngs,
+                                 state, self.best, self.config.keep_checkpoints)
+        self.tracker.flush()
+
+    def _step(self, net: torch.nn.Module, pad_id: int) -> float:
+        """One optimizer step on the next batch; returns its loss."""
+        idx = self.sampler.next_batch()
+        batch = collate(self.enc, idx, pad_id, self.d.device)
+        ids = None if self.task_ids is None else self.task_ids[idx].to(self.d.device)
+        # Routing is set on the inner model's layers, then the (DDP) wrapper runs the forward.
+        with task_routing(self.model, ids), _autocast(self.config, self.d.device):
+            logits = net(**batch).logits.float().view(-1)
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, self.labels[idx].to(self.d.device))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.prog.examples_seen += len(idx) * self.d.world
+        return float(loss.item())
+
+    def fit(self, on_step: Callable[[int], None] | None) -> TrainResult:
+        from tqdm import tqdm
+
+        config, prog, d = self.config, self.prog, self.d
+        net = self.model
+        if d.world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            net = DistributedDataParallel(self.model, device_ids=[d.device.index] if d.device.type == "cuda" else None)
+        pad_id = self.tok.pad_token_id if self.tok.pad_token_id is not None else 0
+        bar = tqdm(total=self.total, initial=prog.step, desc=f"train {config.method}", unit="step",
+                   disable=not (self.main and config.progress), file=sys.stderr, dynamic_ncols=True)
+        start, before, ema = time.perf_counter(), prog.train_time_s, None
+        self.model.train()
+        while prog.step < self.total and not prog.stopped:
+            t0 = time.perf_counter()
+            loss = self._step(net, pad_id)
+            prog.step += 1
+            prog.step_time_s += time.perf_counter() - t0
+            ema = loss if ema is None else 0.95 * ema + 0.05 * loss
+            self.tracker.log_metrics({"train_loss": loss, "lr": self.scheduler.get_last_lr()[0]}, prog.step)
+            bar.update(1)
+            bar.set_postfix(loss=f"{ema:.4f}", ex_s=f"{prog.examples_seen / max(prog.step_time_s, 1e-9):.0f}",
+                            refresh=False)
+            done = prog.step >= self.total
+            if prog.step % config.eval_every == 0 or done:
+                self._evaluate()
+            if prog.step % (config.checkpoint_every or config.eval_every) == 0 or done or prog.stopped:
+                prog.train_time_s = before + time.perf_counter() - start
+                self._checkpoint()
+            if on_step is not None:
+                on_step(prog.step)
+        bar.close()
+        prog.train_time_s = before + time.perf_counter() - start
+        return self._finish()
+
+    def _finish(self) -> TrainResult:
+        """Best weights back in, predictions, run_info.json, final metrics and artifacts."""
+        from relevance.model.adapters import trainable_parameters
+
+        config, prog = self.config, self.prog
+        if self.best is not None:
+            ckpt.load_trainable_state(self.model, self.best, "best weights")
+        preds = {"valid": self._predict(self.valid_df), "test": self._predict(self.test_df)}
+        run_info = {
+            "method": config.method, "run_name": config.run_name or self.out.name, "base_model": self.base_model,
+            "trainable_params": int(trainable_parameters(self.model)), "train_time_s": round(prog.train_time_s, 3),
+            "examples_per_s": round(prog.examples_seen / max(prog.step_time_s, 1e-9), 2),
+            "mlflow_run_id": prog.mlflow_run_id, "data_fingerprint": self.fingerprint, "best_step": prog.best_step,
+            "markets": list(self.markets), "task_map": make_task_map(self.markets),
+        }
+        if self.main:
+            ckpt.write_run_outputs(self.out, self.model, self.base_model, preds, run_info)
+            aucs, mean, _ = market_aucs(preds["test"])
+            log_final(self.tracker, self.out, prog.step, aucs, mean, run_info)
+        self.d.barrier()
+        return TrainResult(self.out, run_info, self.model)
