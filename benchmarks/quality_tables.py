@@ -2,7 +2,7 @@
 
 Kept apart from :mod:`quality` (which trains) so the tables can be rebuilt from finished runs and
 read without the training code. Differences are taken per seed on the same test examples (paired
-stratified bootstrap, :func:`relevance.evaluation.metrics.paired_comparison`); across seeds we report the mean
+cluster bootstrap over query_id, :func:`relevance.evaluation.metrics.paired_comparison`); across seeds we report the mean
 difference and in how many seeds the 95% interval excludes 0 — seeds are too few for an interval.
 """
 

@@ -4,7 +4,8 @@ Layout of an output directory ``DST`` (a hive-partitioned Parquet dataset)::
 
     DST/market=xx/part-*.parquet          one row per valid input row of market xx
     DST/_quarantine/market=xx/part-*.parquet   input rows that were not scored, with rule + detail
-    DST/_scoring_summary.json             per market: rows_in = scored + quarantined, models used
+    DST/_scoring_summary.json             per market: rows_in = scored + quarantined, models used;
+                                          status "complete" | "partial", unscored_markets {market: rows}
 
 Columns of the scores dataset: ``example_id`` (string), ``market`` (string: the ``market=`` partition,
 not stored inside the files, as in the curated data), ``score`` (float64 relevance probability in
@@ -16,8 +17,9 @@ Quarantine files keep the row's *raw* ``market`` value (``"DE "``, ``"../x"``…
 ``market=`` directory (as ingest's quarantine does), so read them with ``partitioning=None``.
 
 Scoring input is the query–ad contract without ``label`` (``query_ad.validate(require_label=False)``);
-rows it rejects are quarantined under its rule names, plus :data:`MARKET_NO_MODEL` for rows of a
-market that has no model under the requested alias (``--skip-unknown``).
+rows it rejects are quarantined under its rule names, plus :data:`MARKET_NO_MODEL` for valid rows of a
+market that has no model under the requested alias (the default; ``--require-all-markets`` fails the
+job instead). Those rows are what ``unscored_markets`` counts, and any makes the status ``"partial"``.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ QUARANTINE_SCHEMA = pa.schema(
 MARKET_NO_MODEL = "market_no_model"
 RULES: dict[str, str] = {
     **{k: v for k, v in query_ad.RULES.items() if k != "label_not_binary"},
-    MARKET_NO_MODEL: "the row's market has no model under the requested alias (--skip-unknown)",
+    MARKET_NO_MODEL: "the row's market has no model <prefix>-<market>@<alias> (the job's status is partial)",
 }
 INVALID_MARKET_KEY = "_invalid"  # quarantine partition of rows whose market is not a valid code
 

@@ -20,10 +20,12 @@ def evaluate_task(run_dir: str, split: str = "test", n_boot: int = 1000, seed: i
 
 
 @task(name="report", **retrying())
-def report_task(run_dirs: list[str], out_dir: str, n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
+def report_task(run_dirs: list[str], out_dir: str, n_boot: int = 1000, seed: int = 0,
+                choices: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     from relevance.evaluation.report import build_report
 
-    info = build_report(run_dirs, out_dir, baseline_method=BASELINE_METHOD, n_boot=n_boot, seed=seed)
+    info = build_report(run_dirs, out_dir, baseline_method=BASELINE_METHOD, n_boot=n_boot, seed=seed,
+                        choices=choices)
     return {k: info[k] for k in ("report_md", "report_html", "png", "significant", "notes")}
 
 
@@ -34,10 +36,18 @@ def publish_auc_table(metrics: list[dict[str, Any]]) -> list[dict[str, str]]:
     return rows
 
 
-def run_evaluation(run_dirs: list[str], report_dir: str, n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
+def evaluate_runs(run_dirs: list[str], n_boot: int = 1000, seed: int = 0) -> list[dict[str, Any]]:
+    """Per-market test AUC of every run (``RUN/metrics.json``), published as the ``per-market-auc`` table."""
     metrics = [evaluate_task(r, n_boot=n_boot, seed=seed) for r in run_dirs]
-    report = report_task(run_dirs, report_dir, n_boot=n_boot, seed=seed)
-    return {"metrics": metrics, "report": report, "table": publish_auc_table(metrics)}
+    publish_auc_table(metrics)
+    return metrics
+
+
+def run_evaluation(run_dirs: list[str], report_dir: str, n_boot: int = 1000, seed: int = 0,
+                   choices: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    metrics = evaluate_runs(run_dirs, n_boot, seed)
+    report = report_task(run_dirs, report_dir, n_boot=n_boot, seed=seed, choices=choices)
+    return {"metrics": metrics, "report": report, "table": auc_rows({m["method"]: m for m in metrics})}
 
 
 @flow(name="evaluate", **PERSIST)

@@ -1,6 +1,7 @@
 """The end-to-end pipeline: ingest → train MTL-LoRA and the baselines on the same data and budget →
-evaluate and report → register → promotion gate → optionally score. Wiring only: every decision lives
-in ``relevance/`` (see :mod:`relevance.pipeline_plan`)."""
+evaluate → register every method and choose each market's model on valid (gate included) → report →
+optionally score. Wiring only: every decision lives in ``relevance/`` (see :mod:`relevance.pipeline_plan`
+and :mod:`relevance.serving.market_models`)."""
 
 from __future__ import annotations
 
@@ -10,15 +11,16 @@ from typing import Any, Literal
 
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
+from prefect.states import Failed, State
 from pydantic import BaseModel, Field
 
 from pipelines._policy import PERSIST
-from pipelines.evaluate import run_evaluation
+from pipelines.evaluate import evaluate_runs, report_task
 from pipelines.ingest import run_ingest
-from pipelines.register import promote_task, register_task
-from pipelines.score import score_task
+from pipelines.register import select_task
+from pipelines.score import ARTIFACT_KEY, score_task, unscored_markdown
 from pipelines.train import train_task
-from relevance.pipeline_plan import ALL_METHODS, BASELINE_METHOD, gate_markdown, training_plan
+from relevance.pipeline_plan import ALL_METHODS, gate_markdown, pipeline_problem, training_plan, unserved_markets
 
 
 class PipelineParams(BaseModel):
@@ -28,7 +30,7 @@ class PipelineParams(BaseModel):
     workdir: str = Field(description="Work directory: dataset/, runs/, report/, and the default MLflow store")
     base_model: str = Field(description="Encoder directory (or offline model name) to fine-tune")
     methods: list[str] = Field(default=list(ALL_METHODS), description="Methods trained under one budget")
-    register_method: str = Field(default="mtl-lora", description="Whose merged models are registered")
+    floor: float = Field(default=0.55, ge=0, lt=1, description="Sanity floor: a model needs valid AUC above it")
     max_steps: int = Field(default=150, ge=1, description="Optimizer steps per method (same for all)")
     batch_size: int = Field(default=32, ge=1)
     max_length: int = Field(default=64, ge=8, description="Max tokens of a (query, ad) pair")
@@ -39,7 +41,7 @@ class PipelineParams(BaseModel):
     n_boot: int = Field(default=1000, ge=100, description="Bootstrap resamples of the AUC intervals")
     tracking_uri: str | None = Field(default=None, description="MLflow URI (default: SQLite in workdir)")
     prefix: str = Field(default="ads-relevance", description="Registered model names: <prefix>-<market>")
-    tolerance: float = Field(default=0.002, ge=0, description="Gate: candidate AUC ≥ champion's − tolerance")
+    tolerance: float = Field(default=0.002, ge=0, description="Gate: chosen valid AUC ≥ champion's and shared LoRA's − tolerance")
     score_input: str | None = Field(default=None, description="Optional Parquet to score with the champions")
     task_runner: Literal["in-process", "dask"] = Field(default="in-process", description="Fan out training via Dask")
     dask_workers: int = Field(default=2, ge=1)
@@ -62,8 +64,11 @@ def _train_all(params: PipelineParams, configs: list[dict[str, Any]]) -> list[di
 
 
 @flow(name="relevance-pipeline", **PERSIST)
-def relevance_pipeline(params: PipelineParams) -> dict[str, Any]:
-    """Ingest, train every method, evaluate and report, register, run the promotion gate, optionally score."""
+def relevance_pipeline(params: PipelineParams) -> dict[str, Any] | State:
+    """Ingest, train every method, evaluate, choose and gate each market's model, report, optionally score.
+
+    Ends Failed with message ``Partial: …`` (the result still attached) when a market is left without a
+    model or scoring was partial; Completed otherwise."""
     from prefect.runtime import flow_run
 
     from relevance import settings
@@ -79,20 +84,24 @@ def relevance_pipeline(params: PipelineParams) -> dict[str, Any]:
                          learning_rate=params.learning_rate, eval_every=params.eval_every, seed=params.seed)
     infos = _train_all(params, [c.to_dict() for c in plan])
     run_dirs = {i["method"]: i["run_dir"] for i in infos}
-    evaluation = run_evaluation(list(run_dirs.values()), str(report_dir), params.n_boot, params.seed)
-
-    main = run_dirs.get(params.register_method) or next(iter(run_dirs.values()))
-    registered = register_task(main, uri, params.prefix, run_dirs.get(BASELINE_METHOD))
-    decisions = promote_task(str(dataset), uri, params.prefix, params.tolerance, str(report_dir / "gate"))
+    metrics = evaluate_runs(list(run_dirs.values()), params.n_boot, params.seed)
+    shipped = select_task(list(run_dirs.values()), str(dataset), uri, params.prefix, params.tolerance, params.floor,
+                          str(report_dir / "gate"))
+    registered, decisions = shipped["registered"], shipped["decisions"]
+    report = report_task(list(run_dirs.values()), str(report_dir), params.n_boot, params.seed, decisions)
     create_markdown_artifact(
         key="gate-decisions",
-        markdown=gate_markdown(decisions, registered, evaluation["report"]["report_html"], uri,
+        markdown=gate_markdown(decisions, registered, report["report_html"], uri,
                                {i["method"]: i.get("mlflow_run_id") for i in infos}),
-        description="Promotion gate decisions and where the report, MLflow runs and model versions are",
+        description="Model per market: chosen method, evidence, gate decisions, and where everything is",
     )
-    # a market whose candidate the gate refused has no champion yet: its rows are quarantined, with why
-    scores = score_task(params.score_input, str(work / "scores"), tracking_uri=uri, prefix=params.prefix,
-                        skip_unknown=True) if params.score_input else None
-    return {"ingest": summary, "runs": run_dirs, "metrics": evaluation["metrics"], "auc_table": evaluation["table"],
-            "report": evaluation["report"], "registered": registered, "decisions": decisions, "scores": scores,
-            "tracking_uri": uri}
+    scores = None
+    if params.score_input:
+        scores = score_task(params.score_input, str(work / "scores"), tracking_uri=uri, prefix=params.prefix)
+        create_markdown_artifact(key=ARTIFACT_KEY, markdown=unscored_markdown(scores),
+                                 description="Markets left unscored for want of a model, with row counts")
+    result = {"ingest": summary, "runs": run_dirs, "metrics": metrics, "report": report, "registered": registered,
+              "decisions": decisions, "unserved": unserved_markets(decisions), "scores": scores, "tracking_uri": uri}
+    problem = pipeline_problem(result)
+    # a market left dark must not look like a clean success (pipelines/score.py says why Failed)
+    return Failed(message=f"Partial: {problem}", data=result) if problem else result

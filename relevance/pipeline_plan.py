@@ -50,6 +50,9 @@ def training_plan(data: str | os.PathLike, base_model: str, runs_dir: str | os.P
     unknown = [m for m in methods if m not in ALL_METHODS]
     if unknown or not methods:
         raise ValueError(f"methods {list(methods)!r} invalid: choose from {list(ALL_METHODS)}")
+    if BASELINE_METHOD not in methods:
+        raise ValueError(f"methods {list(methods)!r} lack the shared-LoRA baseline {BASELINE_METHOD!r}: every market's "
+                         "choice is measured against it; add it")
     return [
         TrainConfig(data=str(data), method=m, base_model=resolve_base_model(str(base_model)), out=str(Path(runs_dir) / m),
                     run_name=m, tracking_uri=tracking_uri, **budget)
@@ -79,20 +82,55 @@ def auc_rows(metrics_by_method: Mapping[str, Mapping[str, Any]], baseline: str =
     return rows
 
 
+def _valid_cell(entry: Mapping[str, Any] | None, split: str = "valid") -> str:
+    cell = (entry or {}).get(split) or {}
+    if cell.get("auc") is None:
+        return "n/a"
+    return f"{cell['auc']:.4f} [{_fmt(cell.get('ci_low'))}, {_fmt(cell.get('ci_high'))}]"
+
+
+def unserved_markets(decisions: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Markets left without a champion, or whose decision failed: what a run must report loudly."""
+    return sorted(str(d["market"]) for d in decisions if d.get("decision") == "error" or not d.get("served"))
+
+
+def pipeline_problem(result: Mapping[str, Any]) -> str | None:
+    """What keeps a pipeline run from being a clean success, in one line; ``None`` when nothing does."""
+    parts = []
+    dark = unserved_markets(result.get("decisions") or [])
+    if dark:
+        parts.append(f"no model serves market(s) {', '.join(dark)}")
+    unscored = (result.get("scores") or {}).get("unscored_markets") or {}
+    if unscored:
+        parts.append("rows not scored: " + ", ".join(f"{m} ({n:,})" for m, n in sorted(unscored.items())))
+    return "; ".join(parts) or None
+
+
 def gate_markdown(decisions: Sequence[Mapping[str, Any]], registered: Sequence[Mapping[str, Any]],
                   report_html: str, tracking_uri: str, mlflow_runs: Mapping[str, str | None]) -> str:
-    """The markdown artifact: gate decisions with reasons, and where everything is."""
-    lines = ["# Promotion gate", "", "| market | model | candidate | champion before | decision | reasons |",
-             "| --- | --- | --- | --- | --- | --- |"]
+    """The markdown artifact: the model each market ships, the evidence, the gate's reasons, and where
+    everything is. Markets left without a model come first, loudly."""
+    lines = ["# Model per market", ""]
+    dark = unserved_markets(decisions)
+    if dark:
+        lines += [f"**⚠ {len(dark)} market(s) have no model to serve: {', '.join(dark)}.** Their rows are not "
+                  "scored until a candidate passes the gate (see the reasons below).", ""]
+    lines += ["| market | decision | chosen | champion before → after | valid AUC [95% CI] | test AUC (reported) | why |",
+              "| --- | --- | --- | --- | --- | --- | --- |"]
     for d in decisions:
         reasons = "<br>".join(str(r) for r in d.get("reasons", []))
-        lines.append(f"| {d['market']} | {d['name']} | v{d['candidate_version']} | "
-                     f"{'v' + str(d['champion_version']) if d.get('champion_version') else '—'} | "
-                     f"**{d['decision']}** | {reasons} |")
+        before = f"v{d['champion_version']}" if d.get("champion_version") else "—"
+        after = f"v{d['champion_after']}" if d.get("champion_after") else "—"
+        chosen = f"v{d['candidate_version']} {d.get('candidate_method') or ''}" if d.get("candidate_version") else "—"
+        cand = (d.get("auc") or {}).get("candidate")
+        lines.append(f"| {d['market']} | **{d['decision']}** | {chosen} | {before} → {after} | {_valid_cell(cand)} | "
+                     f"{_valid_cell(cand, 'test')} | {reasons} |")
+    lines += ["", "Valid and test AUC are measured now by the registered models on the current data, with 95% "
+              "cluster-bootstrap intervals over query_id; the choice reads valid only, test is reported."]
     lines += ["", "## Where things are", "", f"- HTML report: `{report_html}`", f"- MLflow tracking URI: `{tracking_uri}`"]
     lines += [f"- MLflow run of `{method}`: `{run_id}`" for method, run_id in mlflow_runs.items() if run_id]
-    lines += [f"- `models:/{r['name']}/{r['version']}` ({'new' if r.get('created') else 'already registered'})"
-              for r in registered]
+    lines += [f"- `models:/{r['name']}/{r['version']}` {r.get('method', '')} "
+              f"({'new' if r.get('created') else 'already registered'})" for r in registered]
     return "\n".join(lines) + "\n"
 
 
@@ -118,14 +156,27 @@ def pipeline_summary(result: Mapping[str, Any]) -> str:
     from relevance.evaluation.report import format_auc_table
 
     uri = result["tracking_uri"]
-    lines = ["", "Per-market test ROC-AUC [95% bootstrap interval]", "",
-             format_auc_table({m["method"]: m for m in result["metrics"]}), "", "Promotion gate"]
+    lines = ["", "Per-market test ROC-AUC [95% cluster-bootstrap interval]", "",
+             format_auc_table({m["method"]: m for m in result["metrics"]}), "",
+             "Model per market (chosen on valid; gate: sanity floor, champion and shared LoRA − tolerance)"]
     for d in result["decisions"]:
-        lines.append(f"  {d['name']} v{d['candidate_version']}: {d['decision']} — " + "; ".join(map(str, d.get("reasons", []))))
+        chosen = f"v{d['candidate_version']} {d.get('candidate_method')}" if d.get("candidate_version") else "no model"
+        champion = f"champion v{d['champion_after']}" if d.get("champion_after") else "NO CHAMPION"
+        lines.append(f"  {d['market']}: {d['decision']}, {chosen} → {champion} — "
+                     + "; ".join(map(str, d.get("reasons", []))))
+    dark = unserved_markets(result["decisions"])
+    if dark:
+        lines += ["", f"WARNING: no model serves {', '.join(dark)}: their rows are not scored."]
     significant = result["report"].get("significant") or {}
+    holm = result["report"].get("holm_significant") or {}
     if significant:
-        lines += ["", "Significant differences vs shared LoRA (95% interval excludes 0):"]
-        lines += [f"  {method}: {', '.join(markets)}" for method, markets in significant.items() if markets]
+        lines += ["", "Differences vs shared LoRA on test (95% interval excludes 0 | still significant after Holm):"]
+        lines += [f"  {method}: {', '.join(markets) or '—'} | {', '.join(holm.get(method, [])) or '—'}"
+                  for method, markets in significant.items()]
+    scores = result.get("scores")
+    if scores:
+        per = ", ".join(f"{m} {c['scored']:,}" for m, c in sorted(scores["markets"].items()))
+        lines += ["", f"Scored ({scores['status']}): {per} rows; output {scores.get('output')}"]
     lines += ["", f"HTML report: {result['report']['report_html']}"]
     if uri.startswith("sqlite:///"):
         store = uri[len("sqlite:///"):]

@@ -2,7 +2,9 @@
 
 The report answers one question per market: is a method better than shared LoRA, and how sure
 are we? So next to each method's AUC and interval it shows the *paired* difference to the
-baseline (same examples, same bootstrap resamples), marked only when that interval excludes 0.
+baseline (same examples, same resampled query clusters), marked only when that interval excludes
+0, with Holm's decision across the markets and how many markets chance alone would mark: with many
+markets, some intervals exclude 0 by luck.
 The HTML embeds the chart as base64 and carries its own CSS, so it can be mailed or attached to
 an MLflow run and still render with no network. Markdown and HTML are rendered from the same
 section list, so they cannot disagree.
@@ -10,8 +12,6 @@ section list, so they cannot disagree.
 
 from __future__ import annotations
 
-import base64
-import html
 import io
 import json
 from collections import Counter
@@ -22,23 +22,13 @@ from typing import Any
 import pandas as pd
 
 from relevance.evaluation.metrics import evaluate_run, metrics_path, paired_comparison, read_run_info
+from relevance.evaluation.report_render import SIGNIFICANT, UNDEFINED, Section, Table, fmt_interval, md_table
+from relevance.evaluation.report_render import render_html, render_md
 
-SIGNIFICANT = "✱ significant"
-UNDEFINED = "n/a (one class)"
+__all__ = ["SIGNIFICANT", "UNDEFINED", "build_report", "format_auc_table"]
+
 _METRIC_KEYS = {"auc": ("auc", "ci_low", "ci_high"), "pr_auc": ("pr_auc", "pr_ci_low", "pr_ci_high")}
-_CSS = """body{font-family:system-ui,sans-serif;margin:2em;color:#222;max-width:1200px}
-table{border-collapse:collapse;margin:1em 0}th,td{border:1px solid #ccc;padding:4px 8px;text-align:right}
-th:first-child,td:first-child{text-align:left}th{background:#f3f3f3}.sig{color:#b00;font-weight:600}
-img{max-width:100%}"""
-
-Table = tuple[list[str], list[list[str]]]
-
-
-def _fmt_interval(point: float | None, lo: float | None, hi: float | None, signed: bool = False) -> str:
-    if point is None:
-        return UNDEFINED
-    f = "{:+.3f}" if signed else "{:.3f}"
-    return f"{f.format(point)} [{f.format(lo)}, {f.format(hi)}]"
+_CLUSTER_TEXT = {"query_id": "query_id clusters", "row": "rows (predictions without query_id)"}
 
 
 def _auc_rows(metrics_by_method: Mapping[str, Mapping[str, Any]], markets: Sequence[str] | None,
@@ -52,7 +42,7 @@ def _auc_rows(metrics_by_method: Mapping[str, Mapping[str, Any]], markets: Seque
         entries = [met["markets"].get(market) for met in metrics_by_method.values()]
         first = next((e for e in entries if e is not None), None)
         count = f"{first['n']} ({first['n_pos']})" if first else ""
-        cells = ["—" if e is None else _fmt_interval(*(e[k] for k in keys)) for e in entries]
+        cells = ["—" if e is None else fmt_interval(*(e[k] for k in keys)) for e in entries]
         rows.append([market, count, *cells])
     for agg in ("macro", "micro"):
         cells = []
@@ -63,16 +53,9 @@ def _auc_rows(metrics_by_method: Mapping[str, Mapping[str, Any]], markets: Seque
             elif e[keys[0]] is None:
                 cells.append("n/a (no market has both classes)")
             else:
-                cells.append(_fmt_interval(*(e[k] for k in keys)))
+                cells.append(fmt_interval(*(e[k] for k in keys)))
         rows.append([f"**{agg}**", "", *cells])
     return header, rows
-
-
-def _md(table: Table) -> str:
-    header, rows = table
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    return "\n".join(lines)
 
 
 def format_auc_table(metrics_by_method: Mapping[str, Mapping[str, Any]],
@@ -85,23 +68,40 @@ def format_auc_table(metrics_by_method: Mapping[str, Mapping[str, Any]],
     """
     if metric not in _METRIC_KEYS:
         raise ValueError(f"unknown metric {metric!r}; expected one of {sorted(_METRIC_KEYS)}")
-    return _md(_auc_rows(metrics_by_method, markets, metric))
+    return md_table(_auc_rows(metrics_by_method, markets, metric))
 
 
 def _delta_rows(deltas: Mapping[str, Mapping[str, Any]], markets: Sequence[str], baseline: str) -> Table:
-    header = ["market", *(f"{label} − {baseline}" for label in deltas)]
+    """Per market (then macro): each comparison's paired difference, and its Holm decision."""
+    header = ["market"]
+    for label in deltas:
+        header += [f"{label} − {baseline}", f"Holm ({label})"]
     rows = []
     for market in [*markets, "macro"]:
         cells = []
         for res in deltas.values():
             e = res["macro"] if market == "macro" else res["markets"].get(market)
             if e is None:
-                cells.append("—")
+                cells += ["—", "—"]
                 continue
-            cell = _fmt_interval(e["diff"], e["ci_low"], e["ci_high"], signed=True)
+            cell = fmt_interval(e["diff"], e["ci_low"], e["ci_high"], signed=True)
             cells.append(f"{cell} {SIGNIFICANT}" if e["significant"] else cell)
+            holm = market != "macro" and e["diff"] is not None  # macro is not one of the family
+            cells.append(("yes" if e["holm_significant"] else "no") if holm else "—")
         rows.append(["**macro**" if market == "macro" else market, *cells])
     return header, rows
+
+
+def _num(x: float) -> str:
+    return f"{round(x, 2):g}"
+
+
+def _multiplicity_note(label: str, res: Mapping[str, Any]) -> str:
+    """How many markets look better or worse, against how many chance alone would mark."""
+    ci, k = float(res["ci"]), int(res["n_compared"])
+    return (f"`{label}`: Per market at {ci:.0%}: {res['n_significant']} of {k} markets' intervals exclude 0; "
+            f"by chance alone one would expect about {_num(res['expected_false_positives'])} "
+            f"({_num(1 - ci)} × {k}); after Holm's correction {res['n_holm_significant']} remain significant.")
 
 
 def _efficiency_rows(infos: Mapping[str, Mapping[str, Any]]) -> Table:
@@ -168,54 +168,19 @@ def _run_labels(infos: Sequence[tuple[Path, dict[str, Any], str]]) -> list[str]:
             for d, info, method in infos]
 
 
-def _render_md(sections: list[tuple[str, Any]]) -> str:
-    out = []
-    for kind, payload in sections:
-        if kind in ("h", "p"):
-            out.append(f"{payload}\n")
-        elif kind == "table":
-            out.append(_md(payload) + "\n")
-        elif kind == "img":
-            out.append(f"![ROC-AUC by market]({payload})\n")
-    return "\n".join(out)
-
-
-def _render_html(sections: list[tuple[str, Any]], png: bytes) -> str:
-    body = []
-    for kind, payload in sections:
-        if kind == "h":
-            level = len(payload) - len(payload.lstrip("#"))
-            text = html.escape(payload.lstrip("# ").replace("`", ""))
-            body.append(f"<h{level}>{text}</h{level}>")
-        elif kind == "p":
-            body.append(f"<p>{html.escape(payload).replace('`', '')}</p>")
-        elif kind == "table":
-            header, rows = payload
-            head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-            trs = "".join("<tr>" + "".join(_html_cell(c) for c in r) + "</tr>" for r in rows)
-            body.append(f"<table><thead><tr>{head}</tr></thead><tbody>{trs}</tbody></table>")
-        elif kind == "img":
-            b64 = base64.b64encode(png).decode("ascii")
-            body.append(f'<img alt="ROC-AUC by market" src="data:image/png;base64,{b64}">')
-    return ("<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>Per-market AUC report</title>"
-            f"<style>{_CSS}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
-
-
-def _html_cell(text: str) -> str:
-    bold = text.startswith("**") and text.endswith("**")
-    inner = html.escape(text.strip("*") if bold else text)
-    inner = inner.replace(SIGNIFICANT, f'<span class="sig">{SIGNIFICANT}</span>')
-    return f"<td><b>{inner}</b></td>" if bold else f"<td>{inner}</td>"
-
-
 def build_report(run_dirs: Sequence[Path | str], out_dir: Path | str, baseline_method: str = "lora",
-                 n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
+                 n_boot: int = 1000, seed: int = 0,
+                 choices: Sequence[Mapping[str, Any]] | None = None) -> dict[str, Any]:
     """Write ``report.md``, ``report.html`` and ``auc_by_market.png`` for ``run_dirs`` into ``out_dir``.
+
+    ``choices`` (the per-market decisions of :mod:`relevance.serving.market_models`, plain dicts) adds
+    the "Model per market" section: what each market ships, its valid and test AUC, and why.
 
     A run without ``metrics.json`` is evaluated first (:func:`relevance.evaluation.metrics.evaluate_run`).
     Deltas vs ``baseline_method`` use the runs' test predictions; when no run has that method, or
     a run's predictions are missing or cover other examples, its deltas are omitted with a note.
-    Returns the paths written, the per-run metrics and deltas, and the notes.
+    Returns the paths written, the per-run metrics and deltas, which markets are significant (per
+    interval, and after Holm), and the notes.
     """
     if not run_dirs:
         raise ValueError("no run directories given to build a report from")
@@ -254,18 +219,25 @@ def build_report(run_dirs: Sequence[Path | str], out_dir: Path | str, baseline_m
             except ValueError as exc:
                 notes.append(f"Delta for `{label}` omitted: {exc}.")
     boots = sorted({int(m.get("n_boot", 0)) for m in metrics.values()})
-    sections: list[tuple[str, Any]] = [
+    kinds = sorted({str(m.get("cluster", "row")) for m in metrics.values()})  # "row" for older metrics.json
+    clusters = " / ".join(_CLUSTER_TEXT.get(k, k) for k in kinds)
+    sections: list[Section] = [
         ("h", "# Per-market AUC report"),
         ("p", "Runs: " + "; ".join(f"`{lbl}` ({dirs[lbl]})" for lbl in labels) + ". Split: test. "
-              f"Intervals: 95% stratified bootstrap ({', '.join(map(str, boots))} resamples)."),
+              f"Intervals: 95% bootstrap over {clusters}, stratified by class composition "
+              f"({', '.join(map(str, boots))} resamples)."),
         ("h", "## ROC-AUC by market"), ("table", _auc_rows(metrics, markets, "auc")),
         ("img", "auc_by_market.png"),
     ]
     if base is not None and deltas:
         sections += [("h", f"## Δ ROC-AUC vs `{base}` (paired bootstrap, {n_boot} resamples)"),
-                     ("p", "Same examples and same resamples for both runs. A ✱ marks a difference "
-                           "whose 95% interval excludes 0."),
-                     ("table", _delta_rows(deltas, markets, base))]
+                     ("p", "Same examples and the same resampled query clusters for both runs. A ✱ marks a "
+                           "difference whose 95% interval excludes 0; Holm: still significant after Holm's "
+                           "step-down correction across the markets of that comparison."),
+                     ("table", _delta_rows(deltas, markets, base)),
+                     *(("p", _multiplicity_note(lbl, r)) for lbl, r in deltas.items())]
+    if choices:
+        sections += model_per_market_sections(choices)
     sections += [("h", "## PR-AUC (average precision) by market"),
                  ("table", _auc_rows(metrics, markets, "pr_auc")),
                  ("h", "## Cost"), ("table", _efficiency_rows(infos))]
@@ -273,15 +245,42 @@ def build_report(run_dirs: Sequence[Path | str], out_dir: Path | str, baseline_m
         sections += [("h", "## Notes"), *(("p", n) for n in notes)]
     md_path, html_path, png_path = out_dir / "report.md", out_dir / "report.html", out_dir / "auc_by_market.png"
     png = _plot(metrics, markets, png_path)
-    md_path.write_text(_render_md(sections), encoding="utf-8")
-    html_path.write_text(_render_html(sections, png), encoding="utf-8")
+    md_path.write_text(render_md(sections), encoding="utf-8")
+    html_path.write_text(render_html(sections, png), encoding="utf-8")
     significant = {lbl: [k for k, e in [*r["markets"].items(), ("macro", r["macro"])] if e["significant"]]
                    for lbl, r in deltas.items()}
+    holm = {lbl: [k for k, e in r["markets"].items() if e["holm_significant"]] for lbl, r in deltas.items()}
     return {"report_md": str(md_path), "report_html": str(html_path), "png": str(png_path),
             "baseline": base, "methods": labels, "markets": markets, "metrics": metrics,
-            "deltas": deltas, "significant": significant, "notes": notes}
+            "deltas": deltas, "significant": significant, "holm_significant": holm, "notes": notes}
 
 
 def _read_preds(run_dir: Path) -> pd.DataFrame | None:
     path = run_dir / "predictions" / "test.parquet"
     return pd.read_parquet(path) if path.exists() else None
+
+
+def _auc_cell(entry: Mapping[str, Any] | None, split: str) -> str:
+    cell = (entry or {}).get(split) or {}
+    return fmt_interval(cell.get("auc"), cell.get("ci_low"), cell.get("ci_high"))
+
+
+def model_per_market_sections(choices: Sequence[Mapping[str, Any]]) -> list[Section]:
+    """What each market ships: the chosen method on valid, its valid and test AUC, and the reasons."""
+    rows, ordered = [], sorted(choices, key=lambda d: str(d["market"]))
+    for d in ordered:
+        cand = (d.get("auc") or {}).get("candidate")
+        chosen = f"{d.get('candidate_method')} (v{d['candidate_version']})" if d.get("candidate_version") else "—"
+        champion = f"v{d['champion_after']}" if d.get("champion_after") else "**none: not served**"
+        rows.append([str(d["market"]), chosen, str(d.get("decision")), champion, _auc_cell(cand, "valid"),
+                     _auc_cell(cand, "test"), " ".join(str(r) for r in d.get("reasons", []))])
+    dark = [str(d["market"]) for d in ordered if not d.get("champion_after")]
+    note = ("Each market's model is chosen on the valid split: the method with the best valid AUC, unless its "
+            "edge over the simpler choice (the current champion, else shared LoRA) is inside the paired 95% "
+            "interval; a model at or below the sanity floor is never shipped. Valid and test AUC are measured "
+            "by the registered (merged) models; test AUC is reported here and never used to choose.")
+    out: list[Section] = [("h", "## Model per market"), ("p", note)]
+    if dark:
+        out.append(("p", f"⚠ No model serves: {', '.join(dark)}. Their rows are quarantined at scoring time."))
+    header = ["market", "chosen", "decision", "champion", "valid AUC [95% CI]", "test AUC [95% CI]", "why"]
+    return out + [("table", (header, rows))]

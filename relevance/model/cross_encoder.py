@@ -231,10 +231,18 @@ def score(
 
 
 def predictions_frame(df: pd.DataFrame, scores: np.ndarray) -> pd.DataFrame:
-    """(example_id, market, label, score): what ``relevance.evaluation.metrics`` evaluates and
-    ``RUN/predictions/*.parquet`` hold."""
-    return pd.DataFrame({"example_id": df["example_id"].to_numpy(), "market": df["market"].to_numpy(),
-                         "label": df["label"].to_numpy().astype("int64"), "score": np.asarray(scores, dtype=np.float64)})
+    """(example_id, market, label, score[, query_id]): what ``relevance.evaluation.metrics`` evaluates
+    and ``RUN/predictions/*.parquet`` hold.
+
+    ``query_id`` is kept whenever ``df`` has it (curated data always does): the evaluation
+    resamples whole queries, since rows of one query are not independent evidence.
+    """
+    frame = pd.DataFrame({"example_id": df["example_id"].to_numpy(), "market": df["market"].to_numpy(),
+                          "label": df["label"].to_numpy().astype("int64"),
+                          "score": np.asarray(scores, dtype=np.float64)})
+    if "query_id" in df.columns:
+        frame["query_id"] = df["query_id"].to_numpy()
+    return frame
 
 
 def predict(model: torch.nn.Module, tokenizer: Any, df: pd.DataFrame, batch_size: int = 64,

@@ -3,7 +3,8 @@
 A training run (``relevance.training.loop``) holds one adapter for many markets; serving wants one plain model
 per market. :func:`register` merges the adapter for each market, packages it as the pyfunc of
 :mod:`relevance.serving.pyfunc_model` (signature, input example, explicit pip requirements) and registers it
-as ``<prefix>-<market>`` with alias ``candidate``. The promotion gate is :mod:`relevance.serving.promotion`;
+as ``<prefix>-<market>`` (alias ``candidate`` unless selection across methods sets it). The promotion gate
+is :mod:`relevance.serving.promotion`, the per-market choice between methods :mod:`relevance.serving.market_models`;
 scoring loads ``<prefix>-<market>@<alias>`` through :func:`load_by_alias`.
 
 **Where the registry is** (nothing is read or created at import): the ``tracking_uri`` argument, else
@@ -36,6 +37,7 @@ from typing import Any
 
 from data_contracts.markets import is_valid_market, validate_market
 from relevance import settings
+from relevance.serving.packaging import package_model
 from relevance.training.runs import TrainingRun, find_baseline_run, read_training_run
 
 logger = logging.getLogger(__name__)
@@ -43,9 +45,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_PREFIX = "ads-relevance"
 CANDIDATE, CHAMPION = "candidate", "champion"
 REGISTRY_EXPERIMENT = "ads-relevance-registry"
-PYFUNC_FILE = Path(__file__).with_name("pyfunc_model.py")
 _PREFIX_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,100}$")
-_REQUIREMENTS = ("mlflow", "torch", "transformers", "tokenizers", "safetensors", "numpy", "pandas")
 
 
 def default_home() -> Path:
@@ -158,40 +158,6 @@ def load_by_alias(client, market: str, alias: str, dst: str | Path, prefix: str 
     return load_local(local), mv, local
 
 
-def pip_requirements() -> list[str]:
-    """Pinned requirements of the pyfunc, from the installed versions (``torch`` without ``+cpu``)."""
-    from importlib.metadata import version
-
-    return [f"{pkg}=={version(pkg).split('+')[0]}" for pkg in _REQUIREMENTS]
-
-
-def signature():
-    """Inputs query, ad_title (ad_description, market optional) → score; params batch_size, bf16, threads."""
-    from mlflow.models import ModelSignature
-    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
-
-    inputs = Schema([ColSpec("string", "query"), ColSpec("string", "ad_title"),
-                     ColSpec("string", "ad_description", required=False), ColSpec("string", "market", required=False)])
-    params = ParamSchema([ParamSpec("batch_size", "long", 64), ParamSpec("bf16", "boolean", False),
-                          ParamSpec("threads", "long", 0)])
-    return ModelSignature(inputs=inputs, outputs=Schema([ColSpec("double", "score")]), params=params)
-
-
-def package_model(merged_dir: Path, out_dir: Path, market: str, run: TrainingRun, batch_size: int = 64) -> Path:
-    """Save ``merged_dir`` (a transformers directory) as the market's pyfunc model in ``out_dir``."""
-    import mlflow
-    import pandas as pd
-
-    example = pd.DataFrame({"query": ["apex red bike", "tent"], "ad_title": ["Apex Bike – Red", "Nordic Tent"],
-                            "ad_description": ["Free delivery.", None]})
-    config = {"market": market, "market_token": run.market_token, "max_length": run.max_length,
-              "batch_size": batch_size, "method": run.method}
-    mlflow.pyfunc.save_model(str(out_dir), python_model=str(PYFUNC_FILE), artifacts={"model": str(merged_dir)},
-                             model_config=config, signature=signature(), input_example=example,
-                             pip_requirements=pip_requirements())
-    return out_dir
-
-
 def _experiment_id(client, name: str) -> str:
     found = client.get_experiment_by_name(name)
     if found:
@@ -215,14 +181,15 @@ def _tag_values(tags: dict[str, Any]) -> dict[str, str]:
 
 def _run_tags(run: TrainingRun, market: str) -> dict[str, str]:
     """What a version says about where it comes from and how good it was on the run's test split."""
-    auc = run.test_auc(market)
+    auc, valid = run.test_auc(market), run.valid_auc(market)
     return _tag_values({
         "market": market, "method": run.method, "training_run_id": run.info.get("mlflow_run_id"),
         "training_run_name": run.info.get("run_name"), "run_dir": str(run.path), "base_model": run.base_model,
         "data_fingerprint": run.info.get("data_fingerprint"), "adapter_sha256": run.adapter_sha256,
         "market_token": str(run.market_token).lower(), "max_length": run.max_length,
         "test_auc": auc.get("auc"), "test_auc_ci_low": auc.get("ci_low"), "test_auc_ci_high": auc.get("ci_high"),
-        "test_n": auc.get("n"), "registered_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "test_n": auc.get("n"), "valid_auc": valid.get("auc"), "valid_auc_ci_low": valid.get("ci_low"),
+        "valid_auc_ci_high": valid.get("ci_high"), "valid_n": valid.get("n"), "registered_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     })
 
 
@@ -254,11 +221,13 @@ def _merged_models(run: TrainingRun, markets: Sequence[str], work: Path) -> dict
 
 def register(run_dir: str | Path, markets: Sequence[str] | None = None, *, tracking_uri: str | None = None,
              prefix: str = DEFAULT_PREFIX, baseline_run: str | Path | None = None,
-             experiment: str = REGISTRY_EXPERIMENT) -> list[dict[str, Any]]:
-    """Register ``run_dir``'s merged model of each market (default: all of the run's) as ``candidate``.
+             experiment: str = REGISTRY_EXPERIMENT, set_candidate: bool = True) -> list[dict[str, Any]]:
+    """Register ``run_dir``'s merged model of each market (default: all of the run's), any method;
+    with ``set_candidate`` the ``candidate`` alias points at them (selection across methods sets it
+    itself: :mod:`relevance.serving.market_models`).
 
-    Returns one dict per market: market, name, version, created (False when the run was already
-    registered), test_auc, baseline_auc.
+    Returns one dict per market: market, name, version, method, created (False when the run was
+    already registered), valid_auc, test_auc, baseline_auc.
     """
     run = read_training_run(run_dir)
     chosen = run.check_markets(markets)
@@ -282,8 +251,10 @@ def register(run_dir: str | Path, markets: Sequence[str] | None = None, *, track
     out = []
     for m in chosen:
         mv = existing[m] or created[m]
-        client.set_registered_model_alias(names[m], CANDIDATE, mv.version)
-        out.append({"market": m, "name": names[m], "version": int(mv.version), "created": existing[m] is None,
+        if set_candidate:
+            client.set_registered_model_alias(names[m], CANDIDATE, mv.version)
+        out.append({"market": m, "name": names[m], "version": int(mv.version), "method": run.method,
+                    "created": existing[m] is None, "valid_auc": run.valid_auc(m).get("auc"),
                     "test_auc": run.test_auc(m).get("auc"),
                     "baseline_auc": baseline.test_auc(m).get("auc") if baseline else None})
     return out

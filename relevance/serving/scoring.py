@@ -8,8 +8,12 @@ Output contract: :mod:`data_contracts.scores`. How the job keeps its promises:
 - **Bad rows never crash it.** Windows are validated against the scoring contract and rejected rows go
   to ``_quarantine/`` with rule and detail (:mod:`relevance.serving.scoring_input`).
 - **Fail before writing.** Every input footer is opened and every market's model resolved before
-  anything is written: a corrupt file or a market without a model (unless ``skip_unknown``) is an error
-  naming it, and ``DST`` is untouched.
+  anything is written: a corrupt file is an error naming it, and ``DST`` is untouched.
+- **One market without a model never stops the others.** Its valid rows are quarantined with rule
+  ``market_no_model`` (the detail names ``models:/<prefix>-<market>@<alias>``) and the summary says
+  ``status: "partial"`` and ``unscored_markets: {market: rows}``; callers must surface it (the CLI
+  exits 3, the ``score`` flow ends Failed). ``require_all=True`` is the strict mode: such a market is
+  an error naming it, before anything is written.
 - **Atomic, resumable.** The output is built in the hidden sibling ``.DST.scoring`` and renamed over
   ``DST`` at the end. A finished input file's parts are renamed into place and then recorded in
   ``_manifest.json``; with ``resume``, a killed job skips recorded files and redoes the others from
@@ -26,6 +30,7 @@ import os
 import shutil
 import sys
 import tempfile
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -34,10 +39,11 @@ import pandas as pd
 
 from relevance.serving.registry import DEFAULT_PREFIX, load_local
 from relevance.serving.scoring_input import PartWriters, ScoringError, process_file
-from relevance.serving.scoring_job import ScoringJob, scores_table
+from relevance.serving.scoring_job import COMPLETE, PARTIAL, MarketsWithoutModel, ScoringJob, scores_table
 
 ENGINES = ("local", "spark")
-__all__ = ["ENGINES", "ScoringError", "ScoringJob", "score_dataset", "score_local"]
+__all__ = ["COMPLETE", "ENGINES", "PARTIAL", "MarketsWithoutModel", "ScoringError", "ScoringJob", "score_dataset",
+           "score_local"]
 
 
 def _progress(total: int, enabled: bool):
@@ -47,17 +53,18 @@ def _progress(total: int, enabled: bool):
 
 
 def score_local(source: str, output: str | os.PathLike, *, tracking_uri: str | None = None, alias: str = "champion",
-                markets: Sequence[str] | None = None, resume: bool = False, skip_unknown: bool = False,
+                markets: Sequence[str] | None = None, resume: bool = False, require_all: bool = False,
                 prefix: str = DEFAULT_PREFIX, batch_size: int = 64, window: int = 4096, bf16: bool = False,
                 progress: bool = False, on_window: Callable[[int], None] | None = None) -> dict[str, Any]:
     """The streaming engine in this process (module docstring); returns the summary.
 
-    Without ``resume``, what an interrupted job left in the staging directory is discarded.
+    Without ``resume``, what an interrupted job left in the staging directory is discarded. Markets
+    without a model are quarantined (``status: "partial"``) unless ``require_all`` makes them an error.
     ``on_window(n_rows)`` runs after every streamed window (progress hooks; tests kill the job there).
     """
     if window < 1 or batch_size < 1:
         raise ValueError(f"window={window} and batch_size={batch_size} must be positive integers")
-    job = ScoringJob(source, output, engine="local", alias=alias, markets=markets, skip_unknown=skip_unknown,
+    job = ScoringJob(source, output, engine="local", alias=alias, markets=markets, require_all=require_all,
                      prefix=prefix, tracking_uri=tracking_uri, resume=resume)
     tmp = Path(tempfile.mkdtemp(prefix="ads-relevance-models-"))
     bar = _progress(job.total_rows(), progress)
@@ -78,7 +85,8 @@ def score_local(source: str, output: str | os.PathLike, *, tracking_uri: str | N
                     on_window(n)
 
             try:
-                counts = process_file(job.fs, f, writers, job.seen, set(models), selection, window, on_valid, tick)
+                counts = process_file(job.fs, f, writers, job.seen, set(models), selection, window, on_valid, tick,
+                                      no_model_detail=job.no_model_detail)
             except BaseException:
                 writers.abort()
                 raise
@@ -91,10 +99,32 @@ def score_local(source: str, output: str | os.PathLike, *, tracking_uri: str | N
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _translate_skip_unknown(kwargs: dict[str, Any]) -> None:
+    """Map the deprecated ``skip_unknown`` onto ``require_all`` (its opposite), in place.
+
+    Why kept: callers written when a missing model failed the whole job still run unchanged;
+    ``skip_unknown=True`` is now the default, ``skip_unknown=False`` asked for the strict mode.
+    """
+    skip = kwargs.pop("skip_unknown", None)
+    if skip is None:
+        return
+    warnings.warn("skip_unknown is deprecated: markets without a model are quarantined by default; pass "
+                  "require_all=True to fail instead", DeprecationWarning, stacklevel=3)
+    if "require_all" in kwargs and bool(kwargs["require_all"]) == bool(skip):
+        raise ValueError(f"skip_unknown={skip!r} contradicts require_all={kwargs['require_all']!r}: "
+                         "pass require_all only (skip_unknown is deprecated)")
+    kwargs["require_all"] = not skip
+
+
 def score_dataset(source: str, output: str | os.PathLike, *, engine: str = "local", **kwargs: Any) -> dict[str, Any]:
-    """Score ``source`` into ``output`` with ``engine`` (``local`` or ``spark``); returns the summary."""
+    """Score ``source`` into ``output`` with ``engine`` (``local`` or ``spark``); returns the summary.
+
+    Check ``summary["status"]``: ``"partial"`` means some markets had no model and their rows were
+    quarantined (``summary["unscored_markets"]``); pass ``require_all=True`` to fail instead.
+    """
     if engine not in ENGINES:
         raise ValueError(f"engine {engine!r} is invalid: expected one of {list(ENGINES)}")
+    _translate_skip_unknown(kwargs)
     if engine == "spark":
         from relevance.serving.spark_scoring import score_with_spark
 

@@ -33,6 +33,11 @@ class ScoringError(RuntimeError):
     """The job cannot run as asked (corrupt input, unknown market, changed input on resume)."""
 
 
+def generic_no_model_detail(market: str) -> str:
+    """Quarantine detail of a row whose market has no model, when the caller gives no better one."""
+    return f"no model for market {market!r} under the requested alias"
+
+
 @dataclass(frozen=True)
 class InputFile:
     index: int
@@ -148,11 +153,14 @@ def _quarantine_table(q: pd.DataFrame, source: str) -> pa.Table:
 
 def process_file(fs: Any, f: InputFile, writers: PartWriters, seen: SeenIds, known: Collection[str],
                  selection: set[str] | None, window: int, on_valid: Callable[[str, pd.DataFrame], int],
-                 on_window: Callable[[int], None] | None = None) -> FileCounts:
+                 on_window: Callable[[int], None] | None = None, *,
+                 no_model_detail: Callable[[str], str] = generic_no_model_detail) -> FileCounts:
     """Stream one file: select, validate, quarantine; ``on_valid(market, rows)`` scores or stores rows.
 
     ``known`` are the markets with a model; valid rows of other markets are quarantined
-    (``market_no_model``). ``on_window(n_rows)`` runs after each window (tests kill the job there).
+    (``market_no_model``, detail ``no_model_detail(market)``: the job names the model and alias it
+    looked for, so the row says what to promote). ``on_window(n_rows)`` runs after each window (tests
+    kill the job there).
     """
     counts = FileCounts()
     if selection is not None and f.market is not None and f.market not in selection:
@@ -167,7 +175,7 @@ def process_file(fs: Any, f: InputFile, writers: PartWriters, seen: SeenIds, kno
                     keep = df["market"].isin(selection) if "market" in df.columns else pd.Series(False, index=df.index)
                     counts.outside_selection += int((~keep).sum())
                     df = df[keep]
-                _process_window(df, f, missing, writers, seen, known, on_valid, counts)
+                _process_window(df, f, missing, writers, seen, known, on_valid, counts, no_model_detail)
                 if on_window is not None:
                     on_window(len(df))
     except (pa.ArrowException, OSError) as err:
@@ -190,7 +198,8 @@ def _keys(markets: Any, f: InputFile) -> list[str]:
 
 
 def _process_window(df: pd.DataFrame, f: InputFile, missing: list[str], writers: PartWriters, seen: SeenIds,
-                    known: Collection[str], on_valid: Callable[[str, pd.DataFrame], int], counts: FileCounts) -> None:
+                    known: Collection[str], on_valid: Callable[[str, pd.DataFrame], int], counts: FileCounts,
+                    no_model_detail: Callable[[str], str]) -> None:
     res = query_ad.validate(df, require_label=False, partition_market=f.market, missing=missing, seen_ids=seen)
     counts.rows_in.update(_keys(df["market"] if "market" in df.columns else [None] * len(df), f))
     valid, quarantined = res.valid, res.quarantined
@@ -198,8 +207,8 @@ def _process_window(df: pd.DataFrame, f: InputFile, missing: list[str], writers:
     if unknown.any():
         extra = valid[unknown].copy()
         extra["rule"] = scores.MARKET_NO_MODEL
-        extra["detail"] = [f"no model for market {m!r} under the requested alias; markets with one: {sorted(known)}"
-                           for m in extra["market"]]
+        details = {m: no_model_detail(str(m)) for m in extra["market"].unique()}
+        extra["detail"] = extra["market"].map(details)
         quarantined = pd.concat([quarantined, extra], ignore_index=True)
         valid = valid[~unknown]
     for market, group in valid.groupby("market", sort=True):

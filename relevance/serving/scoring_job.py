@@ -1,6 +1,11 @@
 """One scoring job, whichever engine runs it: the pinned model per market, the staging directory, the
 manifest that makes it resumable, the reconciled summary and the atomic publication of ``DST``.
 
+A market without a model under the alias does not stop the others (one market lacking a champion
+must not leave every market unscored): its valid rows are quarantined as ``market_no_model`` and the
+summary says ``status: "partial"`` with ``unscored_markets: {market: rows}``. ``require_all`` restores
+the strict behaviour: the job fails before writing anything, naming the markets.
+
 The engines (:mod:`relevance.serving.scoring` in this process, :mod:`relevance.serving.spark_scoring` on
 Spark) both drive a :class:`ScoringJob`; neither imports the other's engine.
 """
@@ -25,7 +30,7 @@ from data_contracts import scores
 from data_contracts.markets import validate_market
 from relevance.data.dedup import SeenIds
 from relevance.data.ingest import _publish
-from relevance.serving.registry import client_for, download_model
+from relevance.serving.registry import client_for, download_model, model_name
 from relevance.serving.scoring_input import (
     FileCounts,
     ScoringError,
@@ -37,6 +42,12 @@ from relevance.serving.scoring_input import (
 
 logger = logging.getLogger(__name__)
 MANIFEST, SUMMARY, SEEN = "_manifest.json", "_scoring_summary.json", "_seen_ids.sqlite"
+COMPLETE, PARTIAL = "complete", "partial"
+
+
+class MarketsWithoutModel(ScoringError, LookupError):
+    """``require_all`` and some market has no model. A ``LookupError`` too: the flows' retry policy
+    (``pipelines/_policy.py``) does not retry it, since no retry makes a model appear."""
 
 
 @dataclass(frozen=True)
@@ -49,9 +60,10 @@ class ModelRef:
     uri: str
 
 
-def resolve_models(client: Any, needed: set[str], alias: str, prefix: str, skip_unknown: bool) -> dict[str, ModelRef]:
-    """``<prefix>-<market>@<alias>`` of every needed market; a missing one is an error unless skipped."""
-    from relevance.serving.registry import markets_with_alias, model_name, version_by_alias
+def resolve_models(client: Any, needed: set[str], alias: str, prefix: str, require_all: bool) -> dict[str, ModelRef]:
+    """``<prefix>-<market>@<alias>`` of every needed market; a missing one is left out (its rows will be
+    quarantined), or with ``require_all`` an error naming the missing markets."""
+    from relevance.serving.registry import markets_with_alias, version_by_alias
 
     refs, missing = {}, []
     for m in sorted(needed):
@@ -61,11 +73,15 @@ def resolve_models(client: Any, needed: set[str], alias: str, prefix: str, skip_
             missing.append(m)
         else:
             refs[m] = ModelRef(m, name, int(mv.version), client.get_model_version_download_uri(name, mv.version))
-    if missing and not skip_unknown:
-        raise ScoringError(
+    if missing and require_all:
+        raise MarketsWithoutModel(
             f"market(s) {missing} have no model {prefix}-<market>@{alias} in {client.tracking_uri}; markets with "
-            f"one: {markets_with_alias(client, alias, prefix)}. Register and promote a model, restrict --markets, "
-            "or pass --skip-unknown to quarantine their rows")
+            f"one: {markets_with_alias(client, alias, prefix)}. Nothing was written. Register and promote a model, "
+            "restrict --markets, or drop --require-all-markets (require_all) to score the other markets and "
+            f"quarantine these rows ({scores.MARKET_NO_MODEL})")
+    if missing:
+        logger.warning("market(s) %s have no model %s-<market>@%s: their rows will be quarantined (%s)",
+                       missing, prefix, alias, scores.MARKET_NO_MODEL)
     return refs
 
 
@@ -80,7 +96,7 @@ class ScoringJob:
     """Plan, staging directory, manifest and publication of one scoring job (either engine)."""
 
     def __init__(self, source: str, output: str | os.PathLike, *, engine: str, alias: str, markets: Sequence[str] | None,
-                 skip_unknown: bool, prefix: str, tracking_uri: str | None, resume: bool) -> None:
+                 require_all: bool, prefix: str, tracking_uri: str | None, resume: bool) -> None:
         self.dst = Path(output).absolute()
         self.staging = self.dst.parent / f".{self.dst.name}.scoring"
         self.client = client_for(tracking_uri)
@@ -90,13 +106,13 @@ class ScoringJob:
                                "next time; choose an output directory outside the input")
         self.selection = None if markets is None else sorted({validate_market(m) for m in markets})
         identity = {"input": source, "files": [[f.path, f.size] for f in self.files], "alias": alias,
-                    "selection": self.selection, "skip_unknown": skip_unknown, "prefix": prefix, "engine": engine}
+                    "selection": self.selection, "require_all": require_all, "prefix": prefix, "engine": engine}
         self.manifest = self._resume(identity) if resume else None
         if self.manifest is None:
             needed = set().union(*(file_markets(self.fs, f) for f in self.files))
             if self.selection is not None:
                 needed &= set(self.selection)
-            models = resolve_models(self.client, needed, alias, prefix, skip_unknown)
+            models = resolve_models(self.client, needed, alias, prefix, require_all)
             shutil.rmtree(self.staging, ignore_errors=True)
             self.staging.mkdir(parents=True)
             self.manifest = {**identity, "models": {m: asdict(r) for m, r in models.items()}, "done": {},
@@ -128,6 +144,12 @@ class ScoringJob:
         manifest["resumed"] = int(manifest.get("resumed", 0)) + 1
         logger.info("resuming %s: %d of %d input files already done", self.dst, len(manifest["done"]), len(self.files))
         return manifest
+
+    def no_model_detail(self, market: str) -> str:
+        """Quarantine detail of a row of ``market`` when it has no model: what was looked for, what to do."""
+        name, alias = model_name(market, self.manifest["prefix"]), self.manifest["alias"]
+        return (f"no model {name}@{alias} (models:/{name}@{alias}); markets with one: {sorted(self.models)}. "
+                f"Register and promote a model for {market!r}, then rescore")
 
     def todo(self) -> list:
         """Input files not yet committed."""
@@ -183,9 +205,31 @@ def summarize(manifest: dict[str, Any]) -> dict[str, Any]:
         markets[m] = {"rows_in": rows_in[m], "scored": scored[m], "quarantined": q}
     totals = {"rows_in": sum(rows_in.values()), "scored": sum(scored.values()),
               "quarantined": sum(sum(c.values()) for c in quarantined.values()), "outside_selection": outside}
-    keep = ("input", "alias", "engine", "selection", "models", "started_at", "resumed")
-    return {"contract_version": scores.CONTRACT_VERSION, **{k: manifest[k] for k in keep}, "markets": markets,
+    unscored = {m: v["quarantined"][scores.MARKET_NO_MODEL] for m, v in markets.items()
+                if v["quarantined"].get(scores.MARKET_NO_MODEL)}
+    keep = ("input", "alias", "prefix", "engine", "selection", "require_all", "models", "started_at", "resumed")
+    return {"contract_version": scores.CONTRACT_VERSION, **{k: manifest[k] for k in keep},
+            "status": PARTIAL if unscored else COMPLETE, "unscored_markets": unscored, "markets": markets,
             "totals": totals, "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+
+
+def summary_markets(summary: dict[str, Any]) -> list[str]:
+    """The markets of a summary, without the ``_invalid`` bucket of rows whose market code is invalid."""
+    return [m for m in summary["markets"] if m != scores.INVALID_MARKET_KEY]
+
+
+def describe_unscored(summary: dict[str, Any]) -> str:
+    """One line on what a job left unscored (the CLI's warning, the flow's state message).
+
+    Why shared: the terminal, the Prefect UI and the logs then say the same thing in the same words.
+    """
+    unscored, total = summary["unscored_markets"], len(summary_markets(summary))
+    if not unscored:
+        return f"all {total} market(s) scored"
+    listed = ", ".join(f"{m} ({n:,} rows)" for m, n in sorted(unscored.items()))
+    return (f"{len(unscored)} of {total} market(s) not scored, no model "
+            f"{summary['prefix']}-<market>@{summary['alias']}: {listed}. Their rows are in _quarantine/ "
+            f"(rule {scores.MARKET_NO_MODEL}); promote a model and rescore, or leave them out with --markets")
 
 
 def scores_table(rows: pd.DataFrame, values: Any, ref: ModelRef) -> pa.Table:

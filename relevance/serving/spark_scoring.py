@@ -76,7 +76,8 @@ def _stage_valid(job: ScoringJob, window: int) -> None:
             return len(rows)
 
         try:
-            counts = process_file(job.fs, f, quarantine, job.seen, set(job.models), selection, window, on_valid)
+            counts = process_file(job.fs, f, quarantine, job.seen, set(job.models), selection, window, on_valid,
+                                  no_model_detail=job.no_model_detail)
         except BaseException:
             writers.abort()
             quarantine.abort()
@@ -111,14 +112,18 @@ def _score_market(spark, job: ScoringJob, market: str, model_dir: Path, batch_si
 
 def score_with_spark(source: str, output: str | os.PathLike, *, tracking_uri: str | None = None,
                      alias: str = "champion", markets: Sequence[str] | None = None, resume: bool = False,
-                     skip_unknown: bool = False, prefix: str = DEFAULT_PREFIX, batch_size: int = 64,
+                     require_all: bool = False, prefix: str = DEFAULT_PREFIX, batch_size: int = 64,
                      window: int = 4096, bf16: bool = False, spark_master: str = "local[2]",
                      progress: bool = False, **_: Any) -> dict[str, Any]:
-    """Score ``source`` into ``output`` on Spark (module docstring); returns the summary."""
+    """Score ``source`` into ``output`` on Spark (module docstring); returns the summary.
+
+    As the local engine: markets without a model are quarantined (``status: "partial"``) unless
+    ``require_all``, which fails before Spark starts or anything is written.
+    """
     if resume:
         raise ScoringError("--resume is offered by the local engine only: rerun the Spark job without it "
                            "(or use --engine local --resume)")
-    job = ScoringJob(source, output, engine="spark", alias=alias, markets=markets, skip_unknown=skip_unknown,
+    job = ScoringJob(source, output, engine="spark", alias=alias, markets=markets, require_all=require_all,
                      prefix=prefix, tracking_uri=tracking_uri, resume=False)
     tmp = Path(tempfile.mkdtemp(prefix="ads-relevance-models-"))
     try:

@@ -9,7 +9,7 @@ exactly:
     RUN/run_info.json              method, run_name, base_model, trainable_params, train_time_s,
                                    examples_per_s, mlflow_run_id, data_fingerprint, best_step,
                                    markets, task_map
-    RUN/predictions/valid.parquet  example_id, market, label, score (best weights)
+    RUN/predictions/valid.parquet  example_id, market, label, score, query_id (best weights)
     RUN/predictions/test.parquet
     RUN/checkpoints/step-NNNNNNNN/ see relevance.training.checkpoint
 

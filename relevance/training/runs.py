@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,7 @@ class TrainingRun:
     train_config: dict[str, Any]
     metrics: dict[str, Any]
     adapter_sha256: str
+    valid_metrics: dict[str, Any] = field(default_factory=dict)
 
     @property
     def method(self) -> str:
@@ -54,8 +55,11 @@ class TrainingRun:
 
     def test_auc(self, market: str) -> dict[str, Any]:
         """``{auc, ci_low, ci_high, n}`` of ``market`` on the run's test split; ``{}`` if it has none."""
-        entry = (self.metrics.get("markets") or {}).get(market) or {}
-        return {k: entry.get(k) for k in ("auc", "ci_low", "ci_high", "n")} if entry else {}
+        return _market_auc(self.metrics, market)
+
+    def valid_auc(self, market: str) -> dict[str, Any]:
+        """The same on the valid split (what selection reads at training time); ``{}`` if none."""
+        return _market_auc(self.valid_metrics, market)
 
     def check_markets(self, markets: Sequence[str] | None) -> list[str]:
         """``markets`` validated against the run's (all of the run's when ``None``)."""
@@ -68,6 +72,11 @@ class TrainingRun:
         if not chosen:
             raise ValueError("no markets given: pass at least one, or none for all of the run's markets")
         return chosen
+
+
+def _market_auc(metrics: dict[str, Any], market: str) -> dict[str, Any]:
+    entry = (metrics.get("markets") or {}).get(market) or {}
+    return {k: entry.get(k) for k in ("auc", "ci_low", "ci_high", "n")} if entry else {}
 
 
 def _json(path: Path, what: str) -> dict[str, Any]:
@@ -84,18 +93,21 @@ def adapter_digest(adapter_dir: Path) -> str:
     return h.hexdigest()
 
 
-def _test_metrics(run_dir: Path) -> dict[str, Any]:
-    """``metrics.json``, else per-market AUCs computed from ``predictions/test.parquet`` (not written)."""
-    path = run_dir / "metrics.json"
+def _split_metrics(run_dir: Path, split: str = "test", required: bool = True) -> dict[str, Any]:
+    """``metrics.json`` (``metrics_<split>.json``), else per-market AUCs computed from
+    ``predictions/<split>.parquet`` (not written); ``{}`` for a missing optional split."""
+    from relevance.evaluation.metrics import auc_table, metrics_path
+
+    path = metrics_path(run_dir, split)
     if path.is_file():
         return json.loads(path.read_text())
-    preds = run_dir / "predictions" / "test.parquet"
+    preds = run_dir / "predictions" / f"{split}.parquet"
     if not preds.is_file():
-        raise FileNotFoundError(f"run {run_dir} has neither metrics.json nor predictions/test.parquet: "
+        if not required:
+            return {}
+        raise FileNotFoundError(f"run {run_dir} has neither {path.name} nor predictions/{split}.parquet: "
                                 "finish training (and `evaluate`) before registering it")
     import pandas as pd
-
-    from relevance.evaluation.metrics import auc_table
 
     return auc_table(pd.read_parquet(preds))
 
@@ -115,7 +127,8 @@ def read_training_run(run_dir: str | Path) -> TrainingRun:
     adapter = path / "adapter"
     if not (adapter / "adapter_config.json").is_file():
         raise FileNotFoundError(f"{adapter} holds no adapter_config.json: the run saved no adapter")
-    return TrainingRun(path, info, config, _test_metrics(path), adapter_digest(adapter))
+    return TrainingRun(path, info, config, _split_metrics(path), adapter_digest(adapter),
+                       _split_metrics(path, "valid", required=False))
 
 
 def _sibling_baselines(run: TrainingRun) -> list[Path]:

@@ -89,10 +89,18 @@ def test_register_promote_load_and_score_through_a_server(server, tmp_path, one_
     assert mv.source.startswith("mlflow-artifacts:"), "artifacts go through the server"
     assert list((server["root"] / "artifacts").rglob("MLmodel")), "and land in its artifact directory"
 
+    from relevance.model.adapters import load_adapter
+    from relevance.model.cross_encoder import load_cross_encoder, score
+
+    adapted, tokenizer = load_cross_encoder(base, "cpu")
+    load_adapter(adapted, run / "adapter")
+    s = score(adapted, tokenizer, test, max_length=64)
+    planted = test.assign(label=(s > np.median(s)).astype(int))  # the run ranks its own data: the gate's outcome is known
     data = tmp_path / "ds"
-    folder = data / "curated" / "market=de" / "split=test"
-    folder.mkdir(parents=True)
-    test.drop(columns="market").assign(query_id=test["query"]).to_parquet(folder / "part-00000.parquet", index=False)
+    for split in ("valid", "test"):
+        folder = data / "curated" / "market=de" / f"split={split}"
+        folder.mkdir(parents=True)
+        planted.drop(columns="market").assign(query_id=test["query"]).to_parquet(folder / "part-00000.parquet", index=False)
     decision = promote("de", data, tracking_uri=url, report_dir=tmp_path / "decisions")
     assert decision["decision"] == "promoted", decision["reasons"]
     assert int(client.get_model_version_by_alias("ads-relevance-de", "champion").version) == registered[0]["version"]

@@ -32,23 +32,44 @@ def pipeline_run(tmp_path_factory, tiny_model, demo_raw):
 
 
 def test_pipeline_completes_with_artifacts_and_registry(pipeline_run):
+    """The planted outcome: every market that has training data ends with a champion chosen among both
+    methods on valid, and every valid input row of every market is scored by its market's champion."""
+    import pandas as pd
+
     work, state = pipeline_run
     assert state.is_completed(), state.message
     out = state.result()
-    assert set(out["runs"]) == {"mtl-lora", "lora"}
+    assert set(out["runs"]) == {"mtl-lora", "lora"} and out["unserved"] == []
     assert (work / "report" / "report.html").exists() and (work / "dataset" / "ingest_summary.json").exists()
-    found = {a.key: a for a in artifacts(["per-market-auc", "gate-decisions", "ingest-summary"])}
-    assert set(found) == {"per-market-auc", "gate-decisions", "ingest-summary"}
-    assert "Promotion gate" in found["gate-decisions"].data and "report.html" in found["gate-decisions"].data
+    assert "## Model per market" in (work / "report" / "report.md").read_text()
+    keys = ["per-market-auc", "gate-decisions", "ingest-summary", "unscored-markets"]
+    found = {a.key: a for a in artifacts(keys)}
+    assert set(found) == set(keys)
+    assert "# Model per market" in found["gate-decisions"].data and "report.html" in found["gate-decisions"].data
+    assert "Scoring complete: all 3 market(s) scored" in found["unscored-markets"].data
     client = MlflowClient(out["tracking_uri"], registry_uri=out["tracking_uri"])
     names = {m.name for m in client.search_registered_models()}
     assert names == {"ads-relevance-de", "ads-relevance-fr", "ads-relevance-us"}
-    assert len(out["decisions"]) == 3 and {d["decision"] for d in out["decisions"]} <= {"promoted", "refused"}
-    champions = {d["market"] for d in out["decisions"] if d["decision"] == "promoted"}
-    scores = out["scores"]["markets"]
-    for market, counts in scores.items():  # markets with a champion are scored, the others quarantined
+    assert sorted((r["market"], r["method"]) for r in out["registered"]) == sorted(
+        (m, method) for m in ("de", "fr", "us") for method in ("lora", "mtl-lora"))
+    decisions = {d["market"]: d for d in out["decisions"]}
+    assert set(decisions) == {"de", "fr", "us"}
+    champions = {}
+    for market, d in decisions.items():
+        assert d["decision"] == "promoted" and d["served"], d["reasons"]
+        assert d["candidate_method"] in ("lora", "mtl-lora") and "valid split" in d["evidence"]
+        assert d["auc"]["candidate"]["valid"]["auc"] > 0.55  # the sanity floor
+        mv = client.get_model_version_by_alias(f"ads-relevance-{market}", "champion")
+        assert int(mv.version) == d["champion_after"] == d["candidate_version"]
+        assert mv.tags["method"] == d["candidate_method"]
+        champions[market] = int(mv.version)
+    scores = out["scores"]
+    assert scores["status"] == "complete" and scores["unscored_markets"] == {}
+    for market, counts in scores["markets"].items():
         assert counts["rows_in"] == counts["scored"] + sum(counts["quarantined"].values())
-        assert (counts["scored"] > 0) == (market in champions)
+        assert counts["scored"] > 0 and "market_no_model" not in counts["quarantined"]
+        got = pd.read_parquet(work / "scores" / f"market={market}")
+        assert set(got["model_version"]) == {champions[market]}
 
 
 def test_ingest_flow_is_cached_on_unchanged_input(tmp_path, demo_raw, monkeypatch):

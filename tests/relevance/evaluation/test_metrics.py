@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 from sklearn.metrics import average_precision_score, roc_auc_score
 
+from relevance.evaluation import bootstrap as B
 from relevance.evaluation import metrics as M
 
 
@@ -60,32 +61,34 @@ def test_point_estimates_equal_sklearn(preds: pd.DataFrame, table: dict) -> None
     assert table["macro"]["ci_low"] < table["macro"]["auc"] < table["macro"]["ci_high"]
 
 
-def test_bootstrap_equals_reference_loop_with_same_draws() -> None:
-    """Replay the exact resample indices through sklearn, one resample at a time."""
+def test_bootstrap_equals_reference_loop_with_same_draws(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No query_id: every row is a cluster. Replay the exact draws through sklearn, one resample at a time."""
     g = make_preds({"de": 90}, seed=3)
-    pos = g.score[g.label == 1].to_numpy()
-    neg = g.score[g.label == 0].to_numpy()
+    y, s = g.label.to_numpy(), g.score.to_numpy()
+    ids = M._cluster_ids(g, use_qid=False)
+    assert sorted(ids) == list(range(len(g)))  # one cluster per row
+    clusters = B.make_clusters(ids, y)
+    assert len(clusters.strata[0]) == 0  # rows hold one class each: positives and negatives are the strata
+    row_of = np.argsort(ids)
     n_boot = 300
-    old = M._CHUNK_ELEMENTS
-    try:
-        M._CHUNK_ELEMENTS = 50 * 100  # force several chunks, so the chunked path is the one checked
-        fast = M.auc_table(g, n_boot=n_boot, seed=7)["markets"]["de"]
-        ref_auc, ref_ap = [], []
-        for pi, ni in M._resample_chunks(len(pos), len(neg), n_boot, M._rng(7, "de")):
-            for r in range(pi.shape[0]):
-                y = np.r_[np.ones(pi.shape[1]), np.zeros(ni.shape[1])]
-                s = np.r_[pos[pi[r]], neg[ni[r]]]
-                ref_auc.append(roc_auc_score(y, s))
-                ref_ap.append(average_precision_score(y, s))
-    finally:
-        M._CHUNK_ELEMENTS = old
-    assert len(ref_auc) == n_boot
+    monkeypatch.setattr(B, "_CHUNK_ELEMENTS", 50 * 100)  # several chunks: the chunked path is the one checked
+    fast = M.auc_table(g, n_boot=n_boot, seed=7)
+    ref_auc, ref_ap = [], []
+    for draws in B._cluster_draws(clusters, n_boot, B.rng_for(7, "de"), len(g)):
+        for drawn in draws:
+            rows = row_of[drawn]
+            assert y[rows].sum() == y.sum()  # class counts of every resample equal the market's
+            ref_auc.append(roc_auc_score(y[rows], s[rows]))
+            ref_ap.append(average_precision_score(y[rows], s[rows]))
+    assert len(ref_auc) == n_boot and fast["cluster"] == "row"
+    e = fast["markets"]["de"]
+    assert e["n_clusters"] == len(g)
     lo, hi = np.quantile(ref_auc, [0.025, 0.975])
     plo, phi = np.quantile(ref_ap, [0.025, 0.975])
-    assert fast["ci_low"] == pytest.approx(lo, abs=1e-12)
-    assert fast["ci_high"] == pytest.approx(hi, abs=1e-12)
-    assert fast["pr_ci_low"] == pytest.approx(plo, abs=1e-12)
-    assert fast["pr_ci_high"] == pytest.approx(phi, abs=1e-12)
+    assert e["ci_low"] == pytest.approx(lo, abs=1e-12)
+    assert e["ci_high"] == pytest.approx(hi, abs=1e-12)
+    assert e["pr_ci_low"] == pytest.approx(plo, abs=1e-12)
+    assert e["pr_ci_high"] == pytest.approx(phi, abs=1e-12)
 
 
 def test_interval_width_shrinks_with_n() -> None:
@@ -100,7 +103,8 @@ def test_one_class_market_is_undefined_and_excluded(table: dict) -> None:
     fr = table["markets"]["fr"]
     assert fr["status"] == "undefined: only positives"
     assert fr["auc"] is None and fr["ci_low"] is None and fr["pr_auc"] is None
-    assert (fr["n"], fr["n_pos"], fr["n_neg"]) == (3, 3, 0)
+    assert (fr["n"], fr["n_pos"], fr["n_neg"], fr["n_clusters"]) == (3, 3, 0, 3)
+    assert table["cluster"] == "row"  # no query_id column: every row is its own cluster
     assert table["macro"]["excluded"] == ["fr"] and table["micro"]["excluded"] == ["fr"]
     assert table["macro"]["markets"] == ["de", "jp", "us"]
     text = json.dumps(table, allow_nan=False)  # JSON-serialisable, no NaN anywhere
@@ -153,6 +157,10 @@ def test_paired_detects_a_real_difference() -> None:
         assert e["auc_b"] == pytest.approx(roc_auc_score(gb.label, gb.score), abs=1e-12)
         assert e["diff"] > 0.05 and e["ci_low"] > 0 and e["significant"] is True
     assert res["macro"]["significant"] is True and res["macro"]["ci_low"] > 0
+    assert all(res["markets"][k]["holm_significant"] is True for k in ("us", "de"))
+    assert res["markets"]["us"]["p_value"] == 1 / 1000  # every resample favours b: floored at 1/n_boot
+    assert (res["n_compared"], res["n_significant"], res["n_holm_significant"]) == (2, 2, 2)
+    assert res["expected_false_positives"] == pytest.approx(0.1) and res["cluster"] == "row"
     # The paired interval is narrower than the unpaired intervals would suggest.
     ta = M.auc_table(a, n_boot=1000)["markets"]["us"]
     assert res["markets"]["us"]["ci_high"] - res["markets"]["us"]["ci_low"] < ta["ci_high"] - ta["ci_low"]
@@ -164,6 +172,8 @@ def test_paired_null_difference_is_exactly_zero() -> None:
     for e in [*res["markets"].values(), res["macro"]]:
         assert e["diff"] == 0.0 and e["ci_low"] == 0.0 and e["ci_high"] == 0.0
         assert e["significant"] is False and e["p_value"] == 1.0
+        assert e.get("holm_significant", False) is False
+    assert (res["n_significant"], res["n_holm_significant"]) == (0, 0)
 
 
 def test_paired_noise_only_is_not_significant() -> None:
@@ -185,6 +195,15 @@ def test_paired_mismatched_examples_error() -> None:
         M.paired_comparison(a, c)
     with pytest.raises(ValueError, match="duplicated example_id"):
         M.paired_comparison(a, pd.concat([a, a.iloc[:1]]))
+    qa = a.assign(query_id=[f"q{i // 3}" for i in range(len(a))])
+    qb = qa.copy()
+    qb.loc[4, "query_id"] = "other"
+    with pytest.raises(ValueError, match="1 example.*different query_id.*'us-4'"):
+        M.paired_comparison(qa, qb)
+    qb.loc[4, "query_id"] = None  # one side null: the other side's query_id is used
+    one_sided = M.paired_comparison(qa, a, n_boot=50)  # only a has query_id: its clusters are used
+    assert one_sided == M.paired_comparison(qa, qb, n_boot=50) == M.paired_comparison(a, qa, n_boot=50)
+    assert one_sided["cluster"] == "query_id" and one_sided["markets"]["us"]["n_clusters"] == 17
 
 
 def test_paired_one_class_market() -> None:
@@ -193,6 +212,7 @@ def test_paired_one_class_market() -> None:
     res = M.paired_comparison(a, a.copy(), n_boot=100)
     assert res["markets"]["fr"]["status"] == "undefined: only negatives"
     assert res["markets"]["fr"]["diff"] is None and res["macro"]["excluded"] == ["fr"]
+    assert res["markets"]["fr"]["holm_significant"] is False and res["n_compared"] == 1
     json.dumps(res, allow_nan=False)
 
 

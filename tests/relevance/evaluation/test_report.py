@@ -1,5 +1,5 @@
-"""Tests for relevance.evaluation.report: the three files, a self-contained HTML, and the significance
-marker exactly where a method is better by construction."""
+"""Tests for relevance.evaluation.report: the three files, a self-contained HTML, the significance
+marker exactly where a method is better by construction, Holm's column and the chance-alone count."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import pytest
 
 from relevance.evaluation.metrics import auc_table
 from relevance.evaluation.report import SIGNIFICANT, UNDEFINED, build_report, format_auc_table
+from relevance.evaluation.report_render import render_html
 
 N_BOOT = 300
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -26,9 +27,10 @@ def _base_frame() -> pd.DataFrame:
         y = rng.integers(0, 2, n)
         frames.append(pd.DataFrame({"example_id": [f"{market}-{i}" for i in range(n)],
                                     "market": market, "label": y,
+                                    "query_id": [f"{market}-q{i // 3}" for i in range(n)],  # 3 rows a query
                                     "score": rng.normal(size=n) + 0.6 * y}))
-    frames.append(pd.DataFrame({"example_id": ["fr-0", "fr-1"], "market": "fr",
-                                "label": [0, 0], "score": [0.1, 0.4]}))
+    frames.append(pd.DataFrame({"example_id": ["fr-0", "fr-1"], "market": "fr", "label": [0, 0],
+                                "query_id": ["fr-q0", None], "score": [0.1, 0.4]}))
     return pd.concat(frames, ignore_index=True)
 
 
@@ -101,19 +103,46 @@ def test_metrics_json_computed_when_missing(runs: list[Path], report: dict) -> N
 
 def test_significant_marker_only_where_expected(report: dict) -> None:
     assert report["significant"] == {"mtl-lora": ["de", "macro"], "per-market-lora": []}
+    assert report["holm_significant"] == {"mtl-lora": ["de"], "per-market-lora": []}
     md = Path(report["report_md"]).read_text(encoding="utf-8")
     rows = _section_rows(md, "## Δ ROC-AUC vs")
     header, body = rows[0], rows[1:]
-    assert header == ["market", "mtl-lora − lora", "per-market-lora − lora"]
+    assert header == ["market", "mtl-lora − lora", "Holm (mtl-lora)", "per-market-lora − lora",
+                      "Holm (per-market-lora)"]
     marked = {(r[0], header[j]) for r in body for j, c in enumerate(r) if SIGNIFICANT in c}
     assert marked == {("de", "mtl-lora − lora"), ("**macro**", "mtl-lora − lora")}
     assert md.count(SIGNIFICANT) == 2  # nowhere else in the document
     de = next(r for r in body if r[0] == "de")
-    assert de[1].startswith("+0.") and float(de[1].split()[0]) > 0.1
+    assert de[1].startswith("+0.") and float(de[1].split()[0]) > 0.1 and de[2] == "yes"
     us = next(r for r in body if r[0] == "us")
-    assert us[1] == "+0.000 [+0.000, +0.000]"  # identical scores: exactly zero
+    assert us[1:3] == ["+0.000 [+0.000, +0.000]", "no"]  # identical scores: exactly zero
     fr = next(r for r in body if r[0] == "fr")
-    assert fr[1:] == [UNDEFINED, UNDEFINED]
+    assert fr[1:] == [UNDEFINED, "—", UNDEFINED, "—"]
+    macro = next(r for r in body if r[0] == "**macro**")
+    assert macro[2] == macro[4] == "—"  # Holm corrects across markets; macro is not one of them
+
+
+def test_chance_alone_sentence_in_md_and_html(report: dict) -> None:
+    md = Path(report["report_md"]).read_text(encoding="utf-8")
+    page = Path(report["report_html"]).read_text(encoding="utf-8")
+    mtl = ("Per market at 95%: 1 of 3 markets' intervals exclude 0; by chance alone one would expect about "
+           "0.15 (0.05 × 3); after Holm's correction 1 remain significant.")
+    pm = mtl.replace("1 of 3", "0 of 3").replace("correction 1", "correction 0")
+    delta_section = md.split("## Δ ROC-AUC", 1)[1].split("\n## ", 1)[0]
+    assert f"`mtl-lora`: {mtl}" in delta_section and f"`per-market-lora`: {pm}" in delta_section
+    assert f"<p>mtl-lora: {mtl.replace(chr(39), '&#x27;')}</p>" in page
+    assert report["deltas"]["mtl-lora"]["cluster"] == "query_id"
+    assert "95% bootstrap over query_id clusters, stratified by class composition" in md
+    for res in report["deltas"].values():
+        assert res["expected_false_positives"] == pytest.approx(0.15) and res["n_compared"] == 3
+
+
+def test_html_renders_the_markdown_sections() -> None:
+    table = (["m", "d"], [["**macro**", f"+1 {SIGNIFICANT}"]])
+    sections = [("h", "## A `b`"), ("p", "x < y, `z`"), ("table", table)]
+    page = render_html(sections, b"")
+    assert "<h2>A b</h2>" in page and "<p>x &lt; y, z</p>" in page
+    assert f'<td><b>macro</b></td><td>+1 <span class="sig">{SIGNIFICANT}</span></td>' in page
 
 
 def test_auc_table_and_cost_sections(report: dict) -> None:

@@ -16,6 +16,8 @@ from relevance.model.cross_encoder import (
     encode_frame,
     encode_pairs,
     load_cross_encoder,
+    predict,
+    predictions_frame,
     score,
     with_market_token,
 )
@@ -131,6 +133,21 @@ def test_score_returns_probabilities_in_input_order(loaded) -> None:
     one_by_one = np.array([score(model, tok, df.iloc[[i]])[0] for i in range(0, 50, 10)])
     np.testing.assert_allclose(one_by_one, p[::10], atol=1e-5)  # padding does not change a score
     assert score(model, tok, df.iloc[:0]).shape == (0,)
+
+
+def test_predictions_frame_keeps_query_id_when_the_input_has_it(loaded) -> None:
+    """The evaluation resamples query_id clusters, so the predictions must carry them."""
+    df = pd.DataFrame({"example_id": ["a", "b", "c"], "market": "de", "label": [1, 0, 1],
+                       "query_id": ["q1", "q1", None], "query": "x", "ad_title": "y", "ad_description": None})
+    out = predictions_frame(df, np.array([0.9, 0.1, 0.5]))
+    assert list(out.columns) == ["example_id", "market", "label", "score", "query_id"]
+    assert out["query_id"].iloc[:2].tolist() == ["q1", "q1"]
+    assert out["query_id"].isna().tolist() == [False, False, True]
+    assert out["label"].dtype == "int64"
+    bare = predictions_frame(df.drop(columns="query_id"), np.array([0.9, 0.1, 0.5]))
+    assert list(bare.columns) == ["example_id", "market", "label", "score"]
+    model, tok = loaded
+    assert predict(model, tok, df)["query_id"].iloc[:2].tolist() == ["q1", "q1"]
 
 
 def test_score_routes_task_ids_for_a_task_conditioned_model(tiny: Path) -> None:

@@ -27,13 +27,14 @@ def make_frame(n: int = 80, markets=MARKETS, seed: int = 0) -> pd.DataFrame:
     return df
 
 
-def write_curated(ds: Path, df: pd.DataFrame) -> Path:
-    """A curated dataset (ingest layout) holding ``df`` as its test split."""
+def write_curated(ds: Path, df: pd.DataFrame, splits=("valid", "test")) -> Path:
+    """A curated dataset (ingest layout) holding ``df`` as each of ``splits`` (valid decides, test is reported)."""
     for m, group in df.groupby("market"):
-        folder = ds / "curated" / f"market={m}" / "split=test"
-        folder.mkdir(parents=True, exist_ok=True)
-        out = group.drop(columns="market").assign(label=group["label"].astype("int8"), query_id=group["query"])
-        out.to_parquet(folder / "part-00000.parquet", index=False)
+        for split in splits:
+            folder = ds / "curated" / f"market={m}" / f"split={split}"
+            folder.mkdir(parents=True, exist_ok=True)
+            out = group.drop(columns="market").assign(label=group["label"].astype("int8"), query_id=group["query"])
+            out.to_parquet(folder / "part-00000.parquet", index=False)
     (ds / "ingest_summary.json").write_text(json.dumps({"rows": len(df), "labels": df["label"].tolist()}))
     return ds
 
@@ -130,7 +131,7 @@ def test_registering_again_with_a_baseline_completes_the_version(world, tmp_path
     tags = registry.client_for(uri).get_model_version(f"{prefix}-de", str(first["version"])).tags
     assert tags["baseline_model_uri"].endswith("baseline-de") and tags["baseline_auc"] != "none"
     decision = promote("de", data, tracking_uri=uri, prefix=prefix, report_dir=tmp_path / "r")
-    assert "baseline" in decision["auc"] and decision["checks"][1]["name"] == "baseline"
+    assert "baseline" in decision["auc"] and decision["checks"][2]["name"] == "baseline"
 
 
 @pytest.mark.parametrize("run", ["mtl", "token"])
@@ -181,14 +182,16 @@ def test_pyfunc_encoding_matches_cross_encoder(world):
 
 
 def test_gate_rules_as_data():
-    ok = gate_checks(0.80, 0.802, 0.79, has_champion=True, has_baseline=True, tolerance=0.002)
-    assert all(c.passed for c in ok)
+    ok = gate_checks(0.80, 0.802, 0.799, has_champion=True, has_baseline=True, tolerance=0.002)
+    assert [c.name for c in ok] == ["sanity", "champion", "baseline"] and all(c.passed for c in ok)
     worse = gate_checks(0.79, 0.80, 0.70, True, True, 0.002)
-    assert [c.passed for c in worse] == [False, True] and "< champion 0.8000" in worse[0].detail
+    assert [c.passed for c in worse] == [True, False, True] and "< champion 0.8000" in worse[1].detail
     below_baseline = gate_checks(0.80, None, 0.81, has_champion=False, has_baseline=True, tolerance=0.002)
-    assert [c.passed for c in below_baseline] == [True, False]
-    assert not gate_checks(0.9, None, None, False, False, 0.002)[1].passed
-    assert not gate_checks(None, 0.5, 0.5, True, True, 0.002)[0].passed
+    assert [c.passed for c in below_baseline] == [True, True, False]
+    assert not gate_checks(0.9, None, None, False, False, 0.002)[2].passed
+    assert [c.passed for c in gate_checks(None, 0.5, 0.5, True, True, 0.002)] == [False, False, False]
+    assert not gate_checks(0.55, None, 0.5, False, True, 0.002)[0].passed  # the sanity floor is strict
+    assert gate_checks(0.55, None, 0.5, False, True, 0.002, floor=0.5)[0].passed
 
 
 def _labels_from(run: Path, frame: pd.DataFrame, base: Path) -> pd.DataFrame:
@@ -214,14 +217,16 @@ def test_promotion_gate_promotes_refuses_and_records_force(world, tmp_path):
 
     mtl = registry.register(world["runs"]["mtl"], markets=["us"], tracking_uri=uri)[0]
     first = promote("us", data, tracking_uri=uri, report_dir=reports)
-    assert first["decision"] == "promoted" and first["auc"]["candidate"]["auc"] == pytest.approx(1.0)
-    assert "first model" in first["reasons"][0] and first["champion_version"] is None
+    assert first["decision"] == "promoted" and first["auc"]["candidate"]["valid"]["auc"] == pytest.approx(1.0)
+    assert "no champion yet" in first["reasons"][1] and first["champion_version"] is None
+    assert first["served"] and first["champion_after"] == mtl["version"] and "valid split" in first["evidence"]
     assert int(client.get_model_version_by_alias(name, "champion").version) == mtl["version"]
     assert json.loads(Path(first["report"]).read_text())["decision"] == "promoted"
 
     worse = registry.register(world["runs"]["worse"], markets=["us"], tracking_uri=uri)[0]
     refused = promote("us", data, tracking_uri=uri, report_dir=reports)
-    assert refused["decision"] == "refused" and refused["auc"]["candidate"]["auc"] < 1.0 - 0.002
+    assert refused["decision"] == "refused" and refused["auc"]["candidate"]["valid"]["auc"] < 1.0 - 0.002
+    assert refused["served"] and refused["champion_after"] == mtl["version"]
     assert int(client.get_model_version_by_alias(name, "champion").version) == mtl["version"], "champion stays"
     tags = client.get_model_version(name, str(worse["version"])).tags
     assert tags["gate.decision"] == "refused" and "< champion" in tags["gate.reasons"]
@@ -245,7 +250,7 @@ def test_promotion_gate_promotes_refuses_and_records_force(world, tmp_path):
 
 
 def test_cli_register_and_promote(world, tmp_path):
-    from relevance.cli.serving import promote_command, register_command
+    from relevance.cli.registry import promote_command, register_command
 
     app = typer.Typer()
     app.command("register")(register_command)
@@ -258,7 +263,7 @@ def test_cli_register_and_promote(world, tmp_path):
     data = write_curated(tmp_path / "ds", world["test"])
     out = runner.invoke(app, ["promote", "--market", "de", "--data", str(data), *prefix, "--report-dir", str(tmp_path / "r")])
     assert out.exit_code == 0, out.output
-    assert "cli-test-de: v1 PROMOTED" in out.stdout  # a lora run is its own baseline
+    assert "cli-test-de: PROMOTED candidate v1 (lora), champion v1" in out.stdout  # a lora run is its own baseline
     out = runner.invoke(app, ["promote", "--data", str(data), "--tracking-uri", uri])
     assert out.exit_code == 2 and "exactly one of --market M or --all" in out.output
     out = runner.invoke(app, ["register", "--run", str(tmp_path / "nope"), "--tracking-uri", uri])

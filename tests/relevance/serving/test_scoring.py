@@ -1,4 +1,5 @@
-"""Batch scoring, local engine: output contract, quarantine, unknown markets, corrupt input, SIGKILL + resume."""
+"""Batch scoring, local engine: output contract, quarantine, markets without a model (partial by default,
+strict on request), corrupt input, SIGKILL + resume, the CLI's exit codes."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from relevance.data.demo_data import generate_market, write_demo_data
 from relevance.training.runs import write_synthetic_run
 from relevance.serving.scoring import score_dataset
 from relevance.serving.scoring_input import ScoringError
+from relevance.serving.scoring_job import MarketsWithoutModel
 from relevance.model.tiny import build_tiny_model
 
 REPO = Path(__file__).resolve().parents[3]
@@ -73,18 +75,33 @@ def check_output(dst: Path, raw: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     return out, quarantine
 
 
-def test_unknown_market_is_an_error_naming_the_markets_with_a_model(world, tmp_path):
-    with pytest.raises(ScoringError, match=r"\['fr'\] have no model .*markets with one: \['de', 'us'\].*--skip-unknown"):
-        score_dataset(str(world["raw"]), tmp_path / "out", tracking_uri=world["uri"])
+def test_strict_mode_fails_before_writing_naming_the_markets(world, tmp_path):
+    with pytest.raises(MarketsWithoutModel, match=r"\['fr'\] have no model .*markets with one: \['de', 'us'\].*"
+                                                  r"Nothing was written.*--require-all-markets"):
+        score_dataset(str(world["raw"]), tmp_path / "out", tracking_uri=world["uri"], require_all=True)
+    assert not (tmp_path / "out").exists() and not (tmp_path / ".out.scoring").exists()
+    with pytest.raises(MarketsWithoutModel):  # the deprecated spelling of the strict mode
+        score_dataset(str(world["raw"]), tmp_path / "out", tracking_uri=world["uri"], skip_unknown=False)
+    with pytest.raises(ValueError, match="skip_unknown=True contradicts require_all=True"):
+        score_dataset(str(world["raw"]), tmp_path / "out", tracking_uri=world["uri"], skip_unknown=True,
+                      require_all=True)
     assert not (tmp_path / "out").exists() and not (tmp_path / ".out.scoring").exists()
 
 
-def test_scores_every_valid_row_once_and_quarantines_the_rest(world, tmp_path):
+def test_market_without_model_is_quarantined_and_the_job_is_partial(world, tmp_path):
+    """By default a market with no champion (fr) stops nothing: de and us are scored, fr is reported."""
     dst = tmp_path / "out"
-    summary = score_dataset(str(world["raw"]), dst, tracking_uri=world["uri"], skip_unknown=True, window=64)
+    summary = score_dataset(str(world["raw"]), dst, tracking_uri=world["uri"], window=64)
     out, quarantine = check_output(dst, world["raw"])
-    assert summary["markets"]["fr"]["scored"] == 0
-    assert summary["markets"]["fr"]["quarantined"][scores.MARKET_NO_MODEL] > 100
+    no_model = summary["markets"]["fr"]["quarantined"][scores.MARKET_NO_MODEL]
+    assert summary["markets"]["fr"]["scored"] == 0 and no_model > 100
+    assert summary["status"] == "partial" and summary["unscored_markets"] == {"fr": no_model}
+    assert json.loads((dst / "_scoring_summary.json").read_text())["unscored_markets"] == {"fr": no_model}
+    for m in ("de", "us"):
+        assert summary["markets"][m]["scored"] > 0 and scores.MARKET_NO_MODEL not in summary["markets"][m]["quarantined"]
+    fr = quarantine[quarantine["rule"] == scores.MARKET_NO_MODEL]
+    assert len(fr) == no_model and set(fr["market"]) == {"fr"}
+    assert fr["detail"].str.contains("models:/ads-relevance-fr@champion", regex=False).all()
     assert set(out["market"].astype(str)) == {"de", "us"}
     assert set(out["model_name"]) == {"ads-relevance-de", "ads-relevance-us"} and set(out["model_version"]) == {1}
     # every planted bad row (except label faults: the scoring contract has no label) is quarantined by its rule
@@ -107,6 +124,7 @@ def test_scores_every_valid_row_once_and_quarantines_the_rest(world, tmp_path):
 def test_markets_selection_leaves_other_rows_out(world, tmp_path):
     summary = score_dataset(str(world["raw"]), tmp_path / "out", tracking_uri=world["uri"], markets=["us"])
     assert list(summary["markets"]) == ["us"] and summary["totals"]["outside_selection"] > 0
+    assert summary["status"] == "complete" and summary["unscored_markets"] == {}
     assert set(pd.read_parquet(tmp_path / "out")["market"].astype(str)) == {"us"}
 
 
@@ -114,11 +132,11 @@ def test_corrupt_input_file_is_named_and_output_untouched(world, tmp_path):
     raw = tmp_path / "raw"
     shutil.copytree(world["raw"], raw)
     dst = tmp_path / "out"
-    score_dataset(str(raw), dst, tracking_uri=world["uri"], skip_unknown=True)
+    score_dataset(str(raw), dst, tracking_uri=world["uri"])
     before = {p: p.read_bytes() for p in dst.rglob("*") if p.is_file()}
     (raw / "market=us" / "part-9.parquet").write_bytes(b"PAR1 this is not parquet")
     with pytest.raises(ScoringError, match=r"market=us/part-9\.parquet.*nothing was written"):
-        score_dataset(str(raw), dst, tracking_uri=world["uri"], skip_unknown=True)
+        score_dataset(str(raw), dst, tracking_uri=world["uri"])
     assert {p: p.read_bytes() for p in dst.rglob("*") if p.is_file()} == before
     assert not (tmp_path / ".out.scoring").exists()
 
@@ -132,7 +150,7 @@ def kill_after(n_rows):
     seen += 1
     if seen == int(sys.argv[3]):
         os.kill(os.getpid(), signal.SIGKILL)
-score_dataset(sys.argv[1], sys.argv[2], tracking_uri=sys.argv[4], skip_unknown=True, window=40, on_window=kill_after)
+score_dataset(sys.argv[1], sys.argv[2], tracking_uri=sys.argv[4], window=40, on_window=kill_after)
 """
 
 
@@ -149,12 +167,12 @@ def test_sigkill_then_resume_yields_every_row_exactly_once(world, tmp_path):
     assert list(staging.rglob(".part-*.tmp")), "killed in the middle of a file"
     assert not dst.exists()
     with pytest.raises(ScoringError, match="the job changed .*alias"):
-        score_dataset(str(world["raw"]), dst, tracking_uri=world["uri"], skip_unknown=True, resume=True, alias="x")
-    summary = score_dataset(str(world["raw"]), dst, tracking_uri=world["uri"], skip_unknown=True, resume=True, window=40)
+        score_dataset(str(world["raw"]), dst, tracking_uri=world["uri"], resume=True, alias="x")
+    summary = score_dataset(str(world["raw"]), dst, tracking_uri=world["uri"], resume=True, window=40)
     assert summary["resumed"] == 1
     out, _ = check_output(dst, world["raw"])
     whole = tmp_path / "whole"
-    score_dataset(str(world["raw"]), whole, tracking_uri=world["uri"], skip_unknown=True, window=40)
+    score_dataset(str(world["raw"]), whole, tracking_uri=world["uri"], window=40)
     ref = pd.read_parquet(whole)
     merged = out.merge(ref, on="example_id", suffixes=("", "_ref"))
     assert len(merged) == len(out) == len(ref)
@@ -171,11 +189,18 @@ def test_cli_score(world, tmp_path):
     app.command("noop")(lambda: None)  # two commands, so `score` stays a subcommand
     runner = CliRunner()
     args = ["score", "--input", str(world["raw"]), "--output", str(tmp_path / "out"), "--tracking-uri", world["uri"], "--quiet"]
-    out = runner.invoke(app, args)
-    assert out.exit_code == 2 and "--skip-unknown" in out.output
-    out = runner.invoke(app, [*args, "--skip-unknown", "--markets", "de,fr", "--batch-size", "16"])
-    assert out.exit_code == 0, out.output
+    out = runner.invoke(app, [*args, "--require-all-markets"])
+    assert out.exit_code == 2 and "['fr'] have no model" in out.stderr and not (tmp_path / "out").exists()
+    out = runner.invoke(app, [*args, "--markets", "de,fr", "--batch-size", "16"])
+    assert out.exit_code == 3, out.output  # partial: de written, fr named
     assert "ads-relevance-de v1" in out.stdout and "TOTAL" in out.stdout
+    assert "NOT SCORED: no ads-relevance-fr@champion" in out.stdout
+    assert "PARTIAL: 1 of 2 market(s) not scored" in out.stderr and "fr (" in out.stderr
+    assert set(pd.read_parquet(tmp_path / "out")["market"].astype(str)) == {"de"}
+    out = runner.invoke(app, [*args, "--markets", "de", "--skip-unknown"])
+    assert out.exit_code == 0, out.output  # complete; the deprecated flag is accepted
+    assert "--skip-unknown is deprecated" in out.stderr and "PARTIAL" not in out.output
+    assert "Exit status" in runner.invoke(app, ["score", "--help"]).output
     out = runner.invoke(app, [*args, "--markets", "DE"])
     assert out.exit_code == 2 and "invalid market code 'DE'" in out.output
     out = runner.invoke(app, [*args, "--engine", "spark", "--resume"])

@@ -1,4 +1,5 @@
-"""The Spark engine (pyspark local[2], mlflow spark_udf): same contract and same scores as the local engine."""
+"""The Spark engine (pyspark local[2], mlflow spark_udf): same contract, same scores and the same handling of
+a market without a model (partial by default, strict on request) as the local engine."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from relevance.serving import registry  # noqa: E402
 from relevance.data.demo_data import generate_market, write_demo_data  # noqa: E402
 from relevance.training.runs import write_synthetic_run  # noqa: E402
 from relevance.serving.scoring import score_dataset  # noqa: E402
+from relevance.serving.scoring_job import MarketsWithoutModel  # noqa: E402
 from relevance.model.tiny import build_tiny_model  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -37,10 +39,16 @@ def world(tmp_path_factory, fresh_store):
 
 def test_spark_engine_matches_the_local_engine(world, tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    common = {"tracking_uri": world["uri"], "skip_unknown": True, "batch_size": 16}
+    common = {"tracking_uri": world["uri"], "batch_size": 16}
     local = score_dataset(str(world["raw"]), tmp_path / "local", engine="local", **common)
     spark = score_dataset(str(world["raw"]), tmp_path / "spark", engine="spark", spark_master="local[2]", **common)
     assert spark["markets"] == local["markets"] and spark["engine"] == "spark"
+    # fr has no champion: its rows are quarantined, de is written, the job says partial
+    no_model = spark["markets"]["fr"]["quarantined"][scores.MARKET_NO_MODEL]
+    assert spark["status"] == local["status"] == "partial" and no_model > 100
+    assert spark["unscored_markets"] == local["unscored_markets"] == {"fr": no_model}
+    for m, v in spark["markets"].items():
+        assert v["rows_in"] == v["scored"] + sum(v["quarantined"].values()), m
     a, b = pd.read_parquet(tmp_path / "local"), pd.read_parquet(tmp_path / "spark")
     assert scores.check_scores(b) == []
     assert list(b.dtypes.astype(str)) == list(a.dtypes.astype(str))
@@ -51,5 +59,13 @@ def test_spark_engine_matches_the_local_engine(world, tmp_path, monkeypatch):
     qa = pd.read_parquet(tmp_path / "local" / "_quarantine", partitioning=None)
     qb = pd.read_parquet(tmp_path / "spark" / "_quarantine", partitioning=None)
     assert sorted(qa["example_id"]) == sorted(qb["example_id"])
+    fr = qb[qb["rule"] == scores.MARKET_NO_MODEL]
+    assert len(fr) == no_model and fr["detail"].str.contains("models:/ads-relevance-fr@champion", regex=False).all()
     assert json.loads((tmp_path / "spark" / "_scoring_summary.json").read_text())["engine"] == "spark"
     assert not (tmp_path / "spark" / "_valid").exists()
+
+
+def test_spark_strict_mode_fails_before_spark_starts_or_anything_is_written(world, tmp_path):
+    with pytest.raises(MarketsWithoutModel, match=r"\['fr'\] have no model .*Nothing was written"):
+        score_dataset(str(world["raw"]), tmp_path / "out", engine="spark", tracking_uri=world["uri"], require_all=True)
+    assert not (tmp_path / "out").exists() and not (tmp_path / ".out.scoring").exists()

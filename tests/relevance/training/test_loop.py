@@ -107,8 +107,9 @@ def test_each_method_trains_and_writes_the_run_directory(env, tmp_path: Path, me
     for split in ("valid", "test"):
         preds = pd.read_parquet(out / "predictions" / f"{split}.parquet")
         expected = read_split(env["data"], split)
-        assert list(preds.columns) == ["example_id", "market", "label", "score"]
+        assert list(preds.columns) == ["example_id", "market", "label", "score", "query_id"]
         assert preds["example_id"].tolist() == expected["example_id"].tolist()
+        assert preds["query_id"].tolist() == expected["query_id"].tolist()
         assert preds["score"].between(0, 1).all()
     # The saved adapter alone reproduces the test predictions on a fresh base model.
     model, tok = load_cross_encoder(env["model"])

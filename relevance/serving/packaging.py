@@ -1,0 +1,46 @@
+"""A market's merged model as an MLflow pyfunc directory: the models-from-code file
+(:mod:`relevance.serving.pyfunc_model`), its config, signature, input example and pinned pip
+requirements. Kept apart from the registry so that what a served model *is* reads in one place."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from relevance.training.runs import TrainingRun
+
+PYFUNC_FILE = Path(__file__).with_name("pyfunc_model.py")
+_REQUIREMENTS = ("mlflow", "torch", "transformers", "tokenizers", "safetensors", "numpy", "pandas")
+
+
+def pip_requirements() -> list[str]:
+    """Pinned requirements of the pyfunc, from the installed versions (``torch`` without ``+cpu``)."""
+    from importlib.metadata import version
+
+    return [f"{pkg}=={version(pkg).split('+')[0]}" for pkg in _REQUIREMENTS]
+
+
+def signature():
+    """Inputs query, ad_title (ad_description, market optional) → score; params batch_size, bf16, threads."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+
+    inputs = Schema([ColSpec("string", "query"), ColSpec("string", "ad_title"),
+                     ColSpec("string", "ad_description", required=False), ColSpec("string", "market", required=False)])
+    params = ParamSchema([ParamSpec("batch_size", "long", 64), ParamSpec("bf16", "boolean", False),
+                          ParamSpec("threads", "long", 0)])
+    return ModelSignature(inputs=inputs, outputs=Schema([ColSpec("double", "score")]), params=params)
+
+
+def package_model(merged_dir: Path, out_dir: Path, market: str, run: TrainingRun, batch_size: int = 64) -> Path:
+    """Save ``merged_dir`` (a transformers directory) as the market's pyfunc model in ``out_dir``."""
+    import mlflow
+    import pandas as pd
+
+    example = pd.DataFrame({"query": ["apex red bike", "tent"], "ad_title": ["Apex Bike – Red", "Nordic Tent"],
+                            "ad_description": ["Free delivery.", None]})
+    config = {"market": market, "market_token": run.market_token, "max_length": run.max_length,
+              "batch_size": batch_size, "method": run.method}
+    mlflow.pyfunc.save_model(str(out_dir), python_model=str(PYFUNC_FILE), artifacts={"model": str(merged_dir)},
+                             model_config=config, signature=signature(), input_example=example,
+                             pip_requirements=pip_requirements())
+    return out_dir
