@@ -49,7 +49,10 @@ SPEED = (
     ("Adapter speed on GPU", "adapter_speed_gpu.json", _adapter, "benchmarks/gpu.sh"),
     ("Scoring speed", "scoring_speed.json", _scoring, "benchmarks/scoring_speed.py"),
 )
-QUALITY = (("Quality (CPU)", "quality.md"), ("Quality on GPU", "quality_gpu.md"))
+QUALITY = (("Quality (CPU)", "quality.md"), ("Quality on GPU", "quality_gpu.md"),
+           ("Collapse search (MTL-LoRA, issue 15)", "collapse_search.md"),
+           ("Policy markets, nested (issue 15)", "policy_nested.md"),
+           ("Policy markets, crossing (issue 15)", "policy_crossing.md"))
 
 
 def _demote(md: str) -> str:

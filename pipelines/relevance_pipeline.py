@@ -30,7 +30,8 @@ class PipelineParams(BaseModel):
     workdir: str = Field(description="Work directory: dataset/, runs/, report/, and the default MLflow store")
     base_model: str = Field(description="Encoder directory (or offline model name) to fine-tune")
     methods: list[str] = Field(default=list(ALL_METHODS), description="Methods trained under one budget")
-    floor: float = Field(default=0.55, ge=0, lt=1, description="Sanity floor: a model needs valid AUC above it")
+    floor: float = Field(default=0.55, ge=0, lt=1, description="Sanity floor: a model needs valid AUC above it and "
+                         "non-degenerate valid predictions; 0 switches both checks off (smoke tests)")
     max_steps: int = Field(default=150, ge=1, description="Optimizer steps per method (same for all)")
     batch_size: int = Field(default=32, ge=1)
     max_length: int = Field(default=64, ge=8, description="Max tokens of a (query, ad) pair")

@@ -92,6 +92,7 @@ def evaluate(
     seed: Annotated[int, typer.Option()] = 0,
 ) -> None:
     """Per-market ROC-AUC and PR-AUC with 95% cluster-bootstrap intervals (over query_id); writes RUN/metrics.json."""
+    from relevance.evaluation.degenerate import degenerate_markets, describe
     from relevance.evaluation.metrics import evaluate_run, metrics_path
     from relevance.evaluation.report import format_auc_table
 
@@ -100,6 +101,8 @@ def evaluate(
     except (ValueError, FileNotFoundError) as err:
         _fail(err)
     typer.echo(format_auc_table({metrics["method"]: metrics}))
+    for market, reasons in degenerate_markets(metrics).items():  # loud: a macro AUC can hide one dead market
+        typer.secho(f"⚠ WARNING: {describe(market, reasons, split, str(run))}", fg=typer.colors.RED, bold=True)
     typer.echo(f"\nmetrics: {metrics_path(run, split)}")
 
 

@@ -105,7 +105,8 @@ def select_command(
     tolerance: Annotated[float, typer.Option(
         help="The chosen model's valid AUC may trail the champion's and shared LoRA's by at most this much.")] = 0.002,
     floor: Annotated[float, typer.Option(
-        help="Sanity floor: a model whose valid AUC is at or below it is never shipped.")] = 0.55,
+        help=("Sanity floor: a model whose valid AUC is at or below it, or whose valid predictions are degenerate, "
+              "is never shipped. 0 switches these checks off (smoke tests only)."))] = 0.55,
     report_dir: Annotated[Optional[Path], typer.Option(help=_DECISIONS_HELP)] = None,
     prefix: Prefix = "ads-relevance",
     tracking_uri: TrackingUri = None,

@@ -42,6 +42,7 @@ import pandas as pd
 
 from relevance.evaluation.bootstrap import (bootstrap_stats, holm, interval, make_clusters, p_value, point_stats,
                                             rng_for)
+from relevance.evaluation.degenerate import market_flags
 
 REQUIRED_COLUMNS = ("example_id", "market", "label", "score")
 _MICRO_KEY = "\x00micro"  # RNG key of the pooled (micro) bootstrap; no market code can collide
@@ -136,7 +137,9 @@ def auc_table(preds: pd.DataFrame, n_boot: int = 1000, seed: int = 0, ci: float 
     (``n_clusters``). A one-class market gets ``None`` values and an ``"undefined: …"`` status,
     and is left out of macro and micro (listed under ``excluded``) so a mean is never NaN. The
     macro interval is the quantile of the per-resample mean over markets, reusing each market's
-    resamples; micro resamples (market, query_id) clusters of the pooled rows.
+    resamples; micro resamples (market, query_id) clusters of the pooled rows. Every market entry
+    also says whether its predictions are degenerate (``score_std``, ``degenerate``,
+    ``degenerate_reasons``: :func:`relevance.evaluation.degenerate.market_flags`).
     """
     _validate(preds)
     _check_params(n_boot, ci)
@@ -145,6 +148,9 @@ def auc_table(preds: pd.DataFrame, n_boot: int = 1000, seed: int = 0, ci: float 
     boots: dict[str, np.ndarray] = {}
     for market, frame in _by_market(preds):
         markets[market], boot = _auc_entry(frame, use_qid, n_boot, rng_for(seed, market), ci)
+        flags = market_flags(frame["score"].to_numpy(dtype=float), markets[market])
+        markets[market].update(score_std=flags["score_std"], degenerate=flags["degenerate"],
+                               degenerate_reasons=flags["reasons"])
         if boot is not None:
             boots[market] = boot
     defined = list(boots)

@@ -21,11 +21,12 @@ from typing import Any
 
 import pandas as pd
 
+from relevance.evaluation.degenerate import SPREAD_FLOOR, degenerate_markets
 from relevance.evaluation.metrics import evaluate_run, metrics_path, paired_comparison, read_run_info
-from relevance.evaluation.report_render import SIGNIFICANT, UNDEFINED, Section, Table, fmt_interval, md_table
-from relevance.evaluation.report_render import render_html, render_md
+from relevance.evaluation.report_render import DEGENERATE, SIGNIFICANT, UNDEFINED, Section, Table, fmt_interval
+from relevance.evaluation.report_render import md_table, render_html, render_md
 
-__all__ = ["SIGNIFICANT", "UNDEFINED", "build_report", "format_auc_table"]
+__all__ = ["DEGENERATE", "SIGNIFICANT", "UNDEFINED", "build_report", "format_auc_table"]
 
 _METRIC_KEYS = {"auc": ("auc", "ci_low", "ci_high"), "pr_auc": ("pr_auc", "pr_ci_low", "pr_ci_high")}
 _CLUSTER_TEXT = {"query_id": "query_id clusters", "row": "rows (predictions without query_id)"}
@@ -42,7 +43,8 @@ def _auc_rows(metrics_by_method: Mapping[str, Mapping[str, Any]], markets: Seque
         entries = [met["markets"].get(market) for met in metrics_by_method.values()]
         first = next((e for e in entries if e is not None), None)
         count = f"{first['n']} ({first['n_pos']})" if first else ""
-        cells = ["—" if e is None else fmt_interval(*(e[k] for k in keys)) for e in entries]
+        cells = ["—" if e is None else fmt_interval(*(e[k] for k in keys))
+                 + (f" {DEGENERATE}" if metric == "auc" and e.get("degenerate") else "") for e in entries]
         rows.append([market, count, *cells])
     for agg in ("macro", "micro"):
         cells = []
@@ -102,6 +104,28 @@ def _multiplicity_note(label: str, res: Mapping[str, Any]) -> str:
     return (f"`{label}`: Per market at {ci:.0%}: {res['n_significant']} of {k} markets' intervals exclude 0; "
             f"by chance alone one would expect about {_num(res['expected_false_positives'])} "
             f"({_num(1 - ci)} × {k}); after Holm's correction {res['n_holm_significant']} remain significant.")
+
+
+def degenerate_sections(metrics: Mapping[str, Mapping[str, Any]], dirs: Mapping[str, Path],
+                        infos: Mapping[str, Mapping[str, Any]]) -> list[Section]:
+    """"Degenerate markets": run, market, split and reasons; nothing when no market is degenerate.
+
+    Test flags come from the metrics the AUC table shows; valid flags from ``metrics_valid.json``
+    when the run was evaluated on valid, else from what training recorded in ``run_info.json``.
+    """
+    rows = []
+    for label, met in metrics.items():
+        valid_path = metrics_path(dirs[label], "valid")
+        valid = (degenerate_markets(json.loads(valid_path.read_text())) if valid_path.exists()
+                 else dict((infos[label].get("degenerate") or {}).get("valid") or {}))
+        for split, flagged in (("valid", valid), ("test", degenerate_markets(met))):
+            rows += [[label, market, split, "; ".join(reasons)] for market, reasons in sorted(flagged.items())]
+    if not rows:
+        return []
+    note = (f"{DEGENERATE}: these predictions carry no usable ranking signal: their scores are near-constant "
+            f"(standard deviation < {SPREAD_FLOOR}) or their AUC's 95% interval contains 0.5. A good macro AUC "
+            "can hide such a market. Model selection never ships a model whose valid predictions are degenerate.")
+    return [("h", "## Degenerate markets"), ("p", note), ("table", (["run", "market", "split", "reasons"], rows))]
 
 
 def _efficiency_rows(infos: Mapping[str, Mapping[str, Any]]) -> Table:
@@ -228,6 +252,7 @@ def build_report(run_dirs: Sequence[Path | str], out_dir: Path | str, baseline_m
               f"({', '.join(map(str, boots))} resamples)."),
         ("h", "## ROC-AUC by market"), ("table", _auc_rows(metrics, markets, "auc")),
         ("img", "auc_by_market.png"),
+        *degenerate_sections(metrics, dirs, infos),
     ]
     if base is not None and deltas:
         sections += [("h", f"## Δ ROC-AUC vs `{base}` (paired bootstrap, {n_boot} resamples)"),

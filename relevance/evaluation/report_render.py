@@ -9,10 +9,11 @@ from typing import Any
 
 SIGNIFICANT = "✱ significant"
 UNDEFINED = "n/a (one class)"
+DEGENERATE = "⚠ degenerate"  # appended to the AUC of a market whose predictions carry no signal
 CSS = """body{font-family:system-ui,sans-serif;margin:2em;color:#222;max-width:1200px}
 table{border-collapse:collapse;margin:1em 0}th,td{border:1px solid #ccc;padding:4px 8px;text-align:right}
 th:first-child,td:first-child{text-align:left}th{background:#f3f3f3}.sig{color:#b00;font-weight:600}
-img{max-width:100%}"""
+.warn{color:#b00;font-weight:700}img{max-width:100%}"""
 
 Table = tuple[list[str], list[list[str]]]
 Section = tuple[str, Any]  # ("h", "## text") | ("p", text) | ("table", Table) | ("img", file name)
@@ -71,4 +72,5 @@ def _html_cell(text: str) -> str:
     bold = text.startswith("**") and text.endswith("**")
     inner = html.escape(text.strip("*") if bold else text)
     inner = inner.replace(SIGNIFICANT, f'<span class="sig">{SIGNIFICANT}</span>')
+    inner = inner.replace(DEGENERATE, f'<span class="warn">{DEGENERATE}</span>')
     return f"<td><b>{inner}</b></td>" if bold else f"<td>{inner}</td>"

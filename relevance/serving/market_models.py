@@ -120,7 +120,7 @@ def decide_market(client, market: str, versions: Sequence[dict[str, Any]], data:
         if base is not None:
             decision["auc"]["baseline"] = {"valid": dict(base.valid), "test": dict(base.test)}
         checks = gate_checks(chosen.auc, champ_cand.auc if champ_cand else None, base.auc if base else None,
-                             champ is not None, base is not None, tolerance, floor)
+                             champ is not None, base is not None, tolerance, floor, chosen.degenerate_reasons)
         decision["checks"] = [{"name": c.name, "passed": c.passed, "detail": c.detail} for c in checks]
         decision["decision"] = "promoted" if all(c.passed for c in checks) else "refused"
         decision["reasons"] = choice.reasons + [c.detail for c in checks]

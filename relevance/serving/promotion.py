@@ -78,7 +78,8 @@ def score_version(client, source: str, frames: dict[str, Any], dst: Path, n_boot
         p = pd.DataFrame({"example_id": frame["example_id"], "market": frame["market"], "label": frame["label"],
                           "query_id": frame["query_id"], "score": model.score_frame(frame, batch_size=batch_size)})
         entry = auc_table(p, n_boot=n_boot, seed=seed)["markets"][str(frame["market"].iloc[0])]
-        keys = ("auc", "ci_low", "ci_high", "n", "n_pos", "n_neg", "n_clusters", "status")
+        keys = ("auc", "ci_low", "ci_high", "n", "n_pos", "n_neg", "n_clusters", "status", "score_std", "degenerate",
+                "degenerate_reasons")
         aucs[split], preds[split] = {k: entry.get(k) for k in keys}, p
     return aucs, preds
 
@@ -185,8 +186,9 @@ def promote(market: str, data: str | Path, *, tracking_uri: str | None = None, p
                                              score_version(client, source, frames, Path(tmp, role), n_boot,
                                                            batch_size)[0])
             valid = {k: v["valid"]["auc"] for k, v in decision["auc"].items()}
+            flags = decision["auc"]["candidate"]["valid"].get("degenerate_reasons") or ()
             checks = gate_checks(valid["candidate"], valid.get("champion"), valid.get("baseline"),
-                                 champ is not None, has_baseline, tolerance, floor)
+                                 champ is not None, has_baseline, tolerance, floor, flags)
         else:
             checks = [Check("valid_data", False, f"no valid rows for market {market!r} in {data}: nothing to decide on")]
         passed = all(c.passed for c in checks)

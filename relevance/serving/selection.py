@@ -10,6 +10,9 @@ Why these rules (issue 12):
 - **A sanity floor, not a beauty contest.** A candidate whose valid AUC is undefined or ≤ ``floor``
   (default 0.55: barely better than a coin) is not a model; a market whose candidates all fail it is
   refused loudly, and keeps whatever champion it had.
+- **Degenerate is not healthy.** A candidate whose valid predictions are degenerate (near-constant
+  scores, or an AUC whose interval contains 0.5: :mod:`relevance.evaluation.degenerate`) fails the
+  sanity check whatever its point AUC, and the reasons are written into the decision.
 - **Tolerance on both checks.** The chosen model must reach the champion's valid AUC − tolerance and
   shared LoRA's − tolerance: a difference inside the tolerance is noise, not a regression.
 """
@@ -17,7 +20,7 @@ Why these rules (issue 12):
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,7 +35,7 @@ class Candidate:
 
     version: int
     method: str
-    valid: Mapping[str, Any]  # {auc, ci_low, ci_high, n, …} on the valid split
+    valid: Mapping[str, Any]  # {auc, ci_low, ci_high, n, …, degenerate, degenerate_reasons} on the valid split
     test: Mapping[str, Any] = field(default_factory=dict)  # reported only
 
     @property
@@ -40,8 +43,20 @@ class Candidate:
         value = self.valid.get("auc")
         return None if value is None or (isinstance(value, float) and math.isnan(value)) else float(value)
 
+    @property
+    def degenerate_reasons(self) -> list[str]:
+        """Why the valid predictions are degenerate; empty when they are not (or were never checked)."""
+        if not self.valid.get("degenerate"):
+            return []
+        return list(self.valid.get("degenerate_reasons") or ["valid predictions flagged degenerate"])
+
     def label(self) -> str:
         return f"v{self.version} ({self.method})"
+
+    def summary(self) -> str:
+        """``v3 (mtl-lora) 0.7190``, plus ``⚠ degenerate: …`` with the reasons when it is."""
+        flags = self.degenerate_reasons
+        return f"{self.label()} {_fmt(self.auc)}" + (f" ⚠ degenerate: {'; '.join(flags)}" if flags else "")
 
 
 @dataclass(frozen=True)
@@ -55,8 +70,11 @@ class Choice:
 
 
 def healthy(c: Candidate, floor: float = SANITY_FLOOR) -> bool:
-    """Valid AUC defined and above the sanity floor."""
-    return c.auc is not None and c.auc > floor
+    """Valid AUC defined and above the sanity floor, and valid predictions not degenerate.
+    ``floor == 0`` switches both checks off (smoke tests of the mechanics with models that learn nothing)."""
+    if floor == 0:
+        return c.auc is not None
+    return c.auc is not None and c.auc > floor and not c.degenerate_reasons
 
 
 def check_floor(floor: float) -> float:
@@ -105,10 +123,11 @@ def choose(candidates: list[Candidate], champion: Candidate | None, edge: Mappin
     pool = candidates_and_champion(candidates, champion)
     best = best_candidate(pool, floor)
     simpler = simpler_choice(candidates, champion, floor)
-    listed = ", ".join(f"{c.label()} {_fmt(c.auc)}" for c in sorted(pool, key=lambda c: c.version))
+    listed = ", ".join(c.summary() for c in sorted(pool, key=lambda c: c.version))
     if best is None:
         keep = f"; champion {champion.label()} stays" if champion is not None else "; the market has no model"
-        return Choice(None, simpler, [f"every candidate fails the sanity floor (valid AUC ≤ {floor}): {listed}{keep}"])
+        return Choice(None, simpler, [f"every candidate fails the sanity floor (valid AUC ≤ {floor}, or degenerate "
+                                      f"valid predictions): {listed}{keep}"])
     if simpler is None:
         return Choice(best, None, [f"best valid AUC: {best.label()} {_fmt(best.auc)} (no champion and no healthy "
                                    f"shared-LoRA candidate to prefer); candidates: {listed}"])
@@ -146,12 +165,26 @@ def _versus(name: str, label: str, candidate: float | None, ref: float | None, t
                            f"tolerance {tolerance}")
 
 
+def _sanity(candidate: float | None, floor: float, flags: Sequence[str]) -> Check:
+    """AUC above the floor and no degenerate flag; the detail carries the numbers and the reasons."""
+    above = candidate is not None and candidate > floor
+    detail = f"candidate valid AUC {_fmt(candidate)} {'>' if above else '≤'} sanity floor {floor}"
+    if flags:
+        detail += f", but its valid predictions are degenerate: {'; '.join(flags)}"
+    if floor == 0:
+        return Check("sanity", candidate is not None, detail + " (sanity checks off: floor 0)")
+    return Check("sanity", above and not flags, detail)
+
+
 def gate_checks(candidate: float | None, champion: float | None, baseline: float | None,
                 has_champion: bool, has_baseline: bool, tolerance: float,
-                floor: float = SANITY_FLOOR) -> list[Check]:
-    """The promotion gate's rules on valid AUCs, as plain data (what a unit test and the decision read)."""
-    sane = candidate is not None and candidate > floor
-    checks = [Check("sanity", sane, f"candidate valid AUC {_fmt(candidate)} {'>' if sane else '≤'} sanity floor {floor}")]
+                floor: float = SANITY_FLOOR, candidate_flags: Sequence[str] = ()) -> list[Check]:
+    """The promotion gate's rules on valid AUCs, as plain data (what a unit test and the decision read).
+
+    ``candidate_flags`` are the reasons the candidate's valid predictions are degenerate
+    (:attr:`Candidate.degenerate_reasons`); any fails the sanity check.
+    """
+    checks = [_sanity(candidate, floor, candidate_flags)]
     checks.append(_versus("champion", "champion", candidate, champion, tolerance) if has_champion
                   else Check("champion", True, "no champion yet: nothing to fall behind"))
     checks.append(_versus("baseline", "shared-LoRA", candidate, baseline, tolerance) if has_baseline

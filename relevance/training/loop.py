@@ -8,7 +8,7 @@ exactly:
     RUN/adapter/                   save_adapter output of the *best* evaluation's weights
     RUN/run_info.json              method, run_name, base_model, trainable_params, train_time_s,
                                    examples_per_s, mlflow_run_id, data_fingerprint, best_step,
-                                   markets, task_map
+                                   markets, task_map, degenerate ({split: {market: [reasons]}})
     RUN/predictions/valid.parquet  example_id, market, label, score, query_id (best weights)
     RUN/predictions/test.parquet
     RUN/checkpoints/step-NNNNNNNN/ see relevance.training.checkpoint
@@ -48,7 +48,7 @@ from relevance.data.curated import data_fingerprint, read_training_splits
 from relevance.model.batching import collate
 from relevance.training.batches import MultiMarketSampler
 from relevance import settings
-from relevance.training.tracking import NullTracker, Tracker, log_final, market_aucs
+from relevance.training.tracking import NullTracker, Tracker, degenerate_flags, log_final, market_aucs
 
 logger = logging.getLogger(__name__)
 
@@ -292,7 +292,7 @@ class _Run:
         return self._finish()
 
     def _finish(self) -> TrainResult:
-        """Best weights back in, predictions, run_info.json, final metrics and artifacts."""
+        """Best weights back in, predictions, degenerate markets (warned), run_info.json, final metrics, artifacts."""
         from relevance.model.adapters import trainable_parameters
 
         config, prog = self.config, self.prog
@@ -305,6 +305,7 @@ class _Run:
             "examples_per_s": round(prog.examples_seen / max(prog.step_time_s, 1e-9), 2),
             "mlflow_run_id": prog.mlflow_run_id, "data_fingerprint": self.fingerprint, "best_step": prog.best_step,
             "markets": list(self.markets), "task_map": make_task_map(self.markets),
+            "degenerate": degenerate_flags(preds, config.run_name or self.out.name, warn=self.main),
         }
         if self.main:
             ckpt.write_run_outputs(self.out, self.model, self.base_model, preds, run_info)

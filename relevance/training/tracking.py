@@ -12,6 +12,7 @@ than a tiny model's training step.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -23,6 +24,7 @@ import pandas as pd
 from relevance import settings
 
 _BATCH = 900  # MLflow accepts at most 1,000 metrics per log_batch call
+logger = logging.getLogger(__name__)
 
 
 def market_aucs(preds: pd.DataFrame) -> tuple[dict[str, float | None], float | None, float]:
@@ -35,6 +37,32 @@ def market_aucs(preds: pd.DataFrame) -> tuple[dict[str, float | None], float | N
     return {m: e["auc"] for m, e in table["markets"].items()}, table["macro"]["auc"], loss
 
 
+def degenerate_flags(preds: Mapping[str, pd.DataFrame], run: str, warn: bool = True, n_boot: int = 1000,
+                     seed: int = 0) -> dict[str, dict[str, list[str]]]:
+    """``{split: {market: reasons}}`` of the degenerate markets (``{}`` per split when none), each
+    logged as a WARNING naming the run, split and market when ``warn``.
+
+    Same ``n_boot`` and seed as ``ads-relevance evaluate``'s defaults, so training and ``metrics.json``
+    flag the same markets (:mod:`relevance.evaluation.degenerate` has the definition).
+    """
+    from relevance.evaluation.degenerate import degenerate_markets, describe
+    from relevance.evaluation.metrics import auc_table
+
+    out = {split: degenerate_markets(auc_table(p, n_boot=n_boot, seed=seed)) for split, p in preds.items()}
+    for split, flagged in out.items() if warn else ():
+        for market, reasons in flagged.items():
+            logger.warning("%s", describe(market, reasons, split, run))
+    return out
+
+
+def degenerate_tags(flags: Mapping[str, Mapping[str, list[str]]]) -> dict[str, str]:
+    """MLflow tags: ``degenerate.<split>`` = comma-separated markets or ``none``, and
+    ``degenerate.<split>.<market>`` = its reasons."""
+    tags = {f"degenerate.{split}": ",".join(sorted(flagged)) or "none" for split, flagged in flags.items()}
+    tags.update({f"degenerate.{split}.{m}": "; ".join(r) for split, flagged in flags.items() for m, r in flagged.items()})
+    return tags
+
+
 class NullTracker:
     """Tracking switched off (``--no-track``) or a non-zero DDP rank: every call is a no-op."""
 
@@ -45,6 +73,7 @@ class NullTracker:
     def flush(self) -> None: ...
     def log_artifacts(self, local_dir: Path, artifact_path: str | None = None) -> None: ...
     def log_artifact(self, path: Path) -> None: ...
+    def set_tags(self, tags: Mapping[str, str]) -> None: ...
     def end(self, status: str = "FINISHED") -> None: ...
 
 
@@ -96,6 +125,13 @@ class Tracker(NullTracker):
     def log_artifact(self, path: Path) -> None:
         self.client.log_artifact(self.run_id, str(path))
 
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        from mlflow.entities import RunTag
+
+        items = [RunTag(k, str(v)[:5000]) for k, v in tags.items()]
+        for i in range(0, len(items), 90):  # MLflow accepts at most 100 tags per log_batch call
+            self.client.log_batch(self.run_id, tags=items[i: i + 90])
+
     def end(self, status: str = "FINISHED") -> None:
         self.flush()
         self.client.set_terminated(self.run_id, status=status)
@@ -103,12 +139,14 @@ class Tracker(NullTracker):
 
 def log_final(tracker: NullTracker, run_dir: Path, step: int, test_aucs: Mapping[str, float | None],
               test_mean: float | None, run_info: Mapping[str, Any]) -> None:
-    """Final metrics (test AUC per market, cost) and the run directory's artifacts, checkpoints
-    excluded (they are large and only matter to a resume); then the run is marked FINISHED."""
+    """Final metrics (test AUC per market, cost), the degenerate markets as tags (:func:`degenerate_tags`
+    of ``run_info["degenerate"]``) and the run directory's artifacts, checkpoints excluded (they are
+    large and only matter to a resume); then the run is marked FINISHED."""
     tracker.log_metrics({**{f"test_auc_{m}": v for m, v in test_aucs.items()}, "test_auc_mean": test_mean,
                          "trainable_params": run_info["trainable_params"], "train_time_s": run_info["train_time_s"],
                          "examples_per_s": run_info["examples_per_s"], "best_step": run_info["best_step"]}, step)
     tracker.flush()
+    tracker.set_tags(degenerate_tags(run_info.get("degenerate") or {}))
     for name in ("adapter", "predictions"):
         tracker.log_artifacts(run_dir / name, name)
     for name in ("train_config.json", "run_info.json"):

@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 
 from relevance.evaluation.metrics import auc_table
-from relevance.evaluation.report import SIGNIFICANT, UNDEFINED, build_report, format_auc_table
+from relevance.evaluation.report import DEGENERATE, SIGNIFICANT, UNDEFINED, build_report, format_auc_table
 from relevance.evaluation.report_render import render_html
 
 N_BOOT = 300
@@ -192,3 +192,29 @@ def test_mismatched_examples_note_and_missing_run(runs: list[Path], tmp_path: Pa
         build_report([tmp_path / "nope"], tmp_path / "out2")
     with pytest.raises(ValueError, match="no run directories"):
         build_report([], tmp_path / "out3")
+
+
+def test_a_degenerate_market_is_marked_and_listed(runs: list[Path], report: dict, tmp_path: Path) -> None:
+    md = Path(report["report_md"]).read_text(encoding="utf-8")
+    assert DEGENERATE not in md and "## Degenerate markets" not in md  # healthy runs: no alarm
+    flat = _base_frame()
+    on_de = flat.market == "de"
+    flat.loc[on_de, "score"] = 0.719  # the multilingual-e5 failure: one market scored as a constant
+    run = make_run(tmp_path, "r-flat", "mtl-lora", flat, 5_678)
+    info = json.loads((run / "run_info.json").read_text())  # training's valid flags, no metrics_valid.json
+    (run / "run_info.json").write_text(json.dumps({**info, "degenerate": {"valid": {"jp": ["AUC 0.5 ..."]},
+                                                                          "test": {}}}))
+    res = build_report([runs[0], run], tmp_path / "out", n_boot=N_BOOT)
+    md = Path(res["report_md"]).read_text(encoding="utf-8")
+    auc_rows = _section_rows(md, "## ROC-AUC by market")
+    de = next(r for r in auc_rows if r[0] == "de")
+    assert de[2].endswith("]") and de[3] == f"0.500 [0.500, 0.500] {DEGENERATE}"
+    assert sum(DEGENERATE in c for r in auc_rows for c in r) == 1
+    listed = _section_rows(md, "## Degenerate markets")
+    assert listed[0] == ["run", "market", "split", "reasons"]
+    assert listed[1] == ["mtl-lora", "jp", "valid", "AUC 0.5 ..."]
+    assert listed[2][:3] == ["mtl-lora", "de", "test"] and "near-constant scores" in listed[2][3]
+    assert "within noise of 0.5" in listed[2][3] and len(listed) == 3
+    page = Path(res["report_html"]).read_text(encoding="utf-8")
+    assert "<h2>Degenerate markets</h2>" in page and f'<span class="warn">{DEGENERATE}</span>' in page
+    assert page.count(DEGENERATE) == md.count(DEGENERATE)

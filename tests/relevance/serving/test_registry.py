@@ -260,12 +260,17 @@ def test_cli_register_and_promote(world, tmp_path):
     out = runner.invoke(app, ["register", "--run", str(world["runs"]["lora"]), "--markets", "de", *prefix, "--json"])
     assert out.exit_code == 0, out.output
     assert json.loads(out.stdout)[0]["name"] == "cli-test-de"
-    data = write_curated(tmp_path / "ds", world["test"])
+    rows = world["test"][world["test"]["market"] == "de"].reset_index(drop=True)
+    data = write_curated(tmp_path / "ds", _labels_from(world["runs"]["lora"], rows, world["base"]))
     out = runner.invoke(app, ["promote", "--market", "de", "--data", str(data), *prefix, "--report-dir", str(tmp_path / "r")])
     assert out.exit_code == 0, out.output
     assert "cli-test-de: PROMOTED candidate v1 (lora), champion v1" in out.stdout  # a lora run is its own baseline
     out = runner.invoke(app, ["promote", "--data", str(data), "--tracking-uri", uri])
     assert out.exit_code == 2 and "exactly one of --market M or --all" in out.output
+    noise = write_curated(tmp_path / "noise", world["test"])  # random labels: no model is fit to serve
+    runner.invoke(app, ["register", "--run", str(world["runs"]["mtl"]), "--markets", "us", *prefix])
+    out = runner.invoke(app, ["promote", "--market", "us", "--data", str(noise), *prefix, "--report-dir", str(tmp_path / "r")])
+    assert out.exit_code == 3 and "REFUSED" in out.stdout and "no model serves market(s) ['us']" in out.output
     out = runner.invoke(app, ["register", "--run", str(tmp_path / "nope"), "--tracking-uri", uri])
     assert out.exit_code == 2 and "does not exist" in out.output
     assert "--baseline-run" in runner.invoke(app, ["register", "--help"]).stdout

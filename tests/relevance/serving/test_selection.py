@@ -2,7 +2,7 @@
 
 import pytest
 
-from relevance.serving.selection import Candidate, best_candidate, choose, simpler_choice
+from relevance.serving.selection import Candidate, best_candidate, choose, gate_checks, healthy, simpler_choice
 
 
 def cand(version, method, auc, lo=None, hi=None):
@@ -64,3 +64,48 @@ def test_bad_floor_and_missing_edge_are_errors():
         choose([LORA], None, None, floor=1.5)
     with pytest.raises(ValueError, match="paired valid difference"):
         choose([LORA, MTL], None, None)
+
+
+FLAT = "score spread 0.0010 < 0.01 (near-constant scores)"
+
+
+def dead(version, method, auc, *reasons):
+    """A candidate whose valid predictions auc_table flagged degenerate (the multilingual-e5 failure)."""
+    return Candidate(version, method, {"auc": auc, "ci_low": auc - 0.05, "ci_high": auc + 0.05, "degenerate": True,
+                                       "degenerate_reasons": list(reasons or [FLAT])})
+
+
+def test_a_degenerate_candidate_is_never_chosen_whatever_its_auc():
+    flat = dead(2, "mtl-lora", 0.95)
+    assert not healthy(flat) and healthy(LORA)
+    c = choose([LORA, flat], None, None)
+    assert c.chosen is LORA and f"v2 (mtl-lora) 0.9500 ⚠ degenerate: {FLAT}" in c.reasons[0]
+    sick_champion = dead(7, "lora", 0.9)
+    assert simpler_choice([LORA, MTL], sick_champion) is LORA
+
+
+def test_a_market_whose_candidates_are_all_degenerate_is_refused_with_the_reasons():
+    coin = "AUC 0.600 [0.480, 0.720] is within noise of 0.5"
+    c = choose([dead(1, "lora", 0.72), dead(2, "mtl-lora", 0.60, coin)], None, None)
+    assert c.chosen is None and "fails the sanity floor" in c.reasons[0] and "degenerate" in c.reasons[0]
+    assert FLAT in c.reasons[0] and coin in c.reasons[0] and "no model" in c.reasons[0]
+
+
+def test_the_gate_sanity_check_fails_a_degenerate_candidate_and_says_why():
+    [sanity, *_] = gate_checks(0.72, None, 0.70, False, True, 0.002, candidate_flags=[FLAT])
+    assert not sanity.passed and sanity.name == "sanity"
+    assert sanity.detail == ("candidate valid AUC 0.7200 > sanity floor 0.55, but its valid predictions are "
+                             f"degenerate: {FLAT}")
+    assert gate_checks(0.72, None, 0.70, False, True, 0.002)[0].passed  # no flags: unchanged
+    assert dead(3, "lora", 0.7).degenerate_reasons == [FLAT] and LORA.degenerate_reasons == []
+
+
+def test_floor_zero_switches_the_sanity_checks_off_but_still_reports():
+    from relevance.serving.selection import gate_checks, healthy
+
+    flat = Candidate(4, "mtl-lora", {"auc": 0.52, "degenerate": True,
+                                     "degenerate_reasons": ["score spread 0.0020 < 0.01 (near-constant scores)"]})
+    assert not healthy(flat) and healthy(flat, floor=0)
+    assert choose([flat], None, None, floor=0).chosen is flat
+    check = gate_checks(0.52, None, 0.5, False, True, 0.002, floor=0, candidate_flags=flat.degenerate_reasons)[0]
+    assert check.passed and "sanity checks off" in check.detail and "near-constant" in check.detail

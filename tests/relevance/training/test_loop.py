@@ -23,7 +23,7 @@ from relevance.training.loop import METHODS, RUNTIME_FIELDS, TrainConfig, train
 
 REPO = Path(__file__).resolve().parents[3]
 RUN_INFO_KEYS = {"method", "run_name", "base_model", "trainable_params", "train_time_s", "examples_per_s",
-                 "mlflow_run_id", "data_fingerprint", "best_step", "markets", "task_map"}
+                 "mlflow_run_id", "data_fingerprint", "best_step", "markets", "task_map", "degenerate"}
 
 
 @pytest.fixture(scope="module")
@@ -172,6 +172,58 @@ def test_early_stopping_triggers_and_keeps_the_best(env, tmp_path: Path) -> None
     assert all(torch.equal(best[k], at_2[k]) for k in best)
 
 
+# -- degenerate markets ----------------------------------------------------------------------------
+
+def test_run_info_records_degenerate_markets_per_split_and_warns(env, tmp_path: Path, caplog) -> None:
+    from relevance.evaluation.metrics import auc_table
+
+    out = tmp_path / "run"
+    with caplog.at_level("WARNING", logger="relevance.training.tracking"):
+        result = train(_config(env, out, max_steps=2, eval_every=2))
+    flags = json.loads((out / "run_info.json").read_text())["degenerate"]
+    assert set(flags) == {"valid", "test"} and flags == result.run_info["degenerate"]
+    warned = [r.getMessage() for r in caplog.records if r.name == "relevance.training.tracking"]
+    assert warned, "two steps of a tiny model leave near-constant scores: some market must be flagged"
+    for split in ("valid", "test"):
+        assert isinstance(flags[split], dict)
+        table = auc_table(pd.read_parquet(out / "predictions" / f"{split}.parquet"), n_boot=1000, seed=0)
+        assert flags[split] == {m: e["degenerate_reasons"] for m, e in table["markets"].items() if e["degenerate"]}
+        for market in flags[split]:  # the same markets `evaluate` flags, each warned once, by name
+            assert sum(f"market {market} (run run, split {split})" in w for w in warned) == 1
+
+
+def test_degenerate_flags_warn_about_a_constant_market_and_tag_it(caplog) -> None:
+    from relevance.training.tracking import NullTracker, degenerate_flags, degenerate_tags, log_final
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 200)
+    good = pd.DataFrame({"example_id": [f"us-{i}" for i in range(200)], "market": "us", "label": y,
+                         "score": 1 / (1 + np.exp(-(rng.normal(size=200) + 3 * y)))})
+    flat = good.assign(example_id=[f"de-{i}" for i in range(200)], market="de", score=0.719)
+    with caplog.at_level("WARNING", logger="relevance.training.tracking"):
+        flags = degenerate_flags({"valid": pd.concat([good, flat]), "test": good}, "mtl-e5")
+    assert list(flags["valid"]) == ["de"] and flags["test"] == {}
+    assert "near-constant scores" in flags["valid"]["de"][0]
+    [record] = caplog.records
+    assert record.levelname == "WARNING" and "market de (run mtl-e5, split valid)" in record.getMessage()
+    assert "near-constant scores" in record.getMessage()
+    tags = degenerate_tags(flags)
+    assert tags["degenerate.valid"] == "de" and tags["degenerate.test"] == "none"
+    assert tags["degenerate.valid.de"] == "; ".join(flags["valid"]["de"])
+
+    class Recorder(NullTracker):
+        tags: dict = {}
+
+        def set_tags(self, tags) -> None:
+            self.tags = dict(tags)
+
+    rec = Recorder()
+    info = {"trainable_params": 1, "train_time_s": 1.0, "examples_per_s": 1.0, "best_step": 1, "degenerate": flags}
+    log_final(rec, Path("nowhere"), 1, {"us": 0.9}, 0.9, info)
+    assert rec.tags == tags
+    log_final(NullTracker(), Path("nowhere"), 1, {}, None, info)  # tracking off: accepted, nothing happens
+
+
 # -- resume after SIGKILL ------------------------------------------------------------------------
 
 _VICTIM = """
@@ -246,6 +298,9 @@ def test_mlflow_run_has_params_metrics_and_artifacts(env, tmp_path: Path, monkey
     for key in ("test_auc_de", "test_auc_fr", "test_auc_us", "test_auc_mean", "trainable_params", "train_time_s"):
         assert key in metrics
     assert metrics["trainable_params"] == result.run_info["trainable_params"]
+    for split in ("valid", "test"):
+        flagged = result.run_info["degenerate"][split]
+        assert run.data.tags[f"degenerate.{split}"] == (",".join(sorted(flagged)) or "none")
     top = {a.path for a in client.list_artifacts(run_id)}
     assert top == {"adapter", "predictions", "train_config.json", "run_info.json"}
     assert (tmp_path / "runs" / "mlartifacts").is_dir()
