@@ -26,7 +26,7 @@ def report_task(run_dirs: list[str], out_dir: str, n_boot: int = 1000, seed: int
 
     info = build_report(run_dirs, out_dir, baseline_method=BASELINE_METHOD, n_boot=n_boot, seed=seed,
                         choices=choices)
-    return {k: info[k] for k in ("report_md", "report_html", "png", "significant", "notes")}
+    return {k: info[k] for k in ("report_md", "report_html", "png", "significant", "holm_significant", "notes")}
 
 
 def publish_auc_table(metrics: list[dict[str, Any]]) -> list[dict[str, str]]:

@@ -58,6 +58,13 @@ def select_models(run_dirs: Sequence[str | Path], data: str | Path, *, tracking_
     methods = [r.method for r in runs]
     if len(set(methods)) != len(methods):
         raise ValueError(f"several runs of one method {methods}: pass one run per method")
+    from relevance.data.curated import data_fingerprint
+
+    current = data_fingerprint(data)
+    stale = [str(r.path) for r in runs if current and r.info.get("data_fingerprint") not in (None, current)]
+    if stale:
+        raise ValueError(f"runs {stale} were trained on other data than {data} (ingest_summary.json differs): "
+                         "choose on the data the runs were trained on, or retrain them")
     baseline = runs[0].path if runs[0].method == BASELINE_METHOD else None
     registered: list[dict[str, Any]] = []
     for run in runs:

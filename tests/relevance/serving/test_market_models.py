@@ -197,4 +197,8 @@ def test_bad_input_is_refused_before_anything_is_written(world, tmp_path):
         select_models([], world["data"], tracking_uri=uri)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         select_models([tmp_path / "nope"], world["data"], tracking_uri=uri)
+    other = write_synthetic_run(tmp_path / "other" / "lora", world["base"], "lora", ("de", "us"), test=world["frame"],
+                                data_fingerprint="f" * 64)
+    with pytest.raises(ValueError, match="trained on other data"):
+        select_models([other], world["data"], tracking_uri=uri)
     assert registry.client_for(uri).search_registered_models() == []

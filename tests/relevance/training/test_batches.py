@@ -1,90 +1,13 @@
-"""Tests for relevance.data.curated, relevance.model.batching and relevance.training.batches: reading splits, dynamic padding, multi-market sampling and its resume."""
+"""Tests for relevance.training.batches: the multi-market sampler and its resume."""
 
 from __future__ import annotations
 
-import shutil
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from relevance.data.curated import curated_root, data_fingerprint, read_split
-from relevance.model.batching import collate, length_sorted_batches
 from relevance.training.batches import MultiMarketSampler, market_probabilities
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory) -> Path:
-    from relevance.data.demo_data import write_demo_data
-    from relevance.data.ingest import ingest
-
-    root = tmp_path_factory.mktemp("data")
-    write_demo_data(root / "raw", "us,de,fr", rows_per_market=300, seed=1)
-    ingest(str(root / "raw"), root / "ds", progress=False)
-    return root / "ds"
-
-
-def test_read_split_columns_markets_and_order(dataset: Path) -> None:
-    df = read_split(dataset, "train")
-    assert list(df.columns) == ["example_id", "market", "query", "ad_title", "ad_description", "label", "query_id"]
-    assert set(df["market"]) == {"us", "de", "fr"}
-    assert df.equals(df.sort_values(["market", "example_id"]).reset_index(drop=True))
-    assert set(df["label"].unique()) <= {0, 1}
-    only = read_split(dataset, "valid", ["fr"])
-    assert set(only["market"]) == {"fr"} and len(only) > 0
-    # The ingest output directory and its curated/ directory are both accepted.
-    assert read_split(dataset / "curated", "valid", ["fr"]).equals(only)
-    # No row in two splits.
-    ids = [set(read_split(dataset, s)["example_id"]) for s in ("train", "valid", "test")]
-    assert not (ids[0] & ids[1]) and not (ids[0] & ids[2]) and not (ids[1] & ids[2])
-
-
-def test_read_split_empty_split_names_split_and_directory(dataset: Path, tmp_path: Path) -> None:
-    copy = tmp_path / "ds"
-    shutil.copytree(dataset, copy)
-    for folder in (copy / "curated").glob("market=*/split=valid"):
-        shutil.rmtree(folder)
-    with pytest.raises(ValueError, match=r"split 'valid'.*empty") as err:
-        read_split(copy, "valid")
-    assert str(copy / "curated") in str(err.value)
-    with pytest.raises(ValueError, match=r"for markets \['jp'\]"):
-        read_split(dataset, "train", ["jp"])
-
-
-def test_read_split_bad_arguments(dataset: Path, tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="split 'dev' is invalid"):
-        read_split(dataset, "dev")
-    with pytest.raises(ValueError, match="invalid market code"):
-        read_split(dataset, "train", ["../etc"])
-    with pytest.raises(FileNotFoundError, match="does not exist"):
-        curated_root(tmp_path / "nope")
-
-
-def test_data_fingerprint_is_sha256_of_ingest_summary(dataset: Path, tmp_path: Path) -> None:
-    import hashlib
-
-    expected = hashlib.sha256((dataset / "ingest_summary.json").read_bytes()).hexdigest()
-    assert data_fingerprint(dataset) == expected
-    assert data_fingerprint(tmp_path) is None
-
-
-def test_collate_pads_to_longest_in_batch() -> None:
-    enc = {"input_ids": [[2, 5, 3], [2, 5, 6, 7, 3], [2, 3]], "token_type_ids": [[0, 0, 0], [0, 0, 1, 1, 1], [0, 0]]}
-    batch = collate(enc, [0, 2], pad_id=0)
-    assert batch["input_ids"].tolist() == [[2, 5, 3], [2, 3, 0]]
-    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
-    batch = collate(enc, np.array([1, 0]), pad_id=0)
-    assert batch["input_ids"].shape == (2, 5)
-    assert batch["token_type_ids"].tolist() == [[0, 0, 1, 1, 1], [0, 0, 0, 0, 0]]
-
-
-def test_length_sorted_batches_cover_everything_once() -> None:
-    lengths = [5, 1, 4, 4, 9, 2, 7]
-    batches = length_sorted_batches(lengths, 3)
-    assert sorted(np.concatenate(batches).tolist()) == list(range(7))
-    flat = [lengths[i] for b in batches for i in b]
-    assert flat == sorted(lengths)
 
 
 def test_market_probabilities_proportional_and_temperature() -> None:
