@@ -103,6 +103,14 @@ def test_a_worse_candidate_leaves_the_champion_serving(world, tmp_path):
     assert us["decision"] == "unchanged" and us["served"] and us["champion_after"] == before[0], us["reasons"]
     assert "champion" in us["reasons"][0]
     assert champion(client, "us", prefix) == before
+    from relevance.serving.scoring import score_dataset
+
+    raw = tmp_path / "raw" / "market=us"
+    raw.mkdir(parents=True)
+    rows = world["frame"][world["frame"]["market"] == "us"]
+    rows.drop(columns=["market", "label"]).to_parquet(raw / "part.parquet", index=False)
+    summary = score_dataset(str(tmp_path / "raw"), tmp_path / "scores", tracking_uri=uri, prefix=prefix)
+    assert summary["status"] == "complete" and summary["models"]["us"]["version"] == before[0]  # the champion scores
 
 
 def test_a_market_whose_candidates_all_fail_the_floor_is_refused_alone(world, tmp_path):
