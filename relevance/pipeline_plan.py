@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 BASELINE_METHOD = "lora"
-ALL_METHODS = ("mtl-lora", "lora", "lora-market-token", "per-market-lora")
+ALL_METHODS = ("mtl-lora", "lora", "lora-market-token", "per-market-lora")  # what the pipeline trains by default
+ALLOWED_METHODS = (*ALL_METHODS, "multilora", "moelora")  # the paper's baselines: on request
 
 
 def raw_fingerprint(raw: str, out: str | os.PathLike, split: str, seed: int) -> str:
@@ -47,9 +48,9 @@ def training_plan(data: str | os.PathLike, base_model: str, runs_dir: str | os.P
     """One TrainConfig per method, identical except for ``method``, ``out`` and ``run_name``."""
     from relevance.training.config import TrainConfig
 
-    unknown = [m for m in methods if m not in ALL_METHODS]
+    unknown = [m for m in methods if m not in ALLOWED_METHODS]
     if unknown or not methods:
-        raise ValueError(f"methods {list(methods)!r} invalid: choose from {list(ALL_METHODS)}")
+        raise ValueError(f"methods {list(methods)!r} invalid: choose from {list(ALLOWED_METHODS)}")
     if BASELINE_METHOD not in methods:
         raise ValueError(f"methods {list(methods)!r} lack the shared-LoRA baseline {BASELINE_METHOD!r}: every market's "
                          "choice is measured against it; add it")

@@ -31,6 +31,8 @@ class Method(str, Enum):
     lora = "lora"
     lora_market_token = "lora-market-token"
     per_market_lora = "per-market-lora"
+    multilora = "multilora"
+    moelora = "moelora"
 
 
 class Sampling(str, Enum):
@@ -50,7 +52,7 @@ def _names(text: str | None) -> tuple[str, ...] | None:
 
 def train_command(
     data: Annotated[Path, typer.Option(help="Curated dataset: the output directory of `ads-relevance ingest` (holds curated/ and ingest_summary.json).")],
-    method: Annotated[Method, typer.Option(help="mtl-lora: MTL-LoRA, per-market Λ and mixing over shared A, B_i. lora: one shared LoRA, no market input. lora-market-token: shared LoRA, query prefixed '\\[de] …'. per-market-lora: an independent LoRA per market, trained jointly under one shared head (each market's adapter sees only its share of every batch, about 1/T of the updates).")],
+    method: Annotated[Method, typer.Option(help="mtl-lora: MTL-LoRA, per-market Λ and mixing over shared A, B_i. lora: one shared LoRA, no market input. lora-market-token: shared LoRA, query prefixed '\\[de] …'. per-market-lora: an independent LoRA per market, trained jointly under one shared head (each market's adapter sees only its share of every batch, about 1/T of the updates). multilora (baseline): MultiLoRA, n parallel LoRAs with learnable per-channel scales, no market input. moelora (baseline): MOELoRA, experts of rank r/N mixed by a per-market gate (r must be divisible by the expert count, 4 by default).")],
     base_model: Annotated[str, typer.Option(help="Base encoder: a local transformers model directory (config.json, weights, tokenizer), or a model name already in the offline cache.")],
     out: Annotated[Path, typer.Option(help="Run directory to create (must be new or empty), or to continue with --resume.")],
     markets: Annotated[Optional[str], typer.Option(help="Comma-separated market codes to train on (default: every market in the train split).")] = None,
@@ -58,6 +60,8 @@ def train_command(
     alpha: Annotated[float, typer.Option(help="LoRA alpha (update scaled by alpha/r).", rich_help_panel=_HYPER)] = 16.0,
     n_up: Annotated[int, typer.Option(help="MTL-LoRA: number of up-projections B_i.", rich_help_panel=_HYPER)] = 3,
     mtl_temperature: Annotated[float, typer.Option(help="MTL-LoRA: softmax temperature τ of the mixing weights.", rich_help_panel=_HYPER)] = 0.1,
+    multilora_n: Annotated[Optional[int], typer.Option(help="MultiLoRA: number of parallel LoRAs (default 3).", rich_help_panel=_HYPER)] = None,
+    n_experts: Annotated[Optional[int], typer.Option(help="MOELoRA: experts of rank r / n (must divide r; default 4).", rich_help_panel=_HYPER)] = None,
     adapter_dropout: Annotated[float, typer.Option(help="Dropout on the adapter input.", rich_help_panel=_HYPER)] = 0.05,
     target_modules: Annotated[Optional[str], typer.Option(help="Comma-separated linear layers to adapt (default: attention query,key,value,output dense).", rich_help_panel=_HYPER)] = None,
     modules_to_save: Annotated[Optional[str], typer.Option(help="Comma-separated modules trained fully (default: classifier). Add 'pooler' for a model whose pooler is untrained.", rich_help_panel=_HYPER)] = None,
@@ -99,6 +103,7 @@ def train_command(
         config = TrainConfig(
             data=str(data), method=method.value, base_model=base_model, out=str(out), markets=_names(markets),
             r=r, alpha=alpha, n_up=n_up, mtl_temperature=mtl_temperature, adapter_dropout=adapter_dropout,
+            multilora_n=multilora_n, n_experts=n_experts,
             target_modules=_names(target_modules), modules_to_save=_names(modules_to_save),
             learning_rate=learning_rate, weight_decay=weight_decay, warmup_ratio=warmup_ratio,
             max_grad_norm=max_grad_norm, batch_size=batch_size, epochs=epochs, max_steps=max_steps,

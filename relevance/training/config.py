@@ -15,7 +15,8 @@ from typing import Any
 
 from data_contracts.markets import validate_market
 
-METHODS = ("mtl-lora", "lora", "lora-market-token", "per-market-lora")
+# multilora / moelora: the MTL-LoRA paper's baselines, allowed but not trained by the pipeline by default.
+METHODS = ("mtl-lora", "lora", "lora-market-token", "per-market-lora", "multilora", "moelora")
 SAMPLING = ("proportional", "temperature")
 PRECISIONS = ("auto", "fp32", "bf16")
 # Fields that may differ between a run and its resumption: where things are, not what is learned.
@@ -40,7 +41,7 @@ _BOOL = (lambda v: isinstance(v, bool), "True or False")
 _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     **dict.fromkeys(("r", "n_up", "batch_size", "epochs", "max_length", "eval_every", "eval_batch_size",
                      "keep_checkpoints"), _POS_INT),
-    **dict.fromkeys(("max_steps", "checkpoint_every", "patience"), _OPT_POS_INT),
+    **dict.fromkeys(("max_steps", "checkpoint_every", "patience", "multilora_n", "n_experts"), _OPT_POS_INT),
     **dict.fromkeys(("alpha", "mtl_temperature", "learning_rate", "max_grad_norm", "sampling_temperature"), _POS_NUM),
     **dict.fromkeys(("weight_decay", "min_delta"), _NON_NEG),
     **dict.fromkeys(("adapter_dropout", "warmup_ratio"), _FRACTION),
@@ -56,6 +57,9 @@ class TrainConfig:
     ``max_steps`` (when set) overrides ``epochs``. ``patience`` counts evaluations without an
     improvement of the mean per-market valid AUC larger than ``min_delta``; ``None`` disables early
     stopping. ``sampling_temperature`` applies to ``sampling="temperature"`` (p_t ∝ n_t^(1/T)).
+    ``multilora_n`` (MultiLoRA's parallel LoRAs) and ``n_experts`` (MOELoRA's experts, a divisor of
+    ``r``) default to ``None``, meaning the adapter library's default (3 and 4): a ``None`` default
+    keeps runs written before these fields existed resumable (a missing key reads as ``None``).
     """
 
     data: str
@@ -67,6 +71,8 @@ class TrainConfig:
     alpha: float = 16.0
     n_up: int = 3
     mtl_temperature: float = 0.1
+    multilora_n: int | None = None
+    n_experts: int | None = None
     adapter_dropout: float = 0.05
     target_modules: tuple[str, ...] | None = None
     modules_to_save: tuple[str, ...] | None = None
@@ -143,6 +149,9 @@ class TrainConfig:
             extra["target_modules"] = self.target_modules
         if self.modules_to_save is not None:
             extra["modules_to_save"] = self.modules_to_save
+        for name in ("multilora_n", "n_experts"):
+            if getattr(self, name) is not None:
+                extra[name] = getattr(self, name)
         method = "lora" if self.method == "lora-market-token" else self.method
         return AdapterConfig(method, markets=tuple(markets), r=self.r, alpha=self.alpha, n_up=self.n_up,
                              temperature=self.mtl_temperature, dropout=self.adapter_dropout, **extra)

@@ -1,4 +1,5 @@
-"""Adapters for transformers encoders: MTL-LoRA, shared LoRA, per-market LoRA (DESIGN.md §4).
+"""Adapters for transformers encoders: MTL-LoRA, shared LoRA, per-market LoRA and the MTL-LoRA
+paper's baselines MultiLoRA and MOELoRA (DESIGN.md §4).
 
 Typical use::
 
@@ -9,6 +10,7 @@ Typical use::
     export_merged(model, "de", out_dir, tokenizer)   # plain transformers model for one market
 """
 
+from .baselines import MoELoRALinear, MultiLoRALinear
 from .config import METHODS, AdapterConfig
 from .growth import add_market, train_new_markets_only
 from .heads import MarketHeads
@@ -38,6 +40,8 @@ __all__ = [
     "LoRALinear",
     "MTLLoRALinear",
     "MarketHeads",
+    "MoELoRALinear",
+    "MultiLoRALinear",
     "PerTaskLoRALinear",
     "adapter_layers",
     "adapter_state_dict",

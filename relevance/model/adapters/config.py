@@ -19,8 +19,8 @@ from typing import Any
 from data_contracts.markets import task_map as sorted_task_map
 from data_contracts.markets import validate_market
 
-METHODS = ("mtl-lora", "lora", "per-market-lora")
-TASK_METHODS = ("mtl-lora", "per-market-lora")
+METHODS = ("mtl-lora", "lora", "per-market-lora", "multilora", "moelora")
+TASK_METHODS = ("mtl-lora", "per-market-lora", "moelora")
 
 # BERT-style attention projections (BERT, RoBERTa, XLM-RoBERTa, ELECTRA, MiniLM all use these names).
 DEFAULT_TARGET_MODULES: tuple[str, ...] = ("query", "key", "value", "attention.output.dense")
@@ -65,6 +65,10 @@ def _name_tuple(name: str, value: object, allow_empty: bool) -> tuple[str, ...]:
 class AdapterConfig:
     """Hyper-parameters of one adapter (DESIGN.md §4); bad values raise ``ValueError`` at creation.
 
+    ``multilora_n`` is MultiLoRA's number of parallel LoRAs (each of rank r); ``n_experts`` and
+    ``task_embedding_dim`` are MOELoRA's expert count (each expert has rank r / n_experts, so it
+    must divide r) and the size e of its per-market gate embedding.
+
     ``target_modules`` / ``modules_to_save`` are matched against module names by exact name or
     dotted suffix. Left at their defaults they are resolved per model type by ``inject`` (DistilBERT
     uses ``q_lin``…); the resolved names are what ``model.adapter_config`` and the saved JSON hold.
@@ -78,6 +82,9 @@ class AdapterConfig:
     temperature: float = 0.1
     dropout: float = 0.05
     uniform_mixing_init: bool = False
+    multilora_n: int = 3
+    n_experts: int = 4
+    task_embedding_dim: int = 64
     target_modules: tuple[str, ...] = DEFAULT_TARGET_MODULES
     modules_to_save: tuple[str, ...] = DEFAULT_MODULES_TO_SAVE
     added_markets: tuple[str, ...] = field(default=())
@@ -115,6 +122,7 @@ class AdapterConfig:
             raise _bad("dropout", self.dropout, "a probability in [0, 1)")
         if not isinstance(self.uniform_mixing_init, bool):
             raise _bad("uniform_mixing_init", self.uniform_mixing_init, "True or False")
+        self._check_baselines()
         object.__setattr__(
             self, "target_modules", _name_tuple("target_modules", self.target_modules, False)
         )
@@ -125,9 +133,23 @@ class AdapterConfig:
         object.__setattr__(self, "temperature", float(self.temperature))
         object.__setattr__(self, "dropout", float(self.dropout))
 
+    def _check_baselines(self) -> None:
+        """MultiLoRA / MOELoRA fields; r % n_experts only matters (and is checked) for ``moelora``."""
+        if not _is_int(self.multilora_n) or self.multilora_n < 1:
+            raise _bad("multilora_n", self.multilora_n, "a positive integer number of parallel LoRAs such as 3")
+        if not _is_int(self.n_experts) or self.n_experts < 1:
+            raise _bad("n_experts", self.n_experts, "a positive integer number of experts such as 4")
+        if not _is_int(self.task_embedding_dim) or self.task_embedding_dim < 1:
+            raise _bad("task_embedding_dim", self.task_embedding_dim, "a positive integer such as 64")
+        if self.method == "moelora" and self.r % self.n_experts:
+            raise _bad(
+                "n_experts", self.n_experts,
+                f"a divisor of r={self.r} for method 'moelora' (each expert has rank r / n_experts)",
+            )
+
     @property
     def is_task_conditioned(self) -> bool:
-        """True when forward passes need per-example task ids (every method but shared ``lora``)."""
+        """True when forward passes need per-example task ids (all but ``lora`` and ``multilora``)."""
         return self.method in TASK_METHODS
 
     @property
@@ -142,7 +164,7 @@ class AdapterConfig:
 
     @property
     def num_tasks(self) -> int:
-        """T, the number of per-market parameter sets (1 for shared ``lora``)."""
+        """T, the number of per-market parameter sets (1 for task-agnostic ``lora``, ``multilora``)."""
         return len(self.task_map) if self.is_task_conditioned else 1
 
     @property

@@ -1,7 +1,8 @@
 """Adding a market to a trained adapter without moving any existing market's outputs.
 
 A new market starts neutral (MTL-LoRA: Λ = I and zero mixing logits, so it reuses the shared A and
-an even mix of the trained B_i; per-market LoRA: fresh A_t with B_t = 0, i.e. the base model).
+an even mix of the trained B_i; per-market LoRA: fresh A_t with B_t = 0, i.e. the base model;
+MOELoRA: a zero task embedding, i.e. a uniform gate over the trained experts).
 ``train_new_markets_only`` then leaves exactly the new markets' own parameters trainable; since
 those are separate ``Parameter`` objects, no optimizer can touch another market's numbers.
 """
@@ -25,7 +26,7 @@ def add_market(model: nn.Module, code: str) -> int:
     if not config.is_task_conditioned:
         raise ValueError(
             f"method {config.method!r} shares one adapter across all markets, so there is no "
-            "per-market state to add: use 'mtl-lora' or 'per-market-lora'"
+            "per-market state to add: use 'mtl-lora', 'per-market-lora' or 'moelora'"
         )
     validate_market(code)
     if code in config.task_map:
@@ -60,7 +61,8 @@ def add_head_copy(model: nn.Module, market: str) -> list[nn.Module]:
 def train_new_markets_only(model: nn.Module, markets: Sequence[str], head: bool = False) -> None:
     """Freeze everything except ``markets``' own adapter parameters (and head copies if ``head``).
 
-    MTL-LoRA: each market's Λ_t and w_t; per-market LoRA: its A_t and B_t. With ``head=True`` each
+    MTL-LoRA: each market's Λ_t and w_t; per-market LoRA: its A_t and B_t; MOELoRA: its gate
+    embedding emb[t] (experts and W_g are shared, so they stay frozen). With ``head=True`` each
     market gets (or keeps) a copy of the trained head, which trains; the shared head stays frozen.
     """
     config = get_adapter_config(model)

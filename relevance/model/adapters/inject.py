@@ -24,6 +24,7 @@ from .config import (
     TARGETS_BY_MODEL_TYPE,
     AdapterConfig,
 )
+from .baselines import MoELoRALinear, MultiLoRALinear
 from .heads import MarketHeads, find_modules, name_matches, set_module
 from .layers import AdapterLayer, LoRALinear, MTLLoRALinear, PerTaskLoRALinear
 
@@ -70,6 +71,12 @@ def _make_layer(base: nn.Linear, config: AdapterConfig) -> AdapterLayer:
         return LoRALinear(base, **common)
     if config.method == "per-market-lora":
         return PerTaskLoRALinear(base, config.num_tasks, **common)
+    if config.method == "multilora":
+        return MultiLoRALinear(base, n=config.multilora_n, **common)
+    if config.method == "moelora":
+        return MoELoRALinear(
+            base, config.num_tasks, n_experts=config.n_experts, task_dim=config.task_embedding_dim, **common
+        )
     return MTLLoRALinear(
         base,
         config.num_tasks,
@@ -203,16 +210,22 @@ def expected_trainable_parameters(
     """Closed-form adapter parameter count over layers of shape (d_in, d_out).
 
     MTL-LoRA: r·d_in + n·r·d_out + T·r² + T·n per layer; LoRA: r·(d_in + d_out);
-    per-market LoRA: T·r·(d_in + d_out). ``modules_to_save`` are not included.
+    per-market LoRA: T·r·(d_in + d_out); MultiLoRA: n·(r·(d_in + d_out) + d_out) (n = multilora_n);
+    MOELoRA: r·(d_in + d_out) + N·e + T·e (N experts of rank r/N, gate W_g, per-task embeddings).
+    ``modules_to_save`` are not included.
     """
     shapes = layer_shapes.values() if isinstance(layer_shapes, Mapping) else layer_shapes
-    r, n, t = config.r, config.n_up, config.num_tasks
+    r, n, t, e = config.r, config.n_up, config.num_tasks, config.task_embedding_dim
     total = 0
     for d_in, d_out in shapes:
         if config.method == "mtl-lora":
             total += r * d_in + n * r * d_out + t * r * r + t * n
         elif config.method == "lora":
             total += r * (d_in + d_out)
+        elif config.method == "multilora":
+            total += config.multilora_n * (r * (d_in + d_out) + d_out)
+        elif config.method == "moelora":
+            total += r * (d_in + d_out) + config.n_experts * e + t * e
         else:
             total += t * r * (d_in + d_out)
     return total

@@ -21,7 +21,7 @@ from relevance.model.adapters import (
 )
 
 MARKETS = ("us", "de", "fr")  # task map: de 0, fr 1, us 2
-METHODS = ["mtl-lora", "lora", "per-market-lora"]
+METHODS = ["mtl-lora", "lora", "per-market-lora", "multilora", "moelora"]
 
 
 def adapted(arch: str = "bert", method: str = "mtl-lora", seed: int = 0, **kw: object) -> nn.Module:
@@ -59,7 +59,7 @@ def test_mixed_batch_equals_separate_per_market_batches(method: str) -> None:
         rows = (ids == t).nonzero().squeeze(1)
         alone = logits(model, {k: v[rows] for k, v in inputs.items()}, ids[rows])
         torch.testing.assert_close(mixed[rows], alone, atol=1e-5, rtol=1e-5)
-    if method != "lora":  # per-market methods really differ between markets
+    if method not in ("lora", "multilora"):  # per-market methods really differ between markets
         same = logits(model, inputs, torch.zeros(6, dtype=torch.long))
         assert not torch.allclose(mixed, same, atol=1e-4)
 
@@ -161,18 +161,20 @@ def test_custom_targets_and_pooler_training() -> None:
     assert model.bert.pooler.dense.weight.requires_grad
 
 
-def closed_form(method: str, d_in: int, d_out: int, r: int, n: int, t: int) -> int:
+def closed_form(method: str, d_in: int, d_out: int, r: int, n: int, t: int, e: int = 64) -> int:
     return {"mtl-lora": r * d_in + n * r * d_out + t * r * r + t * n,
-            "lora": r * (d_in + d_out), "per-market-lora": t * r * (d_in + d_out)}[method]
+            "lora": r * (d_in + d_out), "per-market-lora": t * r * (d_in + d_out),
+            "multilora": n * (r * (d_in + d_out) + d_out),  # n parallel LoRAs + per-channel scales
+            "moelora": r * (d_in + d_out) + n * e + t * e}[method]  # n experts: gate n×e, T embeddings
 
 
 @pytest.mark.parametrize("method", METHODS)
 def test_parameter_accounting_matches_closed_form(method: str) -> None:
-    model = inject(tiny_bert(), AdapterConfig(method, MARKETS, r=4, n_up=2))
+    model = inject(tiny_bert(), AdapterConfig(method, MARKETS, r=4, n_up=2, multilora_n=2, n_experts=2))
     config = get_adapter_config(model)
     shapes = {n: (m.in_features, m.out_features) for n, m in adapter_layers(model).items()}
     head = sum(p.numel() for p in model.classifier.parameters())
-    t = 3 if method != "lora" else 1
+    t = 3 if config.is_task_conditioned else 1
     by_hand = sum(closed_form(method, 32, 32, 4, 2, t) for _ in shapes)
     assert expected_trainable_parameters(config, shapes) == by_hand
     assert expected_trainable_parameters(config, list(shapes.values())) == by_hand

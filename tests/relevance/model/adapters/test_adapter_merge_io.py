@@ -29,7 +29,7 @@ from relevance.model.adapters import (
 )
 
 MARKETS = ("us", "de", "fr")  # de 0, fr 1, us 2
-METHODS = ["mtl-lora", "lora", "per-market-lora"]
+METHODS = ["mtl-lora", "lora", "per-market-lora", "multilora", "moelora"]
 
 
 def adapted(arch: str = "bert", method: str = "mtl-lora", seed: int = 0) -> nn.Module:
