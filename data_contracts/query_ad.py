@@ -5,11 +5,13 @@ contract without ``label``). Validation never drops a row: :func:`validate` spli
 *valid* rows and *quarantined* rows, each quarantined row carrying the name of the rule it broke
 (``rule``) and a human-readable ``detail``. ``len(valid) + len(quarantined) == len(batch)``, always.
 
-Row-level rules are pandera checks evaluated lazily, so every failure of a batch is reported, not
-just the first. A row breaking several rules is quarantined once, under the first rule in
-:data:`RULES` order; ``detail`` lists all of them. Rules that need state across batches (duplicate
-``example_id``) and per-file facts (a missing column, the partition directory) are applied by the
-caller through :func:`validate`'s arguments, under the same rule names.
+Row-level rules are one table, :data:`ROW_CHECKS`, run here as pandera checks evaluated lazily (every
+failure of a batch is reported, not just the first) and, on Arrow batches, by the vectorised kernels of
+:mod:`data_contracts.query_ad_arrow` (ingest's hot path; this module stays the reference). A row
+breaking several rules is quarantined once, under the first rule in :data:`RULES` order; ``detail``
+lists all of them. Rules that need state across batches (duplicate ``example_id``) and per-file facts
+(a missing column, the partition directory) are applied by the caller through :func:`validate`'s
+arguments, under the same rule names.
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ RULES: dict[str, str] = {
     "duplicate_example_id": "example_id was already seen earlier in the dataset (the first is kept)",
 }
 _PRIORITY = {name: i for i, name in enumerate(RULES)}
+DETAIL_SEP = "; "  # between the failures of one row in ``detail``
 
 
 @dataclass(frozen=True)
@@ -101,55 +104,66 @@ def _label_binary(s: pd.Series) -> pd.Series:
     return numeric.isin([0, 1]).astype(bool)
 
 
-def _check(fn, name: str) -> pa.Check:
-    return pa.Check(fn, name=name, ignore_na=False)
+@dataclass(frozen=True)
+class RowCheck:
+    """One row-level check: ``column`` fails ``rule`` when the ``kind`` test (with ``arg``) is false."""
+
+    column: str
+    rule: str
+    kind: str  # str_or_null | nonblank | max_len | pattern | number_or_null | binary
+    arg: int | str | None = None
+
+
+#: The row-level checks, column by column in the order they run. The single definition of the row rules:
+#: the pandera schema below (the reference) and the Arrow kernels of :mod:`data_contracts.query_ad_arrow`
+#: (ingest's hot path) are both built from this table, so a limit or pattern is written only here.
+ROW_CHECKS: tuple[RowCheck, ...] = (
+    RowCheck("example_id", "wrong_type", "str_or_null"),
+    RowCheck("example_id", "example_id_empty", "nonblank"),
+    RowCheck("market", "market_invalid", "pattern", MARKET_PATTERN),
+    RowCheck("query", "wrong_type", "str_or_null"),
+    RowCheck("query", "query_empty", "nonblank"),
+    RowCheck("query", "query_too_long", "max_len", MAX_QUERY_CHARS),
+    RowCheck("ad_title", "wrong_type", "str_or_null"),
+    RowCheck("ad_title", "ad_title_empty", "nonblank"),
+    RowCheck("ad_title", "ad_title_too_long", "max_len", MAX_TITLE_CHARS),
+    RowCheck("ad_description", "wrong_type", "str_or_null"),
+    RowCheck("ad_description", "ad_description_too_long", "max_len", MAX_DESCRIPTION_CHARS),
+    RowCheck("query_id", "wrong_type", "str_or_null"),
+    RowCheck(LABEL, "wrong_type", "number_or_null"),
+    RowCheck(LABEL, "label_not_binary", "binary"),
+)
+
+
+def row_checks(require_label: bool = True) -> tuple[RowCheck, ...]:
+    """The checks that apply: the scoring contract (no ``label``) skips the label checks."""
+    return tuple(c for c in ROW_CHECKS if require_label or c.column != LABEL)
+
+
+def _pattern(pattern: str):
+    def check(s: pd.Series) -> pd.Series:
+        return _is_str(s) & s.where(_is_str(s), "").astype(str).str.fullmatch(pattern)
+
+    return check
+
+
+def _pandas_check(check: RowCheck) -> pa.Check:
+    """The pandera check of one :class:`RowCheck` (element-wise, nulls are checked too)."""
+    fns = {
+        "str_or_null": lambda: _null_or_str, "nonblank": lambda: _nonblank,
+        "number_or_null": lambda: _label_is_number, "binary": lambda: _label_binary,
+        "max_len": lambda: _max_len(int(check.arg)), "pattern": lambda: _pattern(str(check.arg)),
+    }
+    if check.kind not in fns:
+        raise ValueError(f"unknown check kind {check.kind!r} of rule {check.rule!r}: expected one of {sorted(fns)}")
+    return pa.Check(fns[check.kind](), name=check.rule, ignore_na=False)
 
 
 def _schema(require_label: bool) -> pa.DataFrameSchema:
-    columns = {
-        "example_id": pa.Column(
-            nullable=True,
-            checks=[_check(_null_or_str, "wrong_type"), _check(_nonblank, "example_id_empty")],
-        ),
-        "market": pa.Column(
-            nullable=True,
-            checks=[
-                _check(
-                    lambda s: _is_str(s) & s.where(_is_str(s), "").astype(str).str.fullmatch(MARKET_PATTERN),
-                    "market_invalid",
-                )
-            ],
-        ),
-        "query": pa.Column(
-            nullable=True,
-            checks=[
-                _check(_null_or_str, "wrong_type"),
-                _check(_nonblank, "query_empty"),
-                _check(_max_len(MAX_QUERY_CHARS), "query_too_long"),
-            ],
-        ),
-        "ad_title": pa.Column(
-            nullable=True,
-            checks=[
-                _check(_null_or_str, "wrong_type"),
-                _check(_nonblank, "ad_title_empty"),
-                _check(_max_len(MAX_TITLE_CHARS), "ad_title_too_long"),
-            ],
-        ),
-        "ad_description": pa.Column(
-            nullable=True,
-            checks=[
-                _check(_null_or_str, "wrong_type"),
-                _check(_max_len(MAX_DESCRIPTION_CHARS), "ad_description_too_long"),
-            ],
-        ),
-        "query_id": pa.Column(nullable=True, checks=[_check(_null_or_str, "wrong_type")]),
-    }
-    if require_label:
-        columns[LABEL] = pa.Column(
-            nullable=True,
-            checks=[_check(_label_is_number, "wrong_type"), _check(_label_binary, "label_not_binary")],
-        )
+    checks: dict[str, list[pa.Check]] = {}
+    for check in row_checks(require_label):
+        checks.setdefault(check.column, []).append(_pandas_check(check))
+    columns = {name: pa.Column(nullable=True, checks=cs) for name, cs in checks.items()}
     return pa.DataFrameSchema(columns, strict=False, coerce=False)
 
 
@@ -175,21 +189,38 @@ def missing_columns(columns: list[str] | tuple[str, ...], require_label: bool = 
 
 
 def _row_failures(df: pd.DataFrame, require_label: bool) -> pd.DataFrame:
-    """All (row position, rule, detail) failures of the row-level rules, via pandera lazy validation."""
+    """All (row position, rule, detail text) failures of the row-level rules, via pandera lazy validation."""
     try:
         schema(require_label).validate(df, lazy=True)
     except pa.errors.SchemaErrors as err:
         fc = err.failure_cases
         fc = fc[fc["index"].notna()]
-        return pd.DataFrame(
-            {
-                "pos": fc["index"].astype(int).to_numpy(),
-                "rule": fc["check"].astype(str).to_numpy(),
-                "column": fc["column"].astype(str).to_numpy(),
-                "value": fc["failure_case"].map(_short).to_numpy(),
-            }
-        )
-    return pd.DataFrame({"pos": [], "rule": [], "column": [], "value": []})
+        rules = fc["check"].astype(str).to_numpy()
+        texts = [failure_text(r, str(c), v) for r, c, v in zip(rules, fc["column"], fc["failure_case"])]
+        return pd.DataFrame({"pos": fc["index"].astype(int).to_numpy(), "rule": rules, "text": texts})
+    return pd.DataFrame({"pos": [], "rule": [], "text": []})
+
+
+def missing_detail(missing: list[str]) -> str:
+    return f"missing required column(s) {missing}"
+
+
+def mismatch_detail(market: object, partition_market: str) -> str:
+    return f"market={market!r} but the file is under market={partition_market}"
+
+
+def duplicate_detail(example_id: object) -> str:
+    return f"example_id {example_id!r} seen before; the first occurrence is kept"
+
+
+def failure_text(rule: str, column: str, value: object) -> str:
+    """One failure as ``detail`` lists it (``rule: column=value``); both backends use it."""
+    return f"{rule}: {column}={_short(value)}"
+
+
+def as_text(v: object) -> str | None:
+    """A quarantined value as the all-string quarantine table stores it (nulls stay null)."""
+    return None if _isnull(v) else (v if isinstance(v, str) else str(v))
 
 
 def _short(v: object, limit: int = 60) -> str:
@@ -231,14 +262,14 @@ def validate(
     detail = np.full(len(work), "", dtype=object)
     if missing:
         rule[:] = "missing_column"
-        detail[:] = f"missing required column(s) {missing}"
+        detail[:] = missing_detail(missing)
         return _split(work, rule, detail, require_label)
 
     fails = _row_failures(work, require_label)
     if len(fails):
         fails["prio"] = fails["rule"].map(_PRIORITY).fillna(len(_PRIORITY))
         fails = fails.sort_values(["pos", "prio"], kind="stable")
-        msgs = (fails["rule"] + ": " + fails["column"] + "=" + fails["value"]).groupby(fails["pos"]).agg("; ".join)
+        msgs = fails["text"].groupby(fails["pos"]).agg(DETAIL_SEP.join)
         first = fails.groupby("pos")["rule"].first()
         rule[first.index.to_numpy()] = first.to_numpy()
         detail[msgs.index.to_numpy()] = msgs.to_numpy()
@@ -246,14 +277,14 @@ def validate(
     if partition_market is not None and "market" in df.columns:
         bad = (rule == None) & (work["market"].astype(object).to_numpy() != partition_market)  # noqa: E711
         rule[bad] = "market_partition_mismatch"
-        detail[bad] = [f"market={v!r} but the file is under market={partition_market}" for v in work["market"][bad]]
+        detail[bad] = [mismatch_detail(v, partition_market) for v in work["market"][bad]]
 
     if seen_ids is not None:
         ok = np.flatnonzero(rule == None)  # noqa: E711
         first = seen_ids.first_occurrence(work["example_id"].iloc[ok].astype(str).tolist())
         dup = ok[~np.asarray(first, dtype=bool)]
         rule[dup] = "duplicate_example_id"
-        detail[dup] = [f"example_id {v!r} seen before; the first occurrence is kept" for v in work["example_id"].iloc[dup]]
+        detail[dup] = [duplicate_detail(v) for v in work["example_id"].iloc[dup]]
     return _split(work, rule, detail, require_label)
 
 
@@ -265,7 +296,7 @@ def _split(work: pd.DataFrame, rule: np.ndarray, detail: np.ndarray, require_lab
     if require_label:
         valid[LABEL] = pd.to_numeric(valid[LABEL]).astype("int8")
     quarantined = work.loc[bad].reset_index(drop=True).astype(object)
-    quarantined = quarantined.map(lambda v: None if _isnull(v) else (v if isinstance(v, str) else str(v)))
+    quarantined = quarantined.map(as_text)
     quarantined["rule"] = rule[bad].astype(str)
     quarantined["detail"] = detail[bad].astype(str)
     return Validated(valid=valid, quarantined=quarantined)
