@@ -171,11 +171,13 @@ def pipeline(
 
 
 # Jobs whose code lives in their own modules (heavy imports happen inside the commands).
+from relevance.cli.add_market import add_market_command  # noqa: E402
 from relevance.cli.registry import promote_command, register_command, select_command  # noqa: E402
 from relevance.cli.serving import score_command  # noqa: E402
 from relevance.cli.train import train_command  # noqa: E402
 
 app.command("train")(train_command)
+app.command("add-market")(add_market_command)
 app.command("register")(register_command)
 app.command("select")(select_command)
 app.command("promote")(promote_command)

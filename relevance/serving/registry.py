@@ -222,7 +222,8 @@ def _merged_models(run: TrainingRun, markets: Sequence[str], work: Path) -> dict
 def register(run_dir: str | Path, markets: Sequence[str] | None = None, *, tracking_uri: str | None = None,
              prefix: str = DEFAULT_PREFIX, baseline_run: str | Path | None = None,
              experiment: str = REGISTRY_EXPERIMENT, set_candidate: bool = True) -> list[dict[str, Any]]:
-    """Register ``run_dir``'s merged model of each market (default: all of the run's), any method;
+    """Register ``run_dir``'s merged model of each market (default: all of the run's, or for a run of
+    ``add-market`` only the markets it added, ``run_info["added_markets"]``: the others are unchanged), any method;
     with ``set_candidate`` the ``candidate`` alias points at them (selection across methods sets it
     itself: :mod:`relevance.serving.market_models`).
 
@@ -230,7 +231,7 @@ def register(run_dir: str | Path, markets: Sequence[str] | None = None, *, track
     already registered), valid_auc, test_auc, baseline_auc.
     """
     run = read_training_run(run_dir)
-    chosen = run.check_markets(markets)
+    chosen = run.check_markets(markets if markets is not None else run.info.get("added_markets"))
     baseline = find_baseline_run(run, baseline_run)
     if baseline is None:
         logger.warning("no shared-LoRA baseline for %s: the promotion gate will refuse it unless forced", run.path)

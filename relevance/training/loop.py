@@ -123,9 +123,19 @@ def train(config: TrainConfig, on_step: Callable[[int], None] | None = None) -> 
     ``on_step(step)`` runs after every optimizer step (tests use it to kill a run mid-way). Under
     ``torchrun`` (``WORLD_SIZE`` > 1) this is DDP — gloo on CPU, NCCL on GPU — and only rank 0 writes.
     """
-    d = _init_distributed(config.device)
+    return run_training(lambda d: Run(config, d), config.device, on_step)
+
+
+def run_training(make_run: Callable[[_Dist], Run], device: str | None,
+                 on_step: Callable[[int], None] | None = None) -> TrainResult:
+    """Join the process group, build the run with ``make_run``, fit it and always end its MLflow run.
+
+    Shared by :func:`train` and ``relevance.training.add_market`` (a :class:`Run` subclass), so both
+    get the same DDP, checkpoint, resume and tracking behaviour from one loop.
+    """
+    d = _init_distributed(device)
     try:
-        run = _Run(config, d)
+        run = make_run(d)
         try:
             return run.fit(on_step)
         except BaseException as exc:  # the MLflow run must not stay RUNNING forever
@@ -136,25 +146,27 @@ def train(config: TrainConfig, on_step: Callable[[int], None] | None = None) -> 
             torch.distributed.destroy_process_group()
 
 
-class _Run:
-    """One training run's pieces, from setup (``__init__``) through the loop to the outputs."""
+class Run:
+    """One training run's pieces, from setup (``__init__``) through the loop to the outputs.
+
+    Subclasses change *what* is trained, never *how*: :meth:`record` (train_config.json),
+    :meth:`read_data`, :meth:`build_model` and :meth:`run_info` are the hooks; a subclass sets its
+    own attributes before calling ``super().__init__`` because the hooks run inside it.
+    """
 
     def __init__(self, config: TrainConfig, d: _Dist) -> None:
-        from relevance.model.adapters import inject
-
         self.config, self.d, self.out, self.main = config, d, Path(config.out), d.rank == 0
         local = Path(config.base_model).expanduser()
         self.base_model = str(local.absolute()) if local.exists() else config.base_model  # as run_info says
-        resuming = ckpt.check_run_dir(self.out, config.to_dict(), config.resume, set(RUNTIME_FIELDS))
-        train_df, self.valid_df, self.test_df, self.markets = read_training_splits(config.data, config.markets)
+        resuming = ckpt.check_run_dir(self.out, self.record(), config.resume, set(RUNTIME_FIELDS))
+        train_df, self.valid_df, self.test_df, self.markets = self.read_data()
+        self.eval_df = self.eval_frame()
         self.fingerprint = data_fingerprint(config.data)
         torch.manual_seed(config.seed)  # a head the base model lacks is initialised from it
-        adapter_config = config.adapter_config(self.markets)
-        self.model, self.tok = load_cross_encoder(config.base_model, d.device, adapter_config.modules_to_save)
-        inject(self.model, adapter_config)
+        self.model, self.tok = self.build_model()
         d.barrier()  # every rank has checked the run directory before rank 0 claims it
         if self.main:
-            ckpt.write_json(self.out / "train_config.json", config.to_dict())
+            ckpt.write_json(self.out / "train_config.json", self.record())
         self.enc = encode_frame(self.tok, train_df, config.max_length, config.market_token)
         self.labels = torch.tensor(train_df["label"].to_numpy(), dtype=torch.float32)
         self.task_ids = task_ids_for(self.model, train_df["market"].tolist())
@@ -172,6 +184,41 @@ class _Run:
         if found:
             self._resume(found[-1])
         self.tracker = self._tracker()
+
+    def record(self) -> dict[str, Any]:
+        """What ``train_config.json`` holds and what ``--resume`` must match (runtime fields aside)."""
+        return self.config.to_dict()
+
+    def read_data(self) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, tuple[str, ...]]:
+        """(train, valid, test, markets): every split read before anything is trained or written."""
+        return read_training_splits(self.config.data, self.config.markets)
+
+    def eval_frame(self) -> pd.DataFrame:
+        """The rows each evaluation scores to pick the best step (default: all of valid)."""
+        return self.valid_df
+
+    def build_model(self) -> tuple[torch.nn.Module, Any]:
+        """``(model, tokenizer)`` with the adapter in place and only the trained parameters trainable."""
+        from relevance.model.adapters import inject
+
+        adapter_config = self.config.adapter_config(self.markets)
+        model, tok = load_cross_encoder(self.config.base_model, self.d.device, adapter_config.modules_to_save)
+        inject(model, adapter_config)
+        return model, tok
+
+    def run_info(self, preds: dict[str, pd.DataFrame]) -> dict[str, Any]:
+        """``run_info.json`` (module docstring) for the final predictions ``preds``."""
+        from relevance.model.adapters import trainable_parameters
+
+        config, prog = self.config, self.prog
+        return {
+            "method": config.method, "run_name": config.run_name or self.out.name, "base_model": self.base_model,
+            "trainable_params": int(trainable_parameters(self.model)), "train_time_s": round(prog.train_time_s, 3),
+            "examples_per_s": round(prog.examples_seen / max(prog.step_time_s, 1e-9), 2),
+            "mlflow_run_id": prog.mlflow_run_id, "data_fingerprint": self.fingerprint, "best_step": prog.best_step,
+            "markets": list(self.markets), "task_map": make_task_map(self.markets),
+            "degenerate": degenerate_flags(preds, config.run_name or self.out.name, warn=self.main),
+        }
 
     def _resume(self, path: Path) -> None:
         ckpt.clean_temporary(self.out)
@@ -214,7 +261,7 @@ class _Run:
     def _evaluate(self) -> None:
         """Valid AUC per market; a better mean keeps these weights as the best; patience counts."""
         prog, config = self.prog, self.config
-        aucs, mean, loss = market_aucs(self._predict(self.valid_df))
+        aucs, mean, loss = market_aucs(self._predict(self.eval_df))
         self.tracker.log_metrics({**{f"valid_auc_{m}": v for m, v in aucs.items()}, "valid_auc_mean": mean,
                                   "valid_loss": loss}, prog.step)
         prog.history.append({"step": prog.step, "valid_auc": aucs, "valid_auc_mean": mean, "valid_loss": loss})
@@ -293,20 +340,11 @@ class _Run:
 
     def _finish(self) -> TrainResult:
         """Best weights back in, predictions, degenerate markets (warned), run_info.json, final metrics, artifacts."""
-        from relevance.model.adapters import trainable_parameters
-
-        config, prog = self.config, self.prog
+        prog = self.prog
         if self.best is not None:
             ckpt.load_trainable_state(self.model, self.best, "best weights")
         preds = {"valid": self._predict(self.valid_df), "test": self._predict(self.test_df)}
-        run_info = {
-            "method": config.method, "run_name": config.run_name or self.out.name, "base_model": self.base_model,
-            "trainable_params": int(trainable_parameters(self.model)), "train_time_s": round(prog.train_time_s, 3),
-            "examples_per_s": round(prog.examples_seen / max(prog.step_time_s, 1e-9), 2),
-            "mlflow_run_id": prog.mlflow_run_id, "data_fingerprint": self.fingerprint, "best_step": prog.best_step,
-            "markets": list(self.markets), "task_map": make_task_map(self.markets),
-            "degenerate": degenerate_flags(preds, config.run_name or self.out.name, warn=self.main),
-        }
+        run_info = self.run_info(preds)
         if self.main:
             ckpt.write_run_outputs(self.out, self.model, self.base_model, preds, run_info)
             aucs, mean, _ = market_aucs(preds["test"])
