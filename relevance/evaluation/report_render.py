@@ -13,7 +13,7 @@ DEGENERATE = "⚠ degenerate"  # appended to the AUC of a market whose predictio
 CSS = """body{font-family:system-ui,sans-serif;margin:2em;color:#222;max-width:1200px}
 table{border-collapse:collapse;margin:1em 0}th,td{border:1px solid #ccc;padding:4px 8px;text-align:right}
 th:first-child,td:first-child{text-align:left}th{background:#f3f3f3}.sig{color:#b00;font-weight:600}
-.warn{color:#b00;font-weight:700}img{max-width:100%}"""
+.warn{color:#b00;font-weight:700}img{max-width:100%}td.prose{text-align:left;max-width:40em}"""
 
 Table = tuple[list[str], list[list[str]]]
 Section = tuple[str, Any]  # ("h", "## text") | ("p", text) | ("table", Table) | ("img", file name)
@@ -73,4 +73,5 @@ def _html_cell(text: str) -> str:
     inner = html.escape(text.strip("*") if bold else text)
     inner = inner.replace(SIGNIFICANT, f'<span class="sig">{SIGNIFICANT}</span>')
     inner = inner.replace(DEGENERATE, f'<span class="warn">{DEGENERATE}</span>')
-    return f"<td><b>{inner}</b></td>" if bold else f"<td>{inner}</td>"
+    prose = ' class="prose"' if len(text) > 60 else ""  # sentences (the "why" column) read left-aligned
+    return f"<td{prose}><b>{inner}</b></td>" if bold else f"<td{prose}>{inner}</td>"
