@@ -15,7 +15,7 @@ from typing import Annotated, Optional
 import typer
 
 from relevance import settings
-from relevance.cli.train import Precision, _names
+from relevance.cli.common import Precision, name_list
 
 _OPT = "Training (default: the --from run's value)"
 _RUN = "Runtime and tracking"
@@ -57,7 +57,7 @@ def add_market_command(
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         result = add_markets(
-            str(from_run), str(data), _names(market) or (), str(out), head=head, base_model=base_model,
+            str(from_run), str(data), name_list(market) or (), str(out), head=head, base_model=base_model,
             max_steps=max_steps, epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
             max_length=max_length, seed=seed, precision=precision.value if precision else None,
             eval_every=eval_every, checkpoint_every=checkpoint_every, patience=patience, resume=resume,

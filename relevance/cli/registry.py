@@ -15,7 +15,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from relevance.cli.serving import Prefix, TrackingUri, _errors, _fail, _markets, _quiet_libraries
+from relevance.cli.common import Prefix, TrackingUri, cli_errors, fail, market_list, quiet_libraries
 
 UNSERVED_EXIT = 3
 _DECISIONS_HELP = "Where decision JSONs go. Default: $ADS_RELEVANCE_HOME/promotions (./mlruns-local/promotions)."
@@ -43,13 +43,13 @@ def register_command(
 
     Idempotent: registering the same run again creates no new version (it re-points `candidate`).
     """
-    _quiet_libraries()
+    quiet_libraries()
     from relevance.serving.registry import register
 
     try:
-        rows = register(run, _markets(markets), tracking_uri=tracking_uri, prefix=prefix, baseline_run=baseline_run)
-    except _errors() as err:
-        _fail(err)
+        rows = register(run, market_list(markets), tracking_uri=tracking_uri, prefix=prefix, baseline_run=baseline_run)
+    except cli_errors() as err:
+        fail(err)
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
         return
@@ -79,17 +79,17 @@ def promote_command(
     and >= the shared-LoRA baseline's - tolerance. Test AUC is reported, not used. Decisions and reasons
     go to version tags and a JSON file. Exit 3 when a market is left without a champion.
     """
-    _quiet_libraries()
+    quiet_libraries()
     from relevance.serving.promotion import GateBusy, promote, promote_all
 
     if all_markets == (market is not None):
-        _fail(ValueError("pass exactly one of --market M or --all"))
+        fail(ValueError("pass exactly one of --market M or --all"))
     options = {"tracking_uri": tracking_uri, "prefix": prefix, "tolerance": tolerance, "force": force,
                "reason": reason, "report_dir": report_dir}
     try:
         decisions = promote_all(data, **options) if all_markets else [promote(market, data, **options)]  # type: ignore[arg-type]
-    except (*_errors(), GateBusy) as err:
-        _fail(err)
+    except (*cli_errors(), GateBusy) as err:
+        fail(err)
     if as_json:
         typer.echo(json.dumps(decisions, indent=2, default=str))
     else:
@@ -118,14 +118,14 @@ def select_command(
     champion, else shared LoRA) is inside the paired valid interval; then the gate (sanity floor,
     champion and shared LoRA - tolerance) and `champion`. Exit 3 when a market is left without a model.
     """
-    _quiet_libraries()
+    quiet_libraries()
     from relevance.serving.market_models import select_models
 
     try:
         out = select_models(run, data, tracking_uri=tracking_uri, prefix=prefix, tolerance=tolerance, floor=floor,
                             report_dir=report_dir)
-    except _errors() as err:
-        _fail(err)
+    except cli_errors() as err:
+        fail(err)
     if as_json:
         typer.echo(json.dumps(out, indent=2, default=str))
     else:

@@ -15,53 +15,16 @@ from __future__ import annotations
 
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, NoReturn, Optional
+from typing import Annotated, Optional
 
 import typer
 
-from relevance import settings
-
-TrackingUri = Annotated[Optional[str], typer.Option("--tracking-uri", help=settings.TRACKING_URI_HELP,
-                                                    show_default=False)]
-Prefix = Annotated[str, typer.Option(help="Registered model names are <prefix>-<market>.")]
-
+from relevance.cli.common import Prefix, TrackingUri, cli_errors, fail, market_list, quiet_libraries
 
 class Engine(str, Enum):
     local = "local"
     spark = "spark"
 
-
-def _errors() -> tuple[type[BaseException], ...]:
-    from mlflow.exceptions import MlflowException
-
-    from relevance.serving.scoring_input import ScoringError
-
-    return (ValueError, LookupError, FileNotFoundError, FileExistsError, ScoringError, MlflowException)
-
-
-def _fail(err: BaseException) -> NoReturn:
-    typer.secho(f"error: {err}", err=True, fg=typer.colors.RED)
-    raise typer.Exit(code=2)
-
-
-def _markets(text: Optional[str]) -> Optional[list[str]]:
-    from data_contracts.markets import parse_markets
-
-    return None if text is None else parse_markets(text)
-
-
-def _quiet_libraries() -> None:
-    """No per-file progress bars from transformers / MLflow in command output."""
-    import os
-
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    try:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
-    except ImportError:  # pragma: no cover
-        pass
 
 
 EXIT_PARTIAL = 3  # `score`: some markets had no model, the others were written; 2 stays "error, nothing written"
@@ -116,20 +79,20 @@ def score_command(
       3  partial: some markets had no model, the others were written; the
          unscored ones are named on stderr and in _scoring_summary.json
     """
-    _quiet_libraries()
+    quiet_libraries()
     from relevance.serving.scoring import score_dataset
 
     if skip_unknown:
         if require_all_markets:
-            _fail(ValueError("--skip-unknown contradicts --require-all-markets: pass --require-all-markets only"))
+            fail(ValueError("--skip-unknown contradicts --require-all-markets: pass --require-all-markets only"))
         typer.secho("note: --skip-unknown is deprecated and now the default; drop it", err=True)
     try:
         summary = score_dataset(input, output, engine=engine.value, tracking_uri=tracking_uri, alias=alias,
-                                markets=_markets(markets), resume=resume, require_all=require_all_markets,
+                                markets=market_list(markets), resume=resume, require_all=require_all_markets,
                                 prefix=prefix, batch_size=batch_size, window=window, bf16=bf16,
                                 spark_master=spark_master, progress=not quiet)
-    except _errors() as err:
-        _fail(err)
+    except cli_errors() as err:
+        fail(err)
     _print_scoring_summary(summary)
     if summary["status"] != "complete":
         from relevance.serving.scoring_job import describe_unscored

@@ -19,6 +19,7 @@ from typing import Annotated, Optional
 import typer
 
 from relevance import settings
+from relevance.cli.common import Precision, name_list
 
 _HYPER = "Adapter"
 _OPT = "Optimisation"
@@ -38,16 +39,6 @@ class Method(str, Enum):
 class Sampling(str, Enum):
     proportional = "proportional"
     temperature = "temperature"
-
-
-class Precision(str, Enum):
-    auto = "auto"
-    fp32 = "fp32"
-    bf16 = "bf16"
-
-
-def _names(text: str | None) -> tuple[str, ...] | None:
-    return None if text is None else tuple(p.strip() for p in text.split(",") if p.strip())
 
 
 def train_command(
@@ -101,10 +92,10 @@ def train_command(
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         config = TrainConfig(
-            data=str(data), method=method.value, base_model=base_model, out=str(out), markets=_names(markets),
+            data=str(data), method=method.value, base_model=base_model, out=str(out), markets=name_list(markets),
             r=r, alpha=alpha, n_up=n_up, mtl_temperature=mtl_temperature, adapter_dropout=adapter_dropout,
             multilora_n=multilora_n, n_experts=n_experts,
-            target_modules=_names(target_modules), modules_to_save=_names(modules_to_save),
+            target_modules=name_list(target_modules), modules_to_save=name_list(modules_to_save),
             learning_rate=learning_rate, weight_decay=weight_decay, warmup_ratio=warmup_ratio,
             max_grad_norm=max_grad_norm, batch_size=batch_size, epochs=epochs, max_steps=max_steps,
             max_length=max_length, sampling=sampling.value, sampling_temperature=sampling_temperature,
