@@ -37,6 +37,9 @@ _OPT_POS_INT = (lambda v: v is None or (_is_int(v) and v >= 1), "a positive inte
 _POS_NUM = (lambda v: _is_num(v) and v > 0, "a positive finite number")
 _NON_NEG = (lambda v: _is_num(v) and v >= 0, "a non-negative finite number")
 _FRACTION = (lambda v: _is_num(v) and 0 <= v < 1, "a number in [0, 1)")
+# MTL-LoRA's Λ_t / w_t learn at this multiple of the learning rate unless told otherwise (issue 15).
+DEFAULT_TASK_LR_SCALE = 1.0
+
 _BOOL = (lambda v: isinstance(v, bool), "True or False")
 _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     **dict.fromkeys(("r", "n_up", "batch_size", "epochs", "max_length", "eval_every", "eval_batch_size",
@@ -44,6 +47,9 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     **dict.fromkeys(("max_steps", "checkpoint_every", "patience", "multilora_n", "n_experts"), _OPT_POS_INT),
     **dict.fromkeys(("alpha", "mtl_temperature", "learning_rate", "max_grad_norm", "sampling_temperature"), _POS_NUM),
     **dict.fromkeys(("weight_decay", "min_delta"), _NON_NEG),
+    "mixing_init_scale": (lambda v: v is None or (_is_num(v) and v >= 0), "a non-negative number or None"),
+    "task_lr_scale": (lambda v: v is None or (_is_num(v) and v > 0), "a positive number or None"),
+    "uniform_mixing_init": (lambda v: v is None or isinstance(v, bool), "True, False or None"),
     **dict.fromkeys(("adapter_dropout", "warmup_ratio"), _FRACTION),
     **dict.fromkeys(("track", "progress", "resume"), _BOOL),
     "seed": (_is_int, "an integer"),
@@ -71,6 +77,9 @@ class TrainConfig:
     alpha: float = 16.0
     n_up: int = 3
     mtl_temperature: float = 0.1
+    uniform_mixing_init: bool | None = None
+    mixing_init_scale: float | None = None
+    task_lr_scale: float | None = None
     multilora_n: int | None = None
     n_experts: int | None = None
     adapter_dropout: float = 0.05
@@ -131,6 +140,11 @@ class TrainConfig:
                 _bad(name, getattr(self, name), expected)
 
     @property
+    def task_lr_multiplier(self) -> float:
+        """Learning-rate factor of MTL-LoRA's Λ_t and w_t (``relevance.training.optim``)."""
+        return DEFAULT_TASK_LR_SCALE if self.task_lr_scale is None else float(self.task_lr_scale)
+
+    @property
     def market_token(self) -> bool:
         """True when the query carries the market prefix (``lora-market-token``)."""
         return self.method == "lora-market-token"
@@ -149,7 +163,7 @@ class TrainConfig:
             extra["target_modules"] = self.target_modules
         if self.modules_to_save is not None:
             extra["modules_to_save"] = self.modules_to_save
-        for name in ("multilora_n", "n_experts"):
+        for name in ("multilora_n", "n_experts", "uniform_mixing_init", "mixing_init_scale"):
             if getattr(self, name) is not None:
                 extra[name] = getattr(self, name)
         method = "lora" if self.method == "lora-market-token" else self.method

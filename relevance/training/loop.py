@@ -47,6 +47,7 @@ from relevance.model.cross_encoder import (
 from relevance.data.curated import data_fingerprint, read_training_splits
 from relevance.model.batching import collate
 from relevance.training.batches import MultiMarketSampler
+from relevance.training.optim import make_optimizer
 from relevance import settings
 from relevance.training.tracking import NullTracker, Tracker, degenerate_flags, log_final, market_aucs
 
@@ -175,7 +176,7 @@ class Run:
                                           world_size=d.world)
         self.total = config.max_steps or config.epochs * self.sampler.batches_per_epoch
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(self.params, lr=config.learning_rate, weight_decay=config.weight_decay)
+        self.optimizer = make_optimizer(self.model, config.learning_rate, config.weight_decay, config.task_lr_multiplier)
         warmup = math.ceil(config.warmup_ratio * self.total)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _schedule(warmup, self.total))
         torch.manual_seed(config.seed * 1009 + d.rank)  # the dropout stream, distinct per rank

@@ -82,6 +82,7 @@ class AdapterConfig:
     temperature: float = 0.1
     dropout: float = 0.05
     uniform_mixing_init: bool = False
+    mixing_init_scale: float = 1.0
     multilora_n: int = 3
     n_experts: int = 4
     task_embedding_dim: int = 64
@@ -122,6 +123,8 @@ class AdapterConfig:
             raise _bad("dropout", self.dropout, "a probability in [0, 1)")
         if not isinstance(self.uniform_mixing_init, bool):
             raise _bad("uniform_mixing_init", self.uniform_mixing_init, "True or False")
+        if not _is_number(self.mixing_init_scale) or self.mixing_init_scale < 0:
+            raise _bad("mixing_init_scale", self.mixing_init_scale, "a non-negative finite number such as 1.0")
         self._check_baselines()
         object.__setattr__(
             self, "target_modules", _name_tuple("target_modules", self.target_modules, False)
@@ -132,6 +135,7 @@ class AdapterConfig:
         object.__setattr__(self, "alpha", float(self.alpha))
         object.__setattr__(self, "temperature", float(self.temperature))
         object.__setattr__(self, "dropout", float(self.dropout))
+        object.__setattr__(self, "mixing_init_scale", float(self.mixing_init_scale))
 
     def _check_baselines(self) -> None:
         """MultiLoRA / MOELoRA fields; r % n_experts only matters (and is checked) for ``moelora``."""

@@ -83,6 +83,7 @@ def _make_layer(base: nn.Linear, config: AdapterConfig) -> AdapterLayer:
         n_up=config.n_up,
         temperature=config.temperature,
         uniform_mixing_init=config.uniform_mixing_init,
+        mixing_init_scale=config.mixing_init_scale,
         **common,
     )
 

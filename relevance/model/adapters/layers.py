@@ -243,8 +243,9 @@ class MTLLoRALinear(AdapterLayer):
     """MTL-LoRA: ``h = W x + (α/r) · Σ_i p_t,i · B_i Λ_t A x``, ``p_t = softmax(w_t / τ)``.
 
     A: (r, d_in) shared, Kaiming-uniform. B: (n, d_out, r) zeros. Λ_t: (r, r) per task, identity.
-    w_t: (n,) per task, U(±1/√n) (Kaiming-uniform on (T, n), as the reference code) or zeros
-    (``uniform_mixing_init``: p_t uniform). Vectorised as M_t = (α/r)(Σ_i p_t,i B_i) Λ_t, computed
+    w_t: (n,) per task, U(±s/√n); s = ``mixing_init_scale`` (s = 1 is the reference code's
+    Kaiming-uniform on (T, n), near one-hot at τ = 0.1; s = 0, or ``uniform_mixing_init``, is p_t
+    uniform, where the B_i stay identical and w_t gets no gradient). Vectorised as M_t = (α/r)(Σ_i p_t,i B_i) Λ_t, computed
     once per forward for all tasks, then one batched product per example: h = W x + M_{t(b)} (A x).
     """
 
@@ -258,12 +259,14 @@ class MTLLoRALinear(AdapterLayer):
         temperature: float = 0.1,
         dropout: float = 0.0,
         uniform_mixing_init: bool = False,
+        mixing_init_scale: float = 1.0,
     ) -> None:
         super().__init__(base, r, alpha, dropout)
         w = base.weight
         self.n_up = n_up
         self.temperature = temperature
         self.uniform_mixing_init = uniform_mixing_init
+        self.mixing_init_scale = 0.0 if uniform_mixing_init else mixing_init_scale
         self.lora_A = nn.Parameter(_kaiming((r, self.in_features), w))  # (r, d_in)
         self.lora_B = nn.Parameter(
             torch.zeros(n_up, self.out_features, r, device=w.device, dtype=w.dtype)
@@ -281,8 +284,8 @@ class MTLLoRALinear(AdapterLayer):
         w = self.base.weight
         self.lam.append(nn.Parameter(torch.eye(self.r, device=w.device, dtype=w.dtype)))
         logits = torch.zeros(self.n_up, device=w.device, dtype=w.dtype)
-        if not neutral:
-            bound = 1.0 / math.sqrt(self.n_up)
+        if not neutral and self.mixing_init_scale > 0:
+            bound = self.mixing_init_scale / math.sqrt(self.n_up)
             logits.uniform_(-bound, bound)
         self.mix_logits.append(nn.Parameter(logits))
         return len(self.lam) - 1

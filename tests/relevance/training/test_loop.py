@@ -67,6 +67,9 @@ def _config(env: dict[str, Path], out: Path, **kw) -> TrainConfig:
     ("sampling", "uniform", "TrainConfig.sampling='uniform'"),
     ("adapter_dropout", 1.0, "TrainConfig.adapter_dropout=1.0"),
     ("patience", 0, "TrainConfig.patience=0"),
+    ("task_lr_scale", 0.0, "TrainConfig.task_lr_scale=0.0"),
+    ("mixing_init_scale", -1.0, "TrainConfig.mixing_init_scale=-1.0"),
+    ("uniform_mixing_init", "yes", "TrainConfig.uniform_mixing_init='yes'"),
 ])
 def test_train_config_rejects_bad_values(field: str, value: object, match: str) -> None:
     kw = dict(data="ds", method="lora", base_model="m", out="run")
@@ -83,6 +86,11 @@ def test_train_config_round_trip_and_adapter_config() -> None:
     with pytest.raises(ValueError, match=r"unknown TrainConfig fields \['lr'\]"):
         TrainConfig.from_dict({**cfg.to_dict(), "lr": 1})
     assert "out" in RUNTIME_FIELDS and "learning_rate" not in RUNTIME_FIELDS
+    mtl = TrainConfig(data="ds", method="mtl-lora", base_model="m", out="run", mixing_init_scale=0.25,
+                      uniform_mixing_init=False, task_lr_scale=3.0)
+    adapter = mtl.adapter_config(("de", "fr"))
+    assert (adapter.mixing_init_scale, adapter.uniform_mixing_init, mtl.task_lr_multiplier) == (0.25, False, 3.0)
+    assert TrainConfig(data="ds", method="mtl-lora", base_model="m", out="run").task_lr_multiplier > 0
 
 
 # -- the run directory contract ----------------------------------------------------------------
@@ -321,7 +329,8 @@ def test_cli_help_and_errors_and_a_run(env, tmp_path: Path) -> None:
     shown = runner.invoke(app, ["train", "--help"], env={"COLUMNS": "200", "NO_COLOR": "1"})
     assert shown.exit_code == 0
     for option in ("--data", "--method", "--base-model", "--out", "--resume", "--tracking-uri", "--max-steps",
-                   "--patience", "--sampling", "mtl-lora", "lora-market-token"):
+                   "--patience", "--sampling", "mtl-lora", "lora-market-token", "--task-lr-scale",
+                   "--uniform-mixing-init", "--mixing-init-scale", "--n-up", "--mtl-temperature"):
         assert option in shown.output
     common = ["train", "--data", str(env["data"]), "--method", "lora", "--out", str(tmp_path / "run"),
               "--max-steps", "3", "--eval-every", "3", "--no-track", "--no-progress", "--batch-size", "16"]

@@ -153,6 +153,19 @@ def test_mtl_initialisation_follows_design() -> None:
     assert layer.lora_A.abs().max() <= D_IN ** -0.5
     uniform = MTLLoRALinear(nn.Linear(D_IN, D_OUT), T, uniform_mixing_init=True)
     torch.testing.assert_close(uniform.mixing_weights(), torch.full((T, 3), 1 / 3))
+    zero = MTLLoRALinear(nn.Linear(D_IN, D_OUT), T, mixing_init_scale=0.0)
+    torch.testing.assert_close(zero.mixing_weights(), torch.full((T, 3), 1 / 3))
+
+
+@pytest.mark.parametrize("scale", [0.05, 0.3])
+def test_mixing_init_scale_bounds_the_random_logits(scale: float) -> None:
+    torch.manual_seed(1)
+    layer = MTLLoRALinear(nn.Linear(D_IN, D_OUT), 50, n_up=3, mixing_init_scale=scale)
+    logits = torch.stack(list(layer.mix_logits))  # (50, 3)
+    bound = scale / 3 ** 0.5
+    assert logits.abs().max() <= bound
+    assert logits.abs().max() > 0.8 * bound  # 150 uniform draws come close to the bound
+    assert len({tuple(row.tolist()) for row in logits}) == 50  # the symmetry between markets is broken
 
 
 def test_dropout_is_active_in_training_and_off_in_eval() -> None:

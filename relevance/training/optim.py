@@ -1,0 +1,44 @@
+"""The optimizer: AdamW, with MTL-LoRA's per-market parameters in a group of their own.
+
+Why a group of their own (issue 15): Λ_t starts at I and w_t at logits of order 1/τ, while B starts
+at 0. Adam moves every entry by about the learning rate per step whatever its scale, so at the
+shared learning rate Λ_t can drift only ~0.1 from I and w_t/τ only ~1 logit in a 200-step budget:
+a market can barely specialise, and the mixing stays wherever the random init put it. These
+parameters therefore get ``task_lr_scale`` × the learning rate, and no weight decay (decay would
+pull Λ_t toward 0, not toward its neutral value I).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+# Parameter-name parts of the per-market MTL-LoRA parameters (MTLLoRALinear.lam / .mix_logits).
+TASK_PARAM_PARTS = ("lam", "mix_logits")
+
+
+def is_task_parameter(name: str) -> bool:
+    """True for an MTL-LoRA Λ_t or w_t, e.g. ``…attention.self.query.lam.2``."""
+    return any(part in TASK_PARAM_PARTS for part in name.split("."))
+
+
+def param_groups(
+    named: Iterable[tuple[str, nn.Parameter]], lr: float, weight_decay: float, task_lr_scale: float
+) -> list[dict[str, Any]]:
+    """AdamW groups over the trainable parameters: the rest, then Λ_t/w_t (scaled lr, no decay)."""
+    shared, task = [], []
+    for name, param in named:
+        if param.requires_grad:
+            (task if is_task_parameter(name) else shared).append(param)
+    groups = [{"params": shared, "lr": lr, "weight_decay": weight_decay}]
+    if task:
+        groups.append({"params": task, "lr": lr * task_lr_scale, "weight_decay": 0.0})
+    return groups
+
+
+def make_optimizer(model: nn.Module, lr: float, weight_decay: float, task_lr_scale: float) -> torch.optim.AdamW:
+    """AdamW over ``param_groups``; the LR schedule multiplies every group's own lr alike."""
+    return torch.optim.AdamW(param_groups(model.named_parameters(), lr, weight_decay, task_lr_scale))

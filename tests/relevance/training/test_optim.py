@@ -1,0 +1,61 @@
+"""MTL-LoRA's Λ_t and w_t get their own AdamW group: scaled learning rate, no weight decay."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import BertConfig, BertForSequenceClassification
+
+from relevance.model.adapters import AdapterConfig, inject, use_tasks
+from relevance.training.optim import is_task_parameter, make_optimizer, param_groups
+
+LR = 1e-3
+
+
+def tiny(method: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                     intermediate_size=32, max_position_embeddings=32, num_labels=1)
+    model = BertForSequenceClassification(cfg)
+    inject(model, AdapterConfig(method, markets=("de", "fr")))
+    return model
+
+
+def test_task_parameter_names() -> None:
+    assert is_task_parameter("bert.encoder.layer.0.attention.self.query.lam.1")
+    assert is_task_parameter("module.bert.encoder.layer.0.attention.self.key.mix_logits.0")  # under DDP
+    assert not is_task_parameter("bert.encoder.layer.0.attention.self.query.lora_A")
+    assert not is_task_parameter("bert.encoder.layer.0.attention.self.query.lora_B")
+    assert not is_task_parameter("classifier.weight")
+
+
+def test_groups_split_task_parameters_with_scaled_lr_and_no_decay() -> None:
+    model = tiny("mtl-lora")
+    groups = param_groups(model.named_parameters(), LR, 0.01, 10.0)
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    task = [p for n, p in trainable.items() if is_task_parameter(n)]
+    assert len(groups) == 2 and len(task) == 4 * 2 * 2  # 4 modules × (Λ, w) × 2 markets
+    assert {id(p) for p in groups[1]["params"]} == {id(p) for p in task}
+    assert groups[1]["lr"] == pytest.approx(10 * LR) and groups[1]["weight_decay"] == 0.0
+    assert groups[0]["lr"] == LR and groups[0]["weight_decay"] == 0.01
+    assert len(groups[0]["params"]) + len(task) == len(trainable)
+    assert len(param_groups(tiny("lora").named_parameters(), LR, 0.01, 10.0)) == 1  # nothing per market
+
+
+def test_one_adam_step_moves_lambda_at_the_scaled_rate() -> None:
+    """Adam's first step moves each entry by ~lr·sign(grad): Λ by 10·lr, A by lr, whatever their scale."""
+    model = tiny("mtl-lora")
+    layer = model.bert.encoder.layer[0].attention.self.query
+    with torch.no_grad():
+        for b in (layer.lora_B,):
+            b.normal_(0, 1.0)  # non-zero B so Λ and A get gradients
+    before_lam, before_a = layer.lam[0].detach().clone(), layer.lora_A.detach().clone()
+    opt = make_optimizer(model, LR, weight_decay=0.5, task_lr_scale=10.0)
+    ids = torch.randint(5, 50, (4, 8))
+    with use_tasks(model, torch.tensor([0, 0, 1, 1])):
+        model(input_ids=ids).logits.sum().backward()
+    opt.step()
+    lam_step = (layer.lam[0].detach() - before_lam).abs().max().item()
+    a_step = (layer.lora_A.detach() - before_a).abs().max().item()
+    assert lam_step == pytest.approx(10 * LR, rel=0.01)  # no decay term on Λ (decay 0.5 would add 5e-4)
+    assert LR < a_step <= LR * (1 + 0.5 * before_a.abs().max().item()) + 1e-7  # A: lr, plus its decay
