@@ -108,7 +108,7 @@ def pipeline_problem(result: Mapping[str, Any]) -> str | None:
 
 
 def gate_markdown(decisions: Sequence[Mapping[str, Any]], registered: Sequence[Mapping[str, Any]],
-                  report_html: str, tracking_uri: str, mlflow_runs: Mapping[str, str | None]) -> str:
+                  report_html: str | None, tracking_uri: str, mlflow_runs: Mapping[str, str | None]) -> str:
     """The markdown artifact: the model each market ships, the evidence, the gate's reasons, and where
     everything is. Markets left without a model come first, loudly."""
     lines = ["# Model per market", ""]
@@ -128,7 +128,9 @@ def gate_markdown(decisions: Sequence[Mapping[str, Any]], registered: Sequence[M
                      f"{_valid_cell(cand, 'test')} | {reasons} |")
     lines += ["", "Valid and test AUC are measured now by the registered models on the current data, with 95% "
               "cluster-bootstrap intervals over query_id; the choice reads valid only, test is reported."]
-    lines += ["", "## Where things are", "", f"- HTML report: `{report_html}`", f"- MLflow tracking URI: `{tracking_uri}`"]
+    lines += ["", "## Where things are", ""]
+    lines += [f"- HTML report: `{report_html}`"] if report_html else []
+    lines += [f"- MLflow tracking URI: `{tracking_uri}`"]
     lines += [f"- MLflow run of `{method}`: `{run_id}`" for method, run_id in mlflow_runs.items() if run_id]
     lines += [f"- `models:/{r['name']}/{r['version']}` {r.get('method', '')} "
               f"({'new' if r.get('created') else 'already registered'})" for r in registered]

@@ -74,16 +74,18 @@ def select_models(run_dirs: Sequence[str | Path], data: str | Path, *, tracking_
     by_market: dict[str, list[dict[str, Any]]] = {}
     for row in registered:
         by_market.setdefault(row["market"], []).append(row)
+    added = {m: str(r.path) for r in runs for m in (r.info.get("added_markets") or [])}  # add-market runs
     decisions = [guarded(m, prefix, lambda m=m: decide_market(client, m, by_market[m], data, prefix=prefix,
                                                               tolerance=tolerance, floor=floor, report_dir=report_dir,
-                                                              n_boot=n_boot, batch_size=batch_size))
+                                                              n_boot=n_boot, batch_size=batch_size,
+                                                              added_from=added.get(m)))
                  for m in sorted(by_market)]
     return {"registered": registered, "decisions": decisions}
 
 
 def decide_market(client, market: str, versions: Sequence[dict[str, Any]], data: str | Path, *, prefix: str,
                   tolerance: float, floor: float, report_dir: str | Path | None, n_boot: int,
-                  batch_size: int) -> dict[str, Any]:
+                  batch_size: int, added_from: str | None = None) -> dict[str, Any]:
     """Choose, gate and record one market (module docstring)."""
     name = model_name(market, prefix)
     with gate_lock(client, name):
@@ -127,7 +129,8 @@ def decide_market(client, market: str, versions: Sequence[dict[str, Any]], data:
         if base is not None:
             decision["auc"]["baseline"] = {"valid": dict(base.valid), "test": dict(base.test)}
         checks = gate_checks(chosen.auc, champ_cand.auc if champ_cand else None, base.auc if base else None,
-                             champ is not None, base is not None, tolerance, floor, chosen.degenerate_reasons)
+                             champ is not None, base is not None, tolerance, floor, chosen.degenerate_reasons,
+                             added_from)
         decision["checks"] = [{"name": c.name, "passed": c.passed, "detail": c.detail} for c in checks]
         decision["decision"] = "promoted" if all(c.passed for c in checks) else "refused"
         decision["reasons"] = choice.reasons + [c.detail for c in checks]

@@ -187,8 +187,10 @@ def promote(market: str, data: str | Path, *, tracking_uri: str | None = None, p
                                                            batch_size)[0])
             valid = {k: v["valid"]["auc"] for k, v in decision["auc"].items()}
             flags = decision["auc"]["candidate"]["valid"].get("degenerate_reasons") or ()
+            added_from = cand.tags.get("added_from", "none")  # a market launched with add-market
             checks = gate_checks(valid["candidate"], valid.get("champion"), valid.get("baseline"),
-                                 champ is not None, has_baseline, tolerance, floor, flags)
+                                 champ is not None, has_baseline, tolerance, floor, flags,
+                                 None if added_from == "none" else added_from)
         else:
             checks = [Check("valid_data", False, f"no valid rows for market {market!r} in {data}: nothing to decide on")]
         passed = all(c.passed for c in checks)

@@ -190,6 +190,7 @@ def _run_tags(run: TrainingRun, market: str) -> dict[str, str]:
         "test_auc": auc.get("auc"), "test_auc_ci_low": auc.get("ci_low"), "test_auc_ci_high": auc.get("ci_high"),
         "test_n": auc.get("n"), "valid_auc": valid.get("auc"), "valid_auc_ci_low": valid.get("ci_low"),
         "valid_auc_ci_high": valid.get("ci_high"), "valid_n": valid.get("n"), "registered_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "added_from": run.info.get("from_run") if market in (run.info.get("added_markets") or ()) else None,
     })
 
 

@@ -178,15 +178,22 @@ def _sanity(candidate: float | None, floor: float, flags: Sequence[str]) -> Chec
 
 def gate_checks(candidate: float | None, champion: float | None, baseline: float | None,
                 has_champion: bool, has_baseline: bool, tolerance: float,
-                floor: float = SANITY_FLOOR, candidate_flags: Sequence[str] = ()) -> list[Check]:
+                floor: float = SANITY_FLOOR, candidate_flags: Sequence[str] = (),
+                added_from: str | None = None) -> list[Check]:
     """The promotion gate's rules on valid AUCs, as plain data (what a unit test and the decision read).
 
     ``candidate_flags`` are the reasons the candidate's valid predictions are degenerate
-    (:attr:`Candidate.degenerate_reasons`); any fails the sanity check.
+    (:attr:`Candidate.degenerate_reasons`); any fails the sanity check. ``added_from`` names the run a
+    market was added to with ``add-market``: no shared LoRA was ever trained on such a market, so
+    the baseline check does not apply to it (the sanity floor and the champion still do).
     """
     checks = [_sanity(candidate, floor, candidate_flags)]
     checks.append(_versus("champion", "champion", candidate, champion, tolerance) if has_champion
                   else Check("champion", True, "no champion yet: nothing to fall behind"))
+    if not has_baseline and added_from:
+        checks.append(Check("baseline", True, f"market added to run {added_from} without retraining: no shared-LoRA "
+                                              "model exists for it to compare with"))
+        return checks
     checks.append(_versus("baseline", "shared-LoRA", candidate, baseline, tolerance) if has_baseline
                   else Check("baseline", False, "no shared-LoRA baseline is registered with this candidate: register "
                                                 "its run again with --baseline-run RUN, or promote with --force --reason"))

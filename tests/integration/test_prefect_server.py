@@ -119,6 +119,16 @@ def test_deployment_run_on_a_real_server_and_worker(tmp_path):
                 assert list((workdir / "scores").glob(f"market={market}/part-*.parquet"))
             keys = artifact_keys(api, ["per-market-auc", "gate-decisions", "ingest-summary", "unscored-markets"])
             assert keys == {"per-market-auc", "gate-decisions", "ingest-summary", "unscored-markets"}
+
+            # Launch fr on the weekly run's MTL-LoRA without retraining it: the add-market deployment.
+            [grown_from] = sorted(workdir.glob("runs/*/mtl-lora"))
+            write_demo_data(tmp_path / "raw-fr", markets="fr", rows_per_market=200, seed=1)
+            launch = {"raw": str(tmp_path / "raw-fr"), "workdir": str(workdir), "from_run": str(grown_from),
+                      "markets": ["fr"], "max_steps": 4, "eval_every": 4, "n_boot": 100, "floor": 0.0}
+            add = prefect(env, "deployment", "run", "add-market/launch", "--param", f"params={json.dumps(launch)}",
+                          "--watch", "--watch-timeout", "300", timeout=360)
+            assert add.returncode == 0 and "COMPLETED" in (add.stdout + add.stderr).upper(), add.stdout + add.stderr
+            assert "add-market-decisions" in artifact_keys(api, ["add-market-decisions"])
         finally:
             for p in reversed(procs):
                 stop(p)
@@ -129,6 +139,7 @@ def test_deployment_run_on_a_real_server_and_worker(tmp_path):
     uri = f"sqlite:///{workdir / 'mlflow.db'}"
     client = MlflowClient(uri, registry_uri=uri)
     names = sorted(m.name for m in client.search_registered_models())
-    assert names == ["ads-relevance-de", "ads-relevance-us"]
+    assert names == ["ads-relevance-de", "ads-relevance-fr", "ads-relevance-us"]
+    assert {v.tags["added_from"] for v in client.search_model_versions("name='ads-relevance-fr'")} == {str(grown_from)}
     assert all(client.get_model_version_by_alias(n, "champion") for n in names)  # every market has a model
     assert (workdir / "report" / "report.html").exists()

@@ -31,3 +31,21 @@ def demo_raw(tmp_path_factory):
     raw = tmp_path_factory.mktemp("demo") / "raw"
     write_demo_data(raw, markets="us,de,fr", rows_per_market=300, seed=0, corrupt_fraction=0.02)
     return str(raw)
+
+
+@pytest.fixture(scope="session")
+def read_artifacts():
+    """``read_artifacts(keys)``: the Prefect artifacts with those keys, read through the API client."""
+    import asyncio
+
+    def read(keys):
+        from prefect.client.orchestration import get_client
+        from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+        async def fetch():
+            async with get_client() as client:
+                return await client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=list(keys))))
+
+        return asyncio.run(fetch())
+
+    return read

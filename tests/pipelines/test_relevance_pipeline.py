@@ -1,22 +1,9 @@
 """Every flow on Prefect's ephemeral API with a tiny in-code model: states, artifacts, registry."""
 
-import asyncio
-
 import pytest
 from mlflow import MlflowClient
 
 pytestmark = pytest.mark.slow
-
-
-def artifacts(keys):
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
-
-    async def read():
-        async with get_client() as client:
-            return await client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=list(keys))))
-
-    return asyncio.run(read())
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +18,7 @@ def pipeline_run(tmp_path_factory, tiny_model, demo_raw):
     return work, state
 
 
-def test_pipeline_completes_with_artifacts_and_registry(pipeline_run):
+def test_pipeline_completes_with_artifacts_and_registry(pipeline_run, read_artifacts):
     """The planted outcome: every market that has training data ends with a champion chosen among both
     methods on valid, and every valid input row of every market is scored by its market's champion."""
     import pandas as pd
@@ -43,7 +30,7 @@ def test_pipeline_completes_with_artifacts_and_registry(pipeline_run):
     assert (work / "report" / "report.html").exists() and (work / "dataset" / "ingest_summary.json").exists()
     assert "## Model per market" in (work / "report" / "report.md").read_text()
     keys = ["per-market-auc", "gate-decisions", "ingest-summary", "unscored-markets"]
-    found = {a.key: a for a in artifacts(keys)}
+    found = {a.key: a for a in read_artifacts(keys)}
     assert set(found) == set(keys)
     assert "# Model per market" in found["gate-decisions"].data and "report.html" in found["gate-decisions"].data
     assert "Scoring complete: all 3 market(s) scored" in found["unscored-markets"].data

@@ -192,6 +192,10 @@ def test_gate_rules_as_data():
     assert [c.passed for c in gate_checks(None, 0.5, 0.5, True, True, 0.002)] == [False, False, False]
     assert not gate_checks(0.55, None, 0.5, False, True, 0.002)[0].passed  # the sanity floor is strict
     assert gate_checks(0.55, None, 0.5, False, True, 0.002, floor=0.5)[0].passed
+    added = gate_checks(0.9, None, None, False, False, 0.002, added_from="runs/old")  # launched with add-market
+    assert [c.passed for c in added] == [True, True, True] and "runs/old" in added[2].detail
+    assert not gate_checks(0.5, None, None, False, False, 0.002, added_from="runs/old")[0].passed  # floor still applies
+    assert not gate_checks(0.9, 0.95, None, True, False, 0.002, added_from="runs/old")[1].passed  # and the champion
 
 
 def _labels_from(run: Path, frame: pd.DataFrame, base: Path) -> pd.DataFrame:

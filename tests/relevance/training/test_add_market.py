@@ -150,6 +150,17 @@ def test_add_market_cli_end_to_end(world, tmp_path: Path) -> None:
     names = {m.name for m in client_for(uri).search_registered_models()}
     assert "ads-relevance-de" in names and not {"ads-relevance-fr", "ads-relevance-us"} & names
 
+    # select (the pipeline's step) also registers and gates only de; no shared LoRA exists for an added market.
+    uri = f"sqlite:///{tmp_path / 'select.db'}"
+    sel = runner.invoke(app, ["select", "--data", str(world["data"]), "--run", str(new), "--tracking-uri", uri, "--json"])
+    assert sel.exit_code == 0, sel.output
+    [decision] = json.loads(sel.stdout[sel.stdout.index("{"):])["decisions"]
+    assert decision["market"] == "de" and decision["decision"] == "promoted", decision["reasons"]
+    assert any("added to run" in r for r in decision["reasons"])
+    versions = client_for(uri).search_model_versions()
+    assert {v.name for v in versions} == {"ads-relevance-de"}
+    assert {v.tags["added_from"] for v in versions} == {str(world["run"].absolute())}
+
 
 @pytest.fixture(scope="module")
 def bad_sources(world) -> dict[str, Path]:
