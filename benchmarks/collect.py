@@ -52,7 +52,8 @@ SPEED = (
 QUALITY = (("Quality (CPU)", "quality.md"), ("Quality on GPU", "quality_gpu.md"),
            ("Collapse search (MTL-LoRA, issue 15)", "collapse_search.md"),
            ("Policy markets, nested (issue 15)", "policy_nested.md"),
-           ("Policy markets, crossing (issue 15)", "policy_crossing.md"))
+           ("Policy markets, crossing (issue 15)", "policy_crossing.md"),
+           ("Add a market without retraining (issue 14)", "add_market.md"))
 
 
 def _demote(md: str) -> str:

@@ -39,9 +39,9 @@ METHODS = ("mtl-lora", "lora", "lora-market-token", "per-market-lora")
 CACHE = Path(os.environ.get("ADS_RELEVANCE_CACHE", Path.home() / ".cache" / "ads-relevance"))
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def build_parser(description: str) -> argparse.ArgumentParser:
+    """The data and budget options (shared with ``add_market.py``, which runs on the same data)."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--markets", default="en,es,de,zh,ar,hi,jp", help="markets to build and train on")
     p.add_argument("--xquad-dir", type=Path, default=SHARED / "data" / "xquad", help="holds xquad.<lang>.json")
     p.add_argument("--jsquad", type=Path, default=SHARED / "data" / "jsquad" / "jsquad-valid-v1.3.json",
@@ -65,16 +65,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--workdir", type=Path, default=Path("/tmp/ads-relevance-quality"),
                    help="raw data, curated data and runs (kept, so a rerun resumes)")
     p.add_argument("--out", type=Path, default=None,
-                   help="writes OUT.md and OUT.json (default: benchmarks/results/quality; a --quick run: a temp folder)")
+                   help="writes OUT.md and OUT.json (default: benchmarks/results/<name>; a --quick run: a temp folder)")
     p.add_argument("--quick", action="store_true", help="smoke run: en,jp, 30 questions, 3 steps, 1 seed")
-    args = p.parse_args(argv)
+    return p
+
+
+def finish_args(p: argparse.ArgumentParser, args: argparse.Namespace, name: str) -> argparse.Namespace:
+    """Quick-run sizes, and the output path (``benchmarks/results/NAME``; a temp folder when quick)."""
     if args.quick:
         args.markets, args.max_questions, args.max_steps, args.batch_size = "en,jp", 30, 3, 8
         args.max_length, args.seeds, args.n_boot, args.split = 64, "0", 200, "0.4,0.2,0.4"
         if args.workdir == p.get_default("workdir"):
             args.workdir = args.workdir.with_name(args.workdir.name + "-quick")
-    args.out = output_path(args.out, "quality", args.quick)
+    args.out = output_path(args.out, name, args.quick)
     return args
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = build_parser(__doc__.split("\n\n")[0])
+    return finish_args(p, p.parse_args(argv), "quality")
 
 
 def sources(args: argparse.Namespace, markets: list[str]) -> dict[str, Path]:
