@@ -49,17 +49,21 @@ def build_qa_benchmark(
     seed: Annotated[int, typer.Option(help="Seed of the negative sampling: same seed, same rows.")] = 0,
     overwrite: Annotated[bool, typer.Option(help="Replace this market's partition if it exists.")] = False,
     max_questions: Annotated[Optional[int], typer.Option(help="Keep a seeded random subset of this many questions.")] = None,
+    policy: Annotated[str, typer.Option(help="What the market calls relevant: strict (own paragraph only), topical (also a same-article paragraph; local language only), exact-any (own paragraph in any language; needs --foreign-squad).")] = "strict",
+    foreign_squad: Annotated[Optional[Path], typer.Option(help="Parallel SQuAD file of another language: adds per question its own paragraph in that language (a 'foreign' row, labelled by --policy).")] = None,
 ) -> None:
-    """Turn QA data into raw query–ad rows: per question a positive, a same-article and an other-article negative."""
+    """Turn QA data into raw query–ad rows: per question a positive, a same-article and an other-article negative
+    (and a foreign-language row with --foreign-squad), labelled by the market's --policy."""
     from relevance.data.qa_benchmark import write_qa_benchmark
 
     try:
-        info = write_qa_benchmark(squad, market, out, seed, overwrite, max_questions)
+        info = write_qa_benchmark(squad, market, out, seed, overwrite, max_questions, policy, foreign_squad)
     except (ValueError, FileNotFoundError, FileExistsError) as err:
         _fail(err)
     typer.echo(f"{info['market']}: {info['rows']:,} rows from {info['questions']:,} questions in "
-               f"{info['articles']} articles ({info['hard_negatives']:,} hard, {info['easy_negatives']:,} easy "
-               f"negatives) -> {info['path']}")
+               f"{info['articles']} articles ({info['hard_negatives']:,} same-article, {info['easy_negatives']:,} "
+               f"other-article, {info['foreign']:,} foreign-language rows; policy {info['policy']}: "
+               f"{info['positives']:,} relevant) -> {info['path']}")
 
 
 @app.command()

@@ -12,6 +12,23 @@ before ``[SEP]``), ``ad_description`` the paragraph text, and ``query_id`` the a
 query-keyed split (:mod:`data_contracts.splits`) keeps every article in one split. XQuAD's titles are
 identical in every language, so one article lands in the same split in every market.
 
+Market policies (``policy``, issue 13): real ad markets differ in what they call relevant. With a
+``foreign`` file (a parallel SQuAD file in another language, matched by question id, as XQuAD's are)
+each question gets a fourth row, *foreign*: its own paragraph in the other language. Labels by policy:
+
+=============  ====  ====  =======  ====
+policy         pos   hard  foreign  easy
+=============  ====  ====  =======  ====
+strict         1     0     0        0
+topical        1     1     0        0     (same topic, local language only)
+exact-any      1     0     1        0     (the exact answer, in any language)
+=============  ====  ====  =======  ====
+
+``topical`` and ``exact-any`` cross: no single ranking of hard and foreign rows serves both, which is
+where a per-market adapter has something to learn that a shared one cannot. A twin market (say
+``de-any`` beside ``de``) is the same questions under the other policy: a simulation of market
+policies on real text, not real ad judgments.
+
 Deterministic: the negatives come from ``numpy.random.default_rng(seed)`` walked in file order, so
 the same file and seed give the same bytes. XQuAD files are parallel (same articles, paragraphs and
 questions in the same order), so one seed picks the *same* negatives in every language.
@@ -32,6 +49,11 @@ import pyarrow.parquet as pq
 from data_contracts.markets import validate_market
 
 SEP = "[SEP]"
+POLICIES: dict[str, dict[str, int]] = {
+    "strict": {"pos": 1, "hard": 0, "foreign": 0, "easy": 0},
+    "topical": {"pos": 1, "hard": 1, "foreign": 0, "easy": 0},
+    "exact-any": {"pos": 1, "hard": 0, "foreign": 1, "easy": 0},
+}
 _SCHEMA = pa.schema([("example_id", pa.string()), ("market", pa.string()), ("query", pa.string()),
                      ("ad_title", pa.string()), ("ad_description", pa.string()), ("query_id", pa.string()),
                      ("label", pa.int64())])
@@ -67,13 +89,32 @@ def _articles(squad: dict[str, Any], source: str) -> list[dict[str, Any]]:
     return data
 
 
+def _foreign_paragraphs(foreign: dict[str, Any], source: str) -> dict[str, Paragraph]:
+    """Question id → its own paragraph in the foreign file."""
+    out = {}
+    for a, art in enumerate(_articles(foreign, source)):
+        for p in art["paragraphs"]:
+            title, text = split_context(str(p.get("context", "")), str(art["title"]))
+            out.update({str(qa["id"]): Paragraph(a, title, text) for qa in p.get("qas", [])})
+    return out
+
+
 def build_rows(squad: dict[str, Any], market: str, seed: int = 0, source: str = "input",
-               max_questions: int | None = None) -> dict[str, list]:
-    """Columns of raw contract rows (three per question, see the module docstring) for ``market``.
+               max_questions: int | None = None, policy: str = "strict",
+               foreign: dict[str, Any] | None = None, foreign_source: str = "foreign") -> dict[str, list]:
+    """Columns of raw contract rows (three per question, four with ``foreign``) for ``market``.
 
     ``max_questions`` keeps a seeded random subset of the questions (in file order); negatives are
     still drawn from every paragraph. On parallel files the same questions are kept in every language.
+    ``policy`` labels the rows (module docstring); the foreign rows draw nothing from the seed, so the
+    other rows are the same bytes with or without them.
     """
+    if policy not in POLICIES:
+        raise ValueError(f"policy={policy!r} is invalid: expected one of {sorted(POLICIES)}")
+    if policy == "exact-any" and foreign is None:
+        raise ValueError("policy 'exact-any' labels foreign-language rows relevant: give the parallel file "
+                         "of another language (--foreign-squad)")
+    labels = POLICIES[policy]
     if max_questions is not None and (isinstance(max_questions, bool) or not isinstance(max_questions, int)
                                       or max_questions < 1):
         raise ValueError(f"max_questions={max_questions!r} is invalid: expected a positive integer or None")
@@ -98,6 +139,12 @@ def build_rows(squad: dict[str, Any], market: str, seed: int = 0, source: str = 
         keep = np.sort(rng.choice(len(questions), size=max_questions, replace=False))
         questions = [questions[i] for i in keep]
     cols: dict[str, list] = {name: [] for name in _SCHEMA.names}
+    far = _foreign_paragraphs(foreign, foreign_source) if foreign is not None else None
+    if far is not None:
+        missing = [qid for _, qid, _ in questions if qid not in far]
+        if missing:
+            raise ValueError(f"{foreign_source} lacks {len(missing)} of the {len(questions)} questions of {source} "
+                             f"(e.g. id {missing[0]!r}): the foreign file must be a parallel translation")
 
     def add(kind: str, qid: str, query: str, article: int, p: Paragraph, label: int) -> None:
         # query_id is the *question's* article, so all three rows of a question share one split.
@@ -109,30 +156,40 @@ def build_rows(squad: dict[str, Any], market: str, seed: int = 0, source: str = 
     n_articles = len(articles)
     for own, qid, query in questions:
         p = paras[own]
-        add("pos", qid, query, p.article, p, 1)
+        add("pos", qid, query, p.article, p, labels["pos"])
         siblings = [i for i in by_article[p.article] if i != own]
         if siblings:  # an article with a single paragraph has no hard negative
-            add("hard", qid, query, p.article, paras[siblings[rng.integers(len(siblings))]], 0)
+            add("hard", qid, query, p.article, paras[siblings[rng.integers(len(siblings))]], labels["hard"])
+        if far is not None:
+            add("foreign", qid, query, p.article, far[qid], labels["foreign"])
         other = (p.article + 1 + int(rng.integers(n_articles - 1))) % n_articles
-        add("easy", qid, query, p.article, paras[by_article[other][rng.integers(len(by_article[other]))]], 0)
+        add("easy", qid, query, p.article, paras[by_article[other][rng.integers(len(by_article[other]))]],
+            labels["easy"])
     return cols
 
 
+def _read_squad(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise FileNotFoundError(f"SQuAD file {path} does not exist")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path} is not valid UTF-8 JSON: {exc}") from exc
+
+
 def write_qa_benchmark(squad_file: str | Path, market: str, out: str | Path, seed: int = 0,
-                       overwrite: bool = False, max_questions: int | None = None) -> dict[str, Any]:
+                       overwrite: bool = False, max_questions: int | None = None, policy: str = "strict",
+                       foreign_file: str | Path | None = None) -> dict[str, Any]:
     """Write ``out/market=<market>/part-0.parquet`` from ``squad_file``; returns row counts by kind.
 
     Other markets' partitions under ``out`` are left alone, so one raw dataset is built market by
     market. An existing partition of this market is replaced only with ``overwrite``.
     """
     squad_file = Path(squad_file)
-    if not squad_file.is_file():
-        raise FileNotFoundError(f"SQuAD file {squad_file} does not exist")
-    try:
-        squad = json.loads(squad_file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{squad_file} is not valid UTF-8 JSON: {exc}") from exc
-    cols = build_rows(squad, market, seed, source=str(squad_file), max_questions=max_questions)
+    squad = _read_squad(squad_file)
+    foreign = _read_squad(Path(foreign_file)) if foreign_file is not None else None
+    cols = build_rows(squad, market, seed, source=str(squad_file), max_questions=max_questions, policy=policy,
+                      foreign=foreign, foreign_source=str(foreign_file))
     folder = Path(out) / f"market={validate_market(market)}"
     if folder.exists() and any(folder.iterdir()):
         if not overwrite:
@@ -145,4 +202,5 @@ def write_qa_benchmark(squad_file: str | Path, market: str, out: str | Path, see
     kinds = [e.rsplit("-", 1)[1] for e in cols["example_id"]]
     return {"market": market, "path": str(folder), "rows": len(kinds),
             "questions": kinds.count("pos"), "hard_negatives": kinds.count("hard"),
-            "easy_negatives": kinds.count("easy"), "articles": len(set(cols["query_id"]))}
+            "easy_negatives": kinds.count("easy"), "foreign": kinds.count("foreign"), "policy": policy,
+            "positives": int(sum(cols["label"])), "articles": len(set(cols["query_id"]))}

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from relevance.data.ingest import ingest
-from relevance.data.qa_benchmark import build_rows, split_context, write_qa_benchmark
+from relevance.data.qa_benchmark import POLICIES, build_rows, split_context, write_qa_benchmark
 
 EXE = Path(sys.executable).with_name("ads-relevance")
 
@@ -117,6 +117,37 @@ def test_bad_input_is_refused_with_the_reason(data, market, kwargs, message):
         build_rows(data, market, **kwargs)
 
 
+def test_policies_label_the_four_kinds_and_twins_cross():
+    """topical and exact-any disagree on the order of same-article and foreign rows: the policies cross."""
+    base = frame(build_rows(squad("de"), "de", seed=3))
+    rows = {policy: frame(build_rows(squad("de"), "de", seed=3, policy=policy, foreign=squad("en")))
+            for policy in ("strict", "topical", "exact-any")}
+    for policy, df in rows.items():
+        assert dict(df.groupby("kind")["label"].unique().map(list)) == {
+            k: [v] for k, v in POLICIES[policy].items()}, policy
+        same = df[df["kind"] != "foreign"].drop(columns="label").reset_index(drop=True)
+        pd.testing.assert_frame_equal(same, base.drop(columns="label"))  # foreign rows draw nothing from the seed
+    foreign = rows["exact-any"].query("kind == 'foreign'")
+    assert len(foreign) == (base["kind"] == "pos").sum()
+    for _, row in foreign.iterrows():  # the question's own paragraph, in the other language
+        a, p, _ = row["qid"][1:].split("-")
+        assert row["ad_description"] == f"en text of article {a} paragraph {p}." and row["query"].startswith("de ")
+    topical, exact = rows["topical"].set_index("kind")["label"], rows["exact-any"].set_index("kind")["label"]
+    assert topical["hard"].min() > topical["foreign"].max() and exact["foreign"].min() > exact["hard"].max()
+    assert frame(build_rows(squad("de"), "de", seed=3, policy="topical"))["label"].sum() == (
+        (base["kind"] == "pos").sum() + (base["kind"] == "hard").sum())  # topical works without a foreign file
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"policy": "broad"}, "policy='broad' is invalid"),
+    ({"policy": "exact-any"}, "give the parallel file"),
+    ({"foreign": squad("en", n_articles=4)}, "lacks 10 of the 30 questions"),
+])
+def test_bad_policy_input(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        build_rows(squad("de"), "de", **kwargs)
+
+
 def test_console_script(tmp_path):
     src = tmp_path / "en.json"
     src.write_text(json.dumps(squad()))
@@ -124,7 +155,13 @@ def test_console_script(tmp_path):
     out = subprocess.run([str(EXE), "build-qa-benchmark", "--squad", str(src), "--market", "en",
                           "--out", str(tmp_path / "raw")], capture_output=True, text=True, env=env)
     assert out.returncode == 0, out.stderr
-    assert "en: 88 rows from 30 questions in 5 articles (28 hard, 30 easy negatives)" in out.stdout
+    assert ("en: 88 rows from 30 questions in 5 articles (28 same-article, 30 other-article, 0 foreign-language "
+            "rows; policy strict: 30 relevant)") in out.stdout
+    (tmp_path / "de.json").write_text(json.dumps(squad("de")))
+    twin = subprocess.run([str(EXE), "build-qa-benchmark", "--squad", str(src), "--market", "en-any", "--out",
+                           str(tmp_path / "raw"), "--policy", "exact-any", "--foreign-squad", str(tmp_path / "de.json")],
+                          capture_output=True, text=True, env=env)
+    assert twin.returncode == 0 and "30 foreign-language rows; policy exact-any: 60 relevant" in twin.stdout, twin.stderr
     bad = subprocess.run([str(EXE), "build-qa-benchmark", "--squad", str(tmp_path / "missing.json"), "--market",
                           "en", "--out", str(tmp_path / "raw")], capture_output=True, text=True, env=env)
     assert bad.returncode == 2 and "missing.json does not exist" in bad.stderr
