@@ -167,6 +167,10 @@ class AddMarketRun(Run):
                 logger.warning("markets %s have no %s rows in %s: they get no %s predictions", gone, name, data, name)
         return train_df, valid_df, test_df, everything
 
+    def prior_reference(self) -> float | None:
+        """RUN's reference rate: the new market's offset is taken against the head RUN trained."""
+        return self.source.info.get("prior_logit")
+
     def eval_frame(self) -> pd.DataFrame:
         """Only the added markets decide the best step: the others cannot change."""
         return self.valid_df[self.valid_df["market"].isin(self.added)].reset_index(drop=True)

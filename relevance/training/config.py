@@ -38,7 +38,9 @@ _POS_NUM = (lambda v: _is_num(v) and v > 0, "a positive finite number")
 _NON_NEG = (lambda v: _is_num(v) and v >= 0, "a non-negative finite number")
 _FRACTION = (lambda v: _is_num(v) and 0 <= v < 1, "a number in [0, 1)")
 # MTL-LoRA's Λ_t / w_t learn at this multiple of the learning rate unless told otherwise (issue 15).
-DEFAULT_TASK_LR_SCALE = 1.0
+DEFAULT_TASK_LR_SCALE = 10.0
+# Training logits carry each market's prior log-odds offset unless told otherwise (issue 15).
+DEFAULT_MARKET_PRIOR = True
 
 _BOOL = (lambda v: isinstance(v, bool), "True or False")
 _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
@@ -49,7 +51,8 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     **dict.fromkeys(("weight_decay", "min_delta"), _NON_NEG),
     "mixing_init_scale": (lambda v: v is None or (_is_num(v) and v >= 0), "a non-negative number or None"),
     "task_lr_scale": (lambda v: v is None or (_is_num(v) and v > 0), "a positive number or None"),
-    "uniform_mixing_init": (lambda v: v is None or isinstance(v, bool), "True, False or None"),
+    **dict.fromkeys(("uniform_mixing_init", "market_prior"), (lambda v: v is None or isinstance(v, bool),
+                                                             "True, False or None")),
     **dict.fromkeys(("adapter_dropout", "warmup_ratio"), _FRACTION),
     **dict.fromkeys(("track", "progress", "resume"), _BOOL),
     "seed": (_is_int, "an integer"),
@@ -80,6 +83,7 @@ class TrainConfig:
     uniform_mixing_init: bool | None = None
     mixing_init_scale: float | None = None
     task_lr_scale: float | None = None
+    market_prior: bool | None = None
     multilora_n: int | None = None
     n_experts: int | None = None
     adapter_dropout: float = 0.05
@@ -143,6 +147,11 @@ class TrainConfig:
     def task_lr_multiplier(self) -> float:
         """Learning-rate factor of MTL-LoRA's Λ_t and w_t (``relevance.training.optim``)."""
         return DEFAULT_TASK_LR_SCALE if self.task_lr_scale is None else float(self.task_lr_scale)
+
+    @property
+    def uses_market_prior(self) -> bool:
+        """Whether training logits get each market's prior offset (``relevance.training.priors``)."""
+        return DEFAULT_MARKET_PRIOR if self.market_prior is None else self.market_prior
 
     @property
     def market_token(self) -> bool:

@@ -48,6 +48,7 @@ from relevance.data.curated import data_fingerprint, read_training_splits
 from relevance.model.batching import collate
 from relevance.training.batches import MultiMarketSampler
 from relevance.training.optim import make_optimizer
+from relevance.training.priors import per_example, prior_offsets
 from relevance import settings
 from relevance.training.tracking import NullTracker, Tracker, degenerate_flags, log_final, market_aucs
 
@@ -170,6 +171,11 @@ class Run:
             ckpt.write_json(self.out / "train_config.json", self.record())
         self.enc = encode_frame(self.tok, train_df, config.max_length, config.market_token)
         self.labels = torch.tensor(train_df["label"].to_numpy(), dtype=torch.float32)
+        self.priors, self.prior_logit = prior_offsets(train_df["market"].tolist(), train_df["label"].to_numpy(),
+                                                      self.prior_reference())
+        if not config.uses_market_prior:
+            self.priors = dict.fromkeys(self.priors, 0.0)
+        self.offsets = torch.from_numpy(per_example(train_df["market"].tolist(), self.priors))
         self.task_ids = task_ids_for(self.model, train_df["market"].tolist())
         self.sampler = MultiMarketSampler(train_df["market"].tolist(), [len(x) for x in self.enc["input_ids"]],
                                           config.batch_size, config.seed, config.temperature, rank=d.rank,
@@ -193,6 +199,10 @@ class Run:
     def read_data(self) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, tuple[str, ...]]:
         """(train, valid, test, markets): every split read before anything is trained or written."""
         return read_training_splits(self.config.data, self.config.markets)
+
+    def prior_reference(self) -> float | None:
+        """The logit the market priors are taken against (None: the train rows' own rate)."""
+        return None
 
     def eval_frame(self) -> pd.DataFrame:
         """The rows each evaluation scores to pick the best step (default: all of valid)."""
@@ -219,6 +229,7 @@ class Run:
             "mlflow_run_id": prog.mlflow_run_id, "data_fingerprint": self.fingerprint, "best_step": prog.best_step,
             "markets": list(self.markets), "task_map": make_task_map(self.markets),
             "degenerate": degenerate_flags(preds, config.run_name or self.out.name, warn=self.main),
+            "market_prior_offsets": {m: round(o, 6) for m, o in self.priors.items()}, "prior_logit": self.prior_logit,
         }
 
     def _resume(self, path: Path) -> None:
@@ -294,6 +305,7 @@ class Run:
         # Routing is set on the inner model's layers, then the (DDP) wrapper runs the forward.
         with task_routing(self.model, ids), _autocast(self.config, self.d.device):
             logits = net(**batch).logits.float().view(-1)
+        logits = logits + self.offsets[idx].to(self.d.device)  # each market's prior (training/priors.py)
         loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, self.labels[idx].to(self.d.device))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm)

@@ -65,6 +65,12 @@ def _name_tuple(name: str, value: object, allow_empty: bool) -> tuple[str, ...]:
 class AdapterConfig:
     """Hyper-parameters of one adapter (DESIGN.md §4); bad values raise ``ValueError`` at creation.
 
+    ``mixing_init_scale`` s sets MTL-LoRA's initial mixing logits w_t ~ U(±s/√n); the default 0.1 keeps
+    p_t near uniform (softmax of ±0.58 at τ = 0.1) so markets start sharing the B_i, while breaking
+    their symmetry so the B_i and w_t get different gradients. s = 1 is the reference code's init,
+    near one-hot, which pins each market to a random B_i for a short budget; ``uniform_mixing_init``
+    (s = 0) leaves the B_i identical forever (w_t's gradient is exactly zero). Issue 15 measured all three.
+
     ``multilora_n`` is MultiLoRA's number of parallel LoRAs (each of rank r); ``n_experts`` and
     ``task_embedding_dim`` are MOELoRA's expert count (each expert has rank r / n_experts, so it
     must divide r) and the size e of its per-market gate embedding.
@@ -82,7 +88,7 @@ class AdapterConfig:
     temperature: float = 0.1
     dropout: float = 0.05
     uniform_mixing_init: bool = False
-    mixing_init_scale: float = 1.0
+    mixing_init_scale: float = 0.1
     multilora_n: int = 3
     n_experts: int = 4
     task_embedding_dim: int = 64

@@ -259,7 +259,7 @@ class MTLLoRALinear(AdapterLayer):
         temperature: float = 0.1,
         dropout: float = 0.0,
         uniform_mixing_init: bool = False,
-        mixing_init_scale: float = 1.0,
+        mixing_init_scale: float = 0.1,
     ) -> None:
         super().__init__(base, r, alpha, dropout)
         w = base.weight

@@ -23,7 +23,8 @@ from relevance.training.loop import METHODS, RUNTIME_FIELDS, TrainConfig, train
 
 REPO = Path(__file__).resolve().parents[3]
 RUN_INFO_KEYS = {"method", "run_name", "base_model", "trainable_params", "train_time_s", "examples_per_s",
-                 "mlflow_run_id", "data_fingerprint", "best_step", "markets", "task_map", "degenerate"}
+                 "mlflow_run_id", "data_fingerprint", "best_step", "markets", "task_map", "degenerate",
+                 "market_prior_offsets", "prior_logit"}
 
 
 @pytest.fixture(scope="module")
