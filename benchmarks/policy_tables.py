@@ -55,7 +55,35 @@ def one_seed(work: Path, n_boot: int) -> dict:
     m = diff["macro"]
     rows["macro"] = {"mtl-lora": m["auc_b"], "lora": m["auc_a"], "diff": m["diff"], "ci_low": m["ci_low"],
                      "ci_high": m["ci_high"]}
-    return rows
+    return {"markets": rows, "mixing": mixing_probe(work / "run-mtl-lora")}
+
+
+def mixing_probe(run: Path) -> dict:
+    """What MTL-LoRA's per-market parameters became (the mechanism of issue 15), from the saved adapter.
+
+    Per market: the mean over adapted layers of max_i p_t,i (1/n = uniform, 1 = one B_i owned) and of
+    ‖Λ_t − I‖_F; and for the first two markets (the policy twins) the share of layers where both
+    put most weight on the same B_i.
+    """
+    import torch
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(run / "adapter" / "adapter_model.safetensors"))
+    meta = json.loads((run / "adapter" / "adapter_config.json").read_text())
+    tau = float(meta.get("config", meta).get("temperature", 0.1))
+    task_map = meta.get("task_map") or {}
+    layers = sorted({k.rsplit(".mix_logits.", 1)[0] for k in tensors if ".mix_logits." in k})
+    if not layers or len(task_map) < 2:
+        return {}
+    p = torch.stack([torch.softmax(torch.stack([tensors[f"{layer}.mix_logits.{t}"].float() for t in range(len(task_map))])
+                                   / tau, -1) for layer in layers])  # (layers, T, n)
+    lam = torch.stack([torch.stack([(tensors[f"{layer}.lam.{t}"].float() - torch.eye(tensors[f"{layer}.lam.{t}"].shape[0])).norm()
+                                    for t in range(len(task_map))]) for layer in layers])  # (layers, T)
+    top = p.argmax(-1)
+    names = sorted(task_map, key=task_map.get)
+    return {"max_p": {m: round(float(p[:, i].max(-1).values.mean()), 3) for i, m in enumerate(names)},
+            "lambda_dev": {m: round(float(lam[:, i].mean()), 3) for i, m in enumerate(names)},
+            "twins_share_top_b": f"{int((top[:, 0] == top[:, 1]).sum())}/{len(layers)}", "twins": names[:2]}
 
 
 def _verdict(r: dict) -> str:
@@ -71,21 +99,31 @@ def render(result: dict) -> str:
     for label, seeds in result["runs"].items():
         lines += [f"## {label}", "", "| seed | market | mtl-lora | lora | Δ [95% CI] | mtl score std |",
                   "|---:|---|---:|---:|---|---:|"]
-        for seed, rows in sorted(seeds.items(), key=lambda kv: int(kv[0])):
-            for market, r in rows.items():
+        for seed, one in sorted(seeds.items(), key=lambda kv: int(kv[0])):
+            for market, r in one["markets"].items():
                 star = "✱" if _verdict(r) != "n.s." else ""
                 std = f"{r['mtl_score_std']:.3f}" if "mtl_score_std" in r else ""
                 lines.append(f"| {seed} | {market} | {r['mtl-lora']:.3f} | {r['lora']:.3f} | {r['diff']:+.3f} "
                              f"[{r['ci_low']:+.3f}, {r['ci_high']:+.3f}]{star} | {std} |")
-        markets = list(next(iter(seeds.values())))
+        markets = list(next(iter(seeds.values()))["markets"])
         lines += ["", "Mean over seeds, and per market how many seeds MTL-LoRA is better / n.s. / worse:", "",
                   "| market | mtl-lora | lora | mean Δ | better / n.s. / worse |", "|---|---:|---:|---:|---|"]
         for market in markets:
-            rs = [rows[market] for rows in seeds.values()]
+            rs = [one["markets"][market] for one in seeds.values()]
             mean = {k: sum(r[k] for r in rs) / len(rs) for k in ("mtl-lora", "lora", "diff")}
             counts = [sum(_verdict(r) == v for r in rs) for v in ("better", "n.s.", "worse")]
             lines.append(f"| {market} | {mean['mtl-lora']:.3f} | {mean['lora']:.3f} | {mean['diff']:+.3f} | "
                          f"{counts[0]} / {counts[1]} / {counts[2]} |")
+        lines += ["", "MTL-LoRA's per-market parameters after training (mean over the adapted layers): max_i p_t,i "
+                  "(1/n uniform, 1 one-hot), ‖Λ_t − I‖_F, and in how many layers the first two markets put most "
+                  "weight on the same B_i:", "", "| seed | max p per market | ‖Λ_t − I‖ per market | same top B_i |",
+                  "|---:|---|---|---|"]
+        for seed, one in sorted(seeds.items(), key=lambda kv: int(kv[0])):
+            mix = one.get("mixing") or {}
+            if mix:
+                fmt = lambda d: ", ".join(f"{k} {v:.2f}" for k, v in d.items())  # noqa: E731
+                lines.append(f"| {seed} | {fmt(mix['max_p'])} | {fmt(mix['lambda_dev'])} | "
+                             f"{mix['twins_share_top_b']} ({' & '.join(mix['twins'])}) |")
         lines.append("")
     return "\n".join(lines)
 

@@ -144,6 +144,8 @@ def pipeline(
     workdir = workdir.absolute()
     os.environ.setdefault("PREFECT_HOME", str(workdir / ".prefect"))
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # Prefect's 20 s default for starting its local API is too short on a busy 2-core laptop.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     os.environ.setdefault("DO_NOT_TRACK", "1")
     for quiet in ("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "HF_HUB_DISABLE_PROGRESS_BARS"):  # keep the log readable
         os.environ.setdefault(quiet, "false" if quiet.startswith("MLFLOW") else "1")
