@@ -36,6 +36,8 @@ SHARED = Path(os.environ.get("ADS_RELEVANCE_SHARED", REPO.parent / "shared"))  #
 FIXTURES = Path(__file__).resolve().parent / "fixtures"  # --quick without ../shared (CI)
 XQUAD_MARKETS = ("en", "es", "de", "zh", "ar", "hi")
 METHODS = ("mtl-lora", "lora", "lora-market-token", "per-market-lora")
+# A --quick run smoke-tests every method, the MTL-LoRA paper's baselines included.
+QUICK_METHODS = (*METHODS, "multilora", "moelora")
 CACHE = Path(os.environ.get("ADS_RELEVANCE_CACHE", Path.home() / ".cache" / "ads-relevance"))
 
 
@@ -66,13 +68,16 @@ def build_parser(description: str) -> argparse.ArgumentParser:
                    help="raw data, curated data and runs (kept, so a rerun resumes)")
     p.add_argument("--out", type=Path, default=None,
                    help="writes OUT.md and OUT.json (default: benchmarks/results/<name>; a --quick run: a temp folder)")
-    p.add_argument("--quick", action="store_true", help="smoke run: en,jp, 30 questions, 3 steps, 1 seed")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run: en,jp, 30 questions, 3 steps, 1 seed, every method (multilora, moelora too)")
     return p
 
 
 def finish_args(p: argparse.ArgumentParser, args: argparse.Namespace, name: str) -> argparse.Namespace:
     """Quick-run sizes, and the output path (``benchmarks/results/NAME``; a temp folder when quick)."""
     if args.quick:
+        if args.methods == p.get_default("methods"):
+            args.methods = ",".join(QUICK_METHODS)
         args.markets, args.max_questions, args.max_steps, args.batch_size = "en,jp", 30, 3, 8
         args.max_length, args.seeds, args.n_boot, args.split = 64, "0", 200, "0.4,0.2,0.4"
         if args.workdir == p.get_default("workdir"):
