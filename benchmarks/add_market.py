@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     from relevance.evaluation.metrics import evaluate_run, metrics_path, paired_comparison
     from relevance.training.add_market import add_markets
 
-    markets = parse_markets(args.markets)
+    markets = [*parse_markets(args.markets), *quality.parse_twins(args.twins)]  # the quality benchmark's markets
     if args.holdout not in markets or len(markets) < 2:
         raise SystemExit(f"--holdout {args.holdout!r} must be one of --markets {markets}, with at least one other")
     rest = [m for m in markets if m != args.holdout]

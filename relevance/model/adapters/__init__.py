@@ -12,7 +12,7 @@ Typical use::
 
 from .baselines import MoELoRALinear, MultiLoRALinear
 from .config import METHODS, AdapterConfig
-from .growth import add_market, train_new_markets_only
+from .growth import add_market, own_heads, train_new_markets_only
 from .heads import MarketHeads
 from .inject import (
     adapter_layers,
@@ -24,7 +24,7 @@ from .inject import (
     use_tasks,
 )
 from .layers import AdapterLayer, LoRALinear, MTLLoRALinear, PerTaskLoRALinear
-from .merge import export_merged, merge, merged_copy, unmerge
+from .merge import export_merged, merge, merged_copy, models_to_serve, unmerge
 from .persistence import (
     adapter_state_dict,
     base_config_fingerprint,
@@ -55,6 +55,8 @@ __all__ = [
     "market_task_ids",
     "merge",
     "merged_copy",
+    "models_to_serve",
+    "own_heads",
     "read_adapter_config",
     "save_adapter",
     "train_new_markets_only",

@@ -58,6 +58,22 @@ def add_head_copy(model: nn.Module, market: str) -> list[nn.Module]:
     return copies
 
 
+def own_heads(model: nn.Module) -> None:
+    """Give every market its own copy of the head modules and freeze the shared head (``separate``).
+
+    Each copy starts from the shared head's weights, so every market starts where a model trained
+    alone from the same seed would; the frozen shared head then serves no trained market.
+    """
+    config = get_adapter_config(model)
+    if not config.is_task_conditioned:
+        raise ValueError(f"method {config.method!r} has no markets of its own to give heads to")
+    for market in config.task_map:
+        add_head_copy(model, market)
+    for _, module in find_modules(model, config.modules_to_save):
+        for p in module.shared.parameters():
+            p.requires_grad_(False)
+
+
 def train_new_markets_only(model: nn.Module, markets: Sequence[str], head: bool = False) -> None:
     """Freeze everything except ``markets``' own adapter parameters (and head copies if ``head``).
 

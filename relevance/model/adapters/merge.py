@@ -41,6 +41,13 @@ def _task_for(model: nn.Module, market: str | None) -> int:
     return t if config.is_task_conditioned else 0
 
 
+def models_to_serve(model: nn.Module) -> int:
+    """How many different merged models the markets need: one per market when each has its own update
+    (a task-conditioned adapter), else one model every market shares."""
+    config = get_adapter_config(model)
+    return max(1, config.num_tasks) if config.is_task_conditioned else 1
+
+
 def _heads(model: nn.Module) -> dict[str, MarketHeads]:
     return {n: m for n, m in model.named_modules() if isinstance(m, MarketHeads)}
 

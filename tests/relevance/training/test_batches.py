@@ -40,6 +40,24 @@ def test_proportional_epoch_sees_every_example_once_in_mixed_batches() -> None:
     assert mixed / len(epoch) > 0.8, "markets must be mixed inside batches"
 
 
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_single_market_batches_hold_one_market_and_the_same_examples(temperature: float) -> None:
+    markets = np.array(["us"] * 300 + ["de"] * 100 + ["jp"] * 40)
+    mixed = _sampler(seed=4, temperature=temperature)
+    single = _sampler(seed=4, temperature=temperature, single_market=True)
+    epoch = [single.next_batch() for _ in range(single.batches_per_epoch)]
+    assert all(len(set(markets[b])) == 1 for b in epoch), "every step must belong to one market"
+    # Each market contributes its quota, as in a mixed epoch: the same examples per market.
+    assert Counter(markets[np.concatenate(epoch)]) == Counter(mixed.quotas)
+    if temperature == 1.0:
+        assert sorted(np.concatenate(epoch).tolist()) == list(range(440))
+    # A market's batches are spread over the epoch (so over the learning-rate schedule), not in a block.
+    firsts = [i for i, b in enumerate(epoch) if markets[b[0]] == "jp"]
+    assert firsts[-1] - firsts[0] > len(epoch) / 2
+    with pytest.raises(ValueError, match="single_market: saved None vs now True"):
+        _sampler(seed=4, temperature=temperature, single_market=True).load_state_dict(mixed.state_dict())
+
+
 def test_temperature_sampling_matches_p_t() -> None:
     s = _sampler(seed=0, temperature=2.0)
     expected = market_probabilities({"us": 300, "de": 100, "jp": 40}, 2.0)

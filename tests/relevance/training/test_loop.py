@@ -24,7 +24,7 @@ from relevance.training.loop import METHODS, RUNTIME_FIELDS, TrainConfig, train
 REPO = Path(__file__).resolve().parents[3]
 RUN_INFO_KEYS = {"method", "run_name", "base_model", "trainable_params", "train_time_s", "examples_per_s",
                  "mlflow_run_id", "data_fingerprint", "best_step", "markets", "task_map", "degenerate",
-                 "market_prior_offsets", "prior_logit"}
+                 "market_prior_offsets", "prior_logit", "models_to_serve"}
 
 
 @pytest.fixture(scope="module")
@@ -126,6 +126,45 @@ def test_each_method_trains_and_writes_the_run_directory(env, tmp_path: Path, me
     test = read_split(env["data"], "test")
     again = score(model, tok, test, market_token=method == "lora-market-token")
     np.testing.assert_allclose(again, pd.read_parquet(out / "predictions" / "test.parquet")["score"], atol=1e-6)
+
+
+def test_separate_trains_each_market_as_if_alone(env, tmp_path: Path) -> None:
+    """``separate``: flipping one market's labels changes that market's model only, bit for bit; the
+    shared head stays at its init; cost is one LoRA and one head per market, one model per market."""
+    from relevance.data.ingest import ingest
+    from relevance.model.adapters import export_merged, load_adapter
+    from relevance.model.cross_encoder import load_cross_encoder
+
+    raw = tmp_path / "raw"
+    shutil.copytree(env["root"] / "raw", raw)
+    for f in (raw / "market=us").glob("*.parquet"):
+        df = pd.read_parquet(f)
+        df["label"] = 1 - df["label"]
+        df.to_parquet(f, index=False)
+    ingest(str(raw), tmp_path / "flipped", progress=False)
+
+    def run(data: Path, name: str) -> tuple[dict, dict[str, dict[str, torch.Tensor]]]:
+        result = train(_config(env, tmp_path / name, data=str(data), method="separate", eval_every=8))
+        model, tok = load_cross_encoder(env["model"])
+        load_adapter(model, tmp_path / name / "adapter")
+        merged = {}
+        for market in ("de", "fr", "us"):
+            export_merged(model, market, tmp_path / name / "merged" / market, tok)
+            merged[market] = load_file(tmp_path / name / "merged" / market / "model.safetensors")
+        return result.run_info, merged
+
+    info, same = run(env["data"], "orig")
+    _, flipped = run(tmp_path / "flipped", "flip")
+    for market in ("de", "fr"):
+        assert same[market].keys() == flipped[market].keys()
+        assert all(torch.equal(same[market][k], flipped[market][k]) for k in same[market]), market
+    assert not all(torch.equal(same["us"][k], flipped["us"][k]) for k in same["us"])
+    assert not torch.equal(same["de"]["classifier.weight"], same["fr"]["classifier.weight"])  # own heads
+    assert info["models_to_serve"] == 3 and info["market_prior_offsets"] == {"de": 0.0, "fr": 0.0, "us": 0.0}
+    shared = train(_config(env, tmp_path / "pml", method="per-market-lora", max_steps=1)).run_info
+    head = sum(p.numel() for n, p in load_cross_encoder(env["model"])[0].named_parameters()
+               if n.startswith("classifier"))  # the default head modules (no pooler in the tiny model)
+    assert info["trainable_params"] == shared["trainable_params"] + 2 * head  # 3 heads instead of 1
 
 
 def test_existing_run_needs_resume_and_resume_checks_hyper_parameters(env, tmp_path: Path) -> None:
