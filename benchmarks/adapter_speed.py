@@ -1,4 +1,4 @@
-"""Adapter speed benchmark: MTL-LoRA / shared LoRA / per-market LoRA against Hugging Face PEFT LoRA.
+"""Adapter speed benchmark: MTL-LoRA, shared LoRA, per-market LoRA, MultiLoRA and MOELoRA against PEFT LoRA.
 
 Why interleaved: CPU clocks and cache state drift over a run; timing the methods round-robin in one
 loop exposes them all to the same drift, so the ratios are fair even when absolute times wander.
@@ -26,8 +26,10 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-TRAIN_METHODS = ("mtl-lora", "lora", "per-market-lora", "peft-lora")
-INFER_METHODS = ("base", "mtl-lora-unmerged", "mtl-lora-merged")
+# multilora / moelora: the MTL-LoRA paper's baselines (issue 13), timed beside the rest.
+TRAIN_METHODS = ("mtl-lora", "lora", "per-market-lora", "multilora", "moelora", "peft-lora")
+INFER_METHODS = ("base", "mtl-lora-unmerged", "mtl-lora-merged", "multilora-merged", "moelora-merged")
+TASK_METHODS = ("mtl-lora", "per-market-lora", "moelora", "mtl-lora-unmerged")
 MARKETS = ("de", "es", "fr", "gb", "us")
 TARGETS = ("query", "key", "value", "attention.output.dense")
 LIMITS = {"mtl-lora": 1.10, "lora": 1.05, "mtl-lora-unmerged": 1.15, "mtl-lora-merged": 1.02}
@@ -125,7 +127,7 @@ def _adapted(base: Any, method: str) -> Any:
 def _forward(model: Any, method: str, batch: dict[str, Any]) -> Any:
     from relevance.model.adapters import use_tasks
 
-    if method in ("mtl-lora", "per-market-lora", "mtl-lora-unmerged"):
+    if method in TASK_METHODS:
         with use_tasks(model, batch["tasks"]):
             return model(**batch["inputs"]).logits
     return model(**batch["inputs"]).logits
@@ -169,8 +171,8 @@ def _build(kind: str, method: str, base: Any, batch: dict[str, Any], bf16: bool 
         return _train_step_fn(_adapted(base, method), method, batch, bf16)
     if method == "base":
         return _infer_fn(copy.deepcopy(base), method, batch, bf16)
-    adapted = _adapted(base, "mtl-lora")
-    if method == "mtl-lora-merged":
+    adapted = _adapted(base, method.rsplit("-", 1)[0])  # "moelora-merged" → moelora
+    if method.endswith("-merged"):
         return _infer_fn(merged_copy(adapted, MARKETS[0]), method, batch, bf16)
     return _infer_fn(adapted, method, batch, bf16)
 
