@@ -65,7 +65,7 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--seeds", default="0,1,2", help="training seeds; every method runs with each")
     # Sized so 7 methods × 3 seeds on 9 markets fit in about 100 minutes on 2 CPU cores (issue 13).
-    p.add_argument("--max-questions", type=int, default=240, help="questions kept per market (×3 rows, ×4 for twins)")
+    p.add_argument("--max-questions", type=int, default=200, help="questions kept per market (×3 rows, ×4 for twins)")
     p.add_argument("--split", default="0.4,0.15,0.45", help="train,valid,test fractions (by article)")
     p.add_argument("--max-steps", type=int, default=120)
     p.add_argument("--batch-size", type=int, default=16)
