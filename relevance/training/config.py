@@ -38,8 +38,9 @@ _OPT_POS_INT = (lambda v: v is None or (_is_int(v) and v >= 1), "a positive inte
 _POS_NUM = (lambda v: _is_num(v) and v > 0, "a positive finite number")
 _NON_NEG = (lambda v: _is_num(v) and v >= 0, "a non-negative finite number")
 _FRACTION = (lambda v: _is_num(v) and 0 <= v < 1, "a number in [0, 1)")
-# MTL-LoRA's Λ_t / w_t learn at this multiple of the learning rate unless told otherwise (issue 15).
-DEFAULT_TASK_LR_SCALE = 10.0
+# MTL-LoRA's Λ_t / w_t learn at this multiple of the learning rate unless told otherwise (issue 15:
+# 1× leaves them where the init put them; 10× let one crossing-policy market collapse within its rows).
+DEFAULT_TASK_LR_SCALE = 3.0
 # Training logits carry each market's prior log-odds offset unless told otherwise (issue 15).
 DEFAULT_MARKET_PRIOR = True
 
