@@ -74,6 +74,10 @@ def read_source_run(run_dir: str | Path) -> SourceRun:
                                 "(train it, or resume it to the end, first)")
     info = json.loads((path / "run_info.json").read_text())
     method = info.get("method")
+    if method == "separate":
+        raise ValueError(f"run {str(path)!r} trained one model per market (method 'separate'): a new market shares "
+                         "nothing with them, so train it alone: `ads-relevance train --method separate --markets "
+                         "CODE …` (or any method) and register that run for the new market")
     if method not in GROWABLE:
         raise ValueError(f"run {str(path)!r} was trained with method {method!r}, which shares one adapter across all "
                          f"markets: there is no per-market state to add a market to. Use a run of {list(GROWABLE)}, "

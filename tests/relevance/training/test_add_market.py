@@ -164,7 +164,7 @@ def test_add_market_cli_end_to_end(world, tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def bad_sources(world) -> dict[str, Path]:
-    """A shared-LoRA run, a merged model directory, RUN with a vanished base model, another base model."""
+    """A shared-LoRA run, a separate run, a merged model directory, RUN with a vanished base model, another base model."""
     from relevance.model.adapters import export_merged, load_adapter
     from relevance.model.cross_encoder import load_cross_encoder
     from relevance.model.tiny import build_tiny_model
@@ -172,6 +172,9 @@ def bad_sources(world) -> dict[str, Path]:
     root = world["root"] / "bad"
     train(TrainConfig(data=str(world["data"]), method="lora", base_model=str(world["model"]), out=str(root / "lora"),
                       markets=OLD, max_steps=2, eval_every=2, batch_size=16, track=False, progress=False))
+    train(TrainConfig(data=str(world["data"]), method="separate", base_model=str(world["model"]),
+                      out=str(root / "separate"), markets=OLD, max_steps=2, eval_every=2, batch_size=16, track=False,
+                      progress=False))
     model, tok = load_cross_encoder(world["model"], "cpu")
     load_adapter(model, world["run"] / "adapter")
     export_merged(model, "fr", root / "merged-fr", tok)
@@ -179,7 +182,8 @@ def bad_sources(world) -> dict[str, Path]:
     info = json.loads((root / "moved" / "run_info.json").read_text())
     (root / "moved" / "run_info.json").write_text(json.dumps({**info, "base_model": str(root / "gone")}))
     build_tiny_model(root / "other", hidden=32, layers=1, heads=2, seed=1)
-    return {"lora": root / "lora", "merged": root / "merged-fr", "moved": root / "moved", "other": root / "other"}
+    return {"lora": root / "lora", "merged": root / "merged-fr", "moved": root / "moved", "other": root / "other",
+            "separate": root / "separate"}
 
 
 @pytest.mark.parametrize(("case", "match"), [
@@ -189,10 +193,11 @@ def bad_sources(world) -> dict[str, Path]:
     ("missing_base", "recorded in"),
     ("merged", "is a merged/exported model directory"),
     ("lora", "method 'lora', which shares one adapter"),
+    ("separate", "one model per market"),
 ])
 def test_bad_input_exits_2_and_writes_nothing(world, bad_sources, tmp_path: Path, case: str, match: str) -> None:
     out = tmp_path / "out"
-    source = {"merged": bad_sources["merged"], "lora": bad_sources["lora"],
+    source = {"merged": bad_sources["merged"], "lora": bad_sources["lora"], "separate": bad_sources["separate"],
               "missing_base": bad_sources["moved"]}.get(case, world["run"])
     market = {"exists": "fr", "no_rows": "jp"}.get(case, NEW)
     extra = ["--base-model", str(bad_sources["other"])] if case == "other_base" else []
