@@ -33,7 +33,7 @@ test: setup
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
 
-# Every benchmark, then benchmarks/RESULTS.md (the quality run alone takes about an hour on 2 cores).
+# Every benchmark, then benchmarks/RESULTS.md (the quality run alone takes about 100 minutes on 2 cores).
 bench: setup
 	$(PY) benchmarks/ingest_speed.py
 	$(PY) benchmarks/adapter_speed.py
@@ -42,6 +42,7 @@ bench: setup
 	$(PY) benchmarks/quality.py
 	$(PY) benchmarks/add_market.py
 	$(PY) benchmarks/collapse_search.py
+	$(PY) benchmarks/mtl_knobs.py
 	$(PY) benchmarks/collect.py
 
 # A smoke run of every benchmark (tiny sizes, results under $(QUICK)), in a few minutes; CI runs it.
@@ -54,6 +55,7 @@ bench-quick: setup
 	$(PY) benchmarks/quality.py --quick --workdir $(QUICK)/quality-work --out $(QUICK)/quality
 	$(PY) benchmarks/add_market.py --quick --workdir $(QUICK)/quality-work --out $(QUICK)/add_market
 	$(PY) benchmarks/collapse_search.py --quick --workdir $(QUICK)/collapse-work --out $(QUICK)/collapse_search
+	$(PY) benchmarks/mtl_knobs.py --quick --workdir $(QUICK)/knobs-work --out $(QUICK)/mtl_knobs
 	GPU_SH_SMOKE=1 benchmarks/gpu.sh $(QUICK)/gpu
 	$(PY) benchmarks/collect.py --results $(QUICK) --out $(QUICK)/RESULTS.md
 

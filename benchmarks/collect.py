@@ -53,7 +53,8 @@ QUALITY = (("Quality (CPU)", "quality.md"), ("Quality on GPU", "quality_gpu.md")
            ("Collapse search (MTL-LoRA, issue 15)", "collapse_search.md"),
            ("Policy markets, nested (issue 15)", "policy_nested.md"),
            ("Policy markets, crossing (issue 15)", "policy_crossing.md"),
-           ("Add a market without retraining (issue 14)", "add_market.md"))
+           ("Add a market without retraining (issue 14)", "add_market.md"),
+           ("MTL-LoRA's knobs n and τ on planted data (issue 13)", "mtl_knobs.md"))
 
 
 def _demote(md: str) -> str:

@@ -17,7 +17,7 @@ examples. Results: ``benchmarks/results/quality.md`` and ``.json`` (with date, c
 versions). A finished run (``metrics.json`` and a matching ``train_config.json``) is reused, so an
 interrupted benchmark continues where it stopped.
 
-    python benchmarks/quality.py              # the full run: about 100 minutes on 2 CPU cores
+    python benchmarks/quality.py              # the full run: about 3 hours on 2 CPU cores (resumable)
     python benchmarks/quality.py --quick      # smoke run, 2 markets, a few steps (CI)
 """
 
@@ -64,13 +64,14 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--foreign", default="en", help="language of the foreign-language rows of the twins")
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--seeds", default="0,1,2", help="training seeds; every method runs with each")
-    # Sized so 7 methods × 3 seeds on 9 markets fit in about 100 minutes on 2 CPU cores (issue 13): a run
-    # of 200 questions, 120 steps, max length 128 took 490 s here (train 7.7 examples/s, scoring ~18 rows/s).
+    # Sizes (issue 13): 100 steps at max length 96 would fit 7 methods × 3 seeds × 9 markets in ~100 min on
+    # 2 cores, but every method stayed near chance (macro test AUC 0.54-0.61, seed 0); 200 × 16 at 128
+    # tokens learns (macro 0.94 with 400 questions) and costs ~9 min a run here, so the full run is ~3 h.
     p.add_argument("--max-questions", type=int, default=150, help="questions kept per market (×3 rows, ×4 for twins)")
     p.add_argument("--split", default="0.45,0.1,0.45", help="train,valid,test fractions (by article)")
-    p.add_argument("--max-steps", type=int, default=100)
+    p.add_argument("--max-steps", type=int, default=200)
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--max-length", type=int, default=96)
+    p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--learning-rate", type=float, default=5e-4)
     p.add_argument("--precision", default="bf16", choices=("fp32", "bf16", "auto"))
     p.add_argument("--eval-batch-size", type=int, default=64)
