@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
             results.setdefault(name, {})[seed] = {
                 m: {k: e[k] for k in ("auc_a", "auc_b", "diff", "ci_low", "ci_high", "significant")}
                 for m, e in {**comp["markets"], "macro": comp["macro"]}.items()}
-    out = {"benchmark": "mtl_knobs", "variants": {k: v for k, v in variants.items()}, "seeds": seeds,
+    out = {"benchmark": "mtl_knobs", "variants": variants, "seeds": seeds,
            "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
            "environment": env, "results": results, "wall_time_s": round(time.perf_counter() - started, 1)}
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -85,11 +85,12 @@ def _vs_best_baseline(runs: dict, seeds: list[int], methods: list[str], markets:
     """Per market, MTL-LoRA − the baseline with the highest mean test AUC there (picked on test, which
     favours the baseline), paired per seed on the same examples."""
     others = [m for m in methods if m != MAIN]
+    best = {market: max(others, key=lambda m: auc[m][market]["mean"] if auc[m][market]["mean"] is not None else -1.0)
+            for market in markets}
     comps = {(b, s): paired_comparison(_preds(runs[s][b]), _preds(runs[s][MAIN]), n_boot=n_boot, seed=0)
-             for b in others for s in seeds}
+             for b in set(best.values()) for s in seeds}  # only the baselines some market picked
     out = {}
-    for market in markets:
-        b = max(others, key=lambda m: auc[m][market]["mean"] if auc[m][market]["mean"] is not None else -1.0)
+    for market, b in best.items():
         per_seed = [{"seed": s, **{k: comps[b, s]["markets"].get(market, {}).get(k)
                                    for k in ("diff", "ci_low", "ci_high", "significant")}} for s in seeds]
         out[market] = {"baseline": b, "per_seed": per_seed, "mean_diff": _mean([p["diff"] for p in per_seed])}
