@@ -13,7 +13,7 @@ in a *fresh* process, so its peak RSS (VmHWM) is its own:
 - ``pyfunc.predict``: ``mlflow.pyfunc.load_model(dir).predict(whole market DataFrame)``, load excluded;
 - ``spark local[2]``: ``score_dataset(engine="spark")`` end to end (JVM start included).
 
-bf16 is an explicit option of the engine (``--bf16``): reported with its score correlation and AUC
+bf16 is forced for ``engine bf16`` (``--precision bf16``) and fp32 for the others: reported with its score correlation and AUC
 against fp32 on the demo labels, so the speed is never bought with silent quality loss.
 
     python benchmarks/scoring_speed.py --repeats 2   # MiniLM-L6, 20,000 pairs, best of 2 (~20 min, 2 idle cores)
@@ -77,7 +77,8 @@ def worker(kind: str, cfg: dict) -> dict:
         out = work / f"out-{kind}"
         t0 = time.perf_counter()
         summary = score_dataset(str(raw), out, engine="spark" if kind == "spark" else "local",
-                                tracking_uri=cfg["uri"], batch_size=bs, bf16=kind == "engine-bf16",
+                                tracking_uri=cfg["uri"], batch_size=bs,
+                                precision="bf16" if kind == "engine-bf16" else "fp32",
                                 spark_master="local[2]")
         seconds = time.perf_counter() - t0
         n = summary["totals"]["scored"]
@@ -100,7 +101,8 @@ def worker(kind: str, cfg: dict) -> dict:
 
                 model = mlflow.pyfunc.load_model(cfg["pyfunc"][m])
                 t0 = time.perf_counter()
-                values = model.predict(df[["query", "ad_title", "ad_description"]], params={"batch_size": bs})
+                values = model.predict(df[["query", "ad_title", "ad_description"]],
+                                       params={"batch_size": bs, "precision": "fp32"})
             seconds += time.perf_counter() - t0
             n += len(df)
             scores.update(zip(df["example_id"], [float(v) for v in list(values)]))

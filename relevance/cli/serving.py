@@ -19,7 +19,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from relevance.cli.common import Prefix, TrackingUri, cli_errors, fail, market_list, quiet_libraries
+from relevance.cli.common import Precision, Prefix, TrackingUri, cli_errors, fail, market_list, quiet_libraries
 
 class Engine(str, Enum):
     local = "local"
@@ -60,11 +60,13 @@ def score_command(
     batch_size: Annotated[int, typer.Option(help="Pairs per forward pass.")] = 64,
     window: Annotated[int, typer.Option(
         help="Rows per streamed record batch (memory bound; length sorting happens within it).")] = 4096,
-    bf16: Annotated[bool, typer.Option(
+    precision: Annotated[Precision, typer.Option(
         help=(
-            "bfloat16 autocast: 1.56x the fp32 rate on this 2-core bf16 CPU (MiniLM-L6); score "
-            "correlation 0.99994, max |diff| 3e-4, AUC within 4e-4 (benchmarks/scoring_speed.py)."
-        ))] = False,
+            "auto: a market scores in bf16 (weights cast, head in fp32) where the hardware computes bf16 "
+            "natively and its model version's fp32/bf16 parity held at registration (|dAUC| <= 0.001), "
+            "in fp32 otherwise; fp32 / bf16 force it."
+        ))] = Precision.auto,
+    bf16: Annotated[bool, typer.Option("--bf16", hidden=True, help="Same as --precision bf16.")] = False,
     prefix: Prefix = "ads-relevance",
     tracking_uri: TrackingUri = None,
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
@@ -86,10 +88,13 @@ def score_command(
         if require_all_markets:
             fail(ValueError("--skip-unknown contradicts --require-all-markets: pass --require-all-markets only"))
         typer.secho("note: --skip-unknown is deprecated and now the default; drop it", err=True)
+    if bf16 and precision is not Precision.auto and precision is not Precision.bf16:
+        fail(ValueError(f"--bf16 contradicts --precision {precision.value}: pass --precision only"))
     try:
         summary = score_dataset(input, output, engine=engine.value, tracking_uri=tracking_uri, alias=alias,
                                 markets=market_list(markets), resume=resume, require_all=require_all_markets,
-                                prefix=prefix, batch_size=batch_size, window=window, bf16=bf16,
+                                prefix=prefix, batch_size=batch_size, window=window,
+                                precision="bf16" if bf16 else precision.value,
                                 spark_master=spark_master, progress=not quiet)
     except cli_errors() as err:
         fail(err)
@@ -106,7 +111,8 @@ def _print_scoring_summary(summary: dict) -> None:
     typer.echo(f"{'market':<10}{'rows_in':>10}{'scored':>10}{'quarantined':>13}  model")
     for m, v in summary["markets"].items():
         model = summary["models"].get(m)
-        label = f"{model['name']} v{model['version']}" if model else "-"
+        used = (summary.get("precision") or {}).get(m)
+        label = f"{model['name']} v{model['version']}" + (f" ({used})" if used else "") if model else "-"
         if m in summary["unscored_markets"]:
             label = f"NOT SCORED: no {summary['prefix']}-{m}@{summary['alias']}"
         typer.echo(f"{m:<10}{v['rows_in']:>10,}{v['scored']:>10,}{sum(v['quarantined'].values()):>13,}  {label}")

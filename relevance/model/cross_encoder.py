@@ -29,6 +29,7 @@ import torch
 
 from data_contracts.markets import task_index
 from relevance.model.batching import collate, length_sorted_batches
+from relevance.model.precision import autocast, check_precision, fp32_head
 
 logger = logging.getLogger(__name__)
 
@@ -184,13 +185,6 @@ def task_routing(model: torch.nn.Module, ids: torch.Tensor | None):
     return use_tasks(model, ids)
 
 
-def autocast_context(device: torch.device, enabled: bool = True):
-    """bf16 autocast on a CUDA device that supports it; nothing otherwise (CPU stays fp32)."""
-    if enabled and device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return nullcontext()
-
-
 def score(
     model: torch.nn.Module,
     tokenizer: Any,
@@ -199,14 +193,19 @@ def score(
     batch_size: int = 64,
     max_length: int = 128,
     market_token: bool = False,
+    precision: str = "auto",
 ) -> np.ndarray:
     """Relevance probabilities (sigmoid of the logit) for every row of ``df``, in input order.
+
+    ``precision`` (:mod:`relevance.model.precision`): ``auto`` runs under bf16 autocast where the
+    device computes bf16 natively; the classification head and the sigmoid always run in fp32.
 
     ``df`` needs query, ad_title (ad_description optional) and, for a task-conditioned model or
     ``market_token``, market. Runs under ``torch.inference_mode`` in eval mode (restored after).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} is invalid: expected a positive integer")
+    check_precision(precision)
     if len(df) == 0:
         return np.zeros(0, dtype=np.float64)
     enc = encode_frame(tokenizer, df, max_length, market_token)
@@ -222,7 +221,8 @@ def score(
         with torch.inference_mode():
             for idx in length_sorted_batches([len(x) for x in enc["input_ids"]], batch_size):
                 batch = collate(enc, idx, pad_id, device=device)
-                with task_routing(model, None if ids is None else ids[idx].to(device)), autocast_context(device):
+                with task_routing(model, None if ids is None else ids[idx].to(device)), autocast(precision, device), \
+                        fp32_head(model):
                     logits = model(**batch).logits
                 out[idx] = torch.sigmoid(logits.float().view(-1)).cpu().numpy()
     finally:

@@ -20,26 +20,36 @@ def pip_requirements() -> list[str]:
 
 
 def signature():
-    """Inputs query, ad_title (ad_description, market optional) → score; params batch_size, bf16, threads."""
+    """Inputs query, ad_title (ad_description, market optional) → score; params batch_size, precision, bf16, threads."""
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
     inputs = Schema([ColSpec("string", "query"), ColSpec("string", "ad_title"),
                      ColSpec("string", "ad_description", required=False), ColSpec("string", "market", required=False)])
-    params = ParamSchema([ParamSpec("batch_size", "long", 64), ParamSpec("bf16", "boolean", False),
+    params = ParamSchema([ParamSpec("batch_size", "long", 64), ParamSpec("precision", "string", "auto"),
+                          ParamSpec("bf16", "boolean", False),
                           ParamSpec("threads", "long", 0)])
     return ModelSignature(inputs=inputs, outputs=Schema([ColSpec("double", "score")]), params=params)
 
 
-def package_model(merged_dir: Path, out_dir: Path, market: str, run: TrainingRun, batch_size: int = 64) -> Path:
+def model_config(market: str, run: TrainingRun, batch_size: int = 64, parity: dict | None = None) -> dict:
+    """The pyfunc's ``model_config`` (:mod:`relevance.serving.pyfunc_model`); ``parity`` from :mod:`relevance.serving.parity`."""
+    config = {"market": market, "market_token": run.market_token, "max_length": run.max_length,
+              "batch_size": batch_size, "method": run.method}
+    if parity is not None:
+        config["bf16_parity"] = parity
+    return config
+
+
+def package_model(merged_dir: Path, out_dir: Path, market: str, run: TrainingRun, batch_size: int = 64,
+                  parity: dict | None = None) -> Path:
     """Save ``merged_dir`` (a transformers directory) as the market's pyfunc model in ``out_dir``."""
     import mlflow
     import pandas as pd
 
     example = pd.DataFrame({"query": ["apex red bike", "tent"], "ad_title": ["Apex Bike – Red", "Nordic Tent"],
                             "ad_description": ["Free delivery.", None]})
-    config = {"market": market, "market_token": run.market_token, "max_length": run.max_length,
-              "batch_size": batch_size, "method": run.method}
+    config = model_config(market, run, batch_size, parity)
     mlflow.pyfunc.save_model(str(out_dir), python_model=str(PYFUNC_FILE), artifacts={"model": str(merged_dir)},
                              model_config=config, signature=signature(), input_example=example,
                              pip_requirements=pip_requirements())

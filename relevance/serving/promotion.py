@@ -73,10 +73,11 @@ def score_version(client, source: str, frames: dict[str, Any], dst: Path, n_boot
     from relevance.evaluation.metrics import auc_table
 
     model = load_local(download_model(client, source, dst))
-    aucs, preds = {}, {}
+    aucs, preds = {}, {}  # in fp32, the reference: a decision must not depend on the hardware it ran on
     for split, frame in frames.items():
         p = pd.DataFrame({"example_id": frame["example_id"], "market": frame["market"], "label": frame["label"],
-                          "query_id": frame["query_id"], "score": model.score_frame(frame, batch_size=batch_size)})
+                          "query_id": frame["query_id"], "score": model.score_frame(frame, batch_size=batch_size,
+                                                                              precision="fp32")})
         entry = auc_table(p, n_boot=n_boot, seed=seed)["markets"][str(frame["market"].iloc[0])]
         keys = ("auc", "ci_low", "ci_high", "n", "n_pos", "n_neg", "n_clusters", "status", "score_std", "degenerate",
                 "degenerate_reasons")

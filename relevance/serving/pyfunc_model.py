@@ -12,16 +12,21 @@ clipped to half of ``max_length`` tokens, ad = title + description, ``truncation
 both encodings and both scores agree.
 
 ``model_config`` (written by :mod:`relevance.serving.registry`): ``market``, ``market_token``, ``max_length``,
-``batch_size``, ``method``. Predict ``params``: ``batch_size``, ``bf16`` (bf16 autocast, off by default:
-1.56x the fp32 rate end to end for MiniLM-L6 on a 2-core CPU with bf16 units, score correlation
-0.99994, max |diff| 3e-4, AUC within 4e-4 — ``benchmarks/scoring_speed.py``) and ``threads`` (torch
-intra-op threads, 0 = leave as is; Spark sets it so parallel tasks do not oversubscribe cores).
+``batch_size``, ``method``, ``bf16_parity`` (fp32 vs bf16 agreement on the market's valid rows, measured at
+registration by :mod:`relevance.serving.parity`; ``ok`` when |ΔAUC| ≤ 0.001). Predict ``params``:
+``batch_size``; ``precision`` (``auto``: bf16 where the hardware computes it natively *and* this version's
+parity held, fp32 otherwise; ``fp32`` / ``bf16`` force it); ``bf16`` (legacy: true forces bf16); ``threads``
+(torch intra-op threads, 0 = leave as is; Spark sets it so parallel tasks do not oversubscribe cores).
+bf16 scoring casts the weights (not only autocast) and keeps the classification head and the sigmoid in
+fp32. The hardware test repeats :func:`relevance.model.precision.native_bf16` (this file is self-contained).
 """
 
 from __future__ import annotations
 
+import copy
 import math
-from contextlib import nullcontext
+import os
+import platform
 from typing import Any
 
 import mlflow
@@ -30,6 +35,46 @@ import pandas as pd
 
 MARKET_TOKEN_FORMAT = "[{market}] {query}"  # == relevance.model.cross_encoder.MARKET_TOKEN_FORMAT
 DEFAULT_BATCH_SIZE = 64
+PRECISIONS = ("auto", "fp32", "bf16")
+_CPU_BF16_FLAGS = {"avx512_bf16", "amx_bf16"}
+
+
+def native_bf16(device: Any) -> bool:
+    """Whether ``device`` computes bf16 natively (== relevance.model.precision.native_bf16)."""
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    override = os.environ.get("ADS_RELEVANCE_NATIVE_BF16")
+    if override in ("0", "1"):
+        return override == "1"
+    if platform.system() != "Linux":
+        return False
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            flags = next((line.partition(":")[2].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return bool(_CPU_BF16_FLAGS & set(flags))
+
+
+def bf16_copy(model: Any) -> Any:
+    """A bf16 copy of ``model`` whose classification head (``classifier`` / ``score``) stays fp32.
+
+    Why the head: the logit is a sum over the hidden size; in fp32 it keeps the resolution that ranks
+    close pairs apart (a bf16 logit has 8 significant bits, and ties cost AUC).
+    """
+    import torch
+
+    out = copy.deepcopy(model).to(torch.bfloat16)
+    head = next((getattr(out, n) for n in ("classifier", "score") if isinstance(getattr(out, n, None), torch.nn.Module)),
+                None)
+    if head is not None:
+        head.float()
+        head.register_forward_pre_hook(lambda _m, args: tuple(a.float() if torch.is_tensor(a) else a for a in args))
+    return out.eval()
 
 
 def _missing(value: Any) -> bool:
@@ -114,10 +159,26 @@ class RelevanceModel(mlflow.pyfunc.PythonModel):
 
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> np.ndarray:
         params = params or {}
-        return self.score_frame(
-            model_input, batch_size=int(params.get("batch_size") or self.batch_size),
-            bf16=bool(params.get("bf16", False)), threads=int(params.get("threads") or 0),
-        )
+        precision = "bf16" if params.get("bf16") else str(params.get("precision") or "auto")
+        return self.score_frame(model_input, batch_size=int(params.get("batch_size") or self.batch_size),
+                                precision=precision, threads=int(params.get("threads") or 0))
+
+    def resolve_precision(self, precision: str = "auto") -> str:
+        """``bf16`` or ``fp32``: ``auto`` is bf16 only on native-bf16 hardware for a version whose parity held."""
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision={precision!r} is invalid: expected one of {list(PRECISIONS)}")
+        if precision != "auto":
+            return precision
+        parity_ok = bool((self.config.get("bf16_parity") or {}).get("ok", False))
+        return "bf16" if parity_ok and native_bf16(next(self.model.parameters()).device) else "fp32"
+
+    def model_for(self, precision: str) -> Any:
+        """The fp32 model, or its bf16 copy (made once, on first use) for ``precision == "bf16"``."""
+        if precision != "bf16":
+            return self.model
+        if getattr(self, "_bf16_model", None) is None:
+            self._bf16_model = bf16_copy(self.model)
+        return self._bf16_model
 
     def check_markets(self, df: pd.DataFrame) -> None:
         """A ``market`` column, when given, must hold this model's market only (never score fr with de)."""
@@ -128,11 +189,12 @@ class RelevanceModel(mlflow.pyfunc.PythonModel):
             raise ValueError(f"this model scores market {self.market!r} only, but the input has markets "
                              f"{other[:5]}: score each market with its own model")
 
-    def score_frame(self, df: pd.DataFrame, batch_size: int | None = None, bf16: bool = False,
-                    threads: int = 0) -> np.ndarray:
+    def score_frame(self, df: pd.DataFrame, batch_size: int | None = None, precision: str = "auto",
+                    threads: int = 0, bf16: bool | None = None) -> np.ndarray:
         """Probabilities for every row of ``df`` (query, ad_title[, ad_description][, market]), in order.
 
         Rows are sorted by token length and cut into batches, so padding wastes little compute.
+        ``precision``: see :meth:`resolve_precision`; ``bf16=True`` (legacy) means ``precision="bf16"``.
         """
         import torch
 
@@ -143,6 +205,7 @@ class RelevanceModel(mlflow.pyfunc.PythonModel):
             if column not in df.columns:
                 raise ValueError(f"input lacks column {column!r}: expected query, ad_title[, ad_description]")
         self.check_markets(df)
+        model = self.model_for(self.resolve_precision("bf16" if bf16 else precision))
         out = np.empty(len(df), dtype=np.float64)
         if len(df) == 0:
             return out
@@ -152,13 +215,12 @@ class RelevanceModel(mlflow.pyfunc.PythonModel):
         enc = encode(self.tokenizer, queries, ads, self.max_length)
         order = np.argsort(np.asarray([len(x) for x in enc["input_ids"]]), kind="stable")
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        device = next(self.model.parameters()).device
-        cast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
-        with torch.inference_mode(), cast:
+        device = next(model.parameters()).device
+        with torch.inference_mode():
             for start in range(0, len(order), batch_size):
                 idx = order[start: start + batch_size]
                 batch = {k: v.to(device) for k, v in _pad(enc, idx, pad_id).items()}
-                logits = self.model(**batch).logits.float().view(-1)
+                logits = model(**batch).logits.float().view(-1)
                 out[idx] = torch.sigmoid(logits).cpu().numpy()
         return out
 

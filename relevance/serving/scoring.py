@@ -37,6 +37,7 @@ from typing import Any
 
 import pandas as pd
 
+from relevance.model.precision import check_precision
 from relevance.serving.registry import DEFAULT_PREFIX, load_local
 from relevance.serving.scoring_input import PartWriters, ScoringError, process_file
 from relevance.serving.scoring_job import COMPLETE, PARTIAL, MarketsWithoutModel, ScoringJob, scores_table
@@ -54,14 +55,18 @@ def _progress(total: int, enabled: bool):
 
 def score_local(source: str, output: str | os.PathLike, *, tracking_uri: str | None = None, alias: str = "champion",
                 markets: Sequence[str] | None = None, resume: bool = False, require_all: bool = False,
-                prefix: str = DEFAULT_PREFIX, batch_size: int = 64, window: int = 4096, bf16: bool = False,
+                prefix: str = DEFAULT_PREFIX, batch_size: int = 64, window: int = 4096, precision: str = "auto",
                 progress: bool = False, on_window: Callable[[int], None] | None = None) -> dict[str, Any]:
     """The streaming engine in this process (module docstring); returns the summary.
 
     Without ``resume``, what an interrupted job left in the staging directory is discarded. Markets
     without a model are quarantined (``status: "partial"``) unless ``require_all`` makes them an error.
     ``on_window(n_rows)`` runs after every streamed window (progress hooks; tests kill the job there).
+    ``precision``: ``auto`` scores a market in bf16 where the hardware has it and its version's fp32/bf16
+    parity held (``RelevanceModel.resolve_precision``); ``fp32`` / ``bf16`` force it. The summary's
+    ``precision`` says what each market used.
     """
+    check_precision(precision)
     if window < 1 or batch_size < 1:
         raise ValueError(f"window={window} and batch_size={batch_size} must be positive integers")
     job = ScoringJob(source, output, engine="local", alias=alias, markets=markets, require_all=require_all,
@@ -70,12 +75,13 @@ def score_local(source: str, output: str | os.PathLike, *, tracking_uri: str | N
     bar = _progress(job.total_rows(), progress)
     try:
         models = {m: load_local(p) for m, p in job.download_models(tmp).items()}
+        used = {m: model.resolve_precision(precision) for m, model in sorted(models.items())}
         selection = set(job.selection) if job.selection is not None else None
         for f in job.todo():
             writers = PartWriters(job.staging, f.index)
 
             def on_valid(market: str, rows: pd.DataFrame, writers: PartWriters = writers) -> int:
-                values = models[market].score_frame(rows, batch_size=batch_size, bf16=bf16)
+                values = models[market].score_frame(rows, batch_size=batch_size, precision=precision)
                 writers.write("scores", market, scores_table(rows, values, job.models[market]))
                 return len(rows)
 
@@ -92,7 +98,7 @@ def score_local(source: str, output: str | os.PathLike, *, tracking_uri: str | N
                 raise
             writers.commit()
             job.commit(f.index, counts)
-        return job.finish()
+        return job.finish({"precision": used})
     finally:
         bar.close()
         job.close()
@@ -116,6 +122,14 @@ def _translate_skip_unknown(kwargs: dict[str, Any]) -> None:
     kwargs["require_all"] = not skip
 
 
+def _translate_bf16(kwargs: dict[str, Any]) -> None:
+    """Map the legacy ``bf16=True`` onto ``precision="bf16"``, in place (``bf16=False`` leaves ``precision``)."""
+    if kwargs.pop("bf16", False):
+        if kwargs.get("precision", "auto") not in ("auto", "bf16"):
+            raise ValueError(f"bf16=True contradicts precision={kwargs['precision']!r}: pass precision only")
+        kwargs["precision"] = "bf16"
+
+
 def score_dataset(source: str, output: str | os.PathLike, *, engine: str = "local", **kwargs: Any) -> dict[str, Any]:
     """Score ``source`` into ``output`` with ``engine`` (``local`` or ``spark``); returns the summary.
 
@@ -125,6 +139,7 @@ def score_dataset(source: str, output: str | os.PathLike, *, engine: str = "loca
     if engine not in ENGINES:
         raise ValueError(f"engine {engine!r} is invalid: expected one of {list(ENGINES)}")
     _translate_skip_unknown(kwargs)
+    _translate_bf16(kwargs)
     if engine == "spark":
         from relevance.serving.spark_scoring import score_with_spark
 

@@ -173,9 +173,9 @@ class ScoringJob:
         self.manifest["done"][str(index)] = counts.to_dict()
         write_json(self.staging / MANIFEST, self.manifest)
 
-    def finish(self) -> dict[str, Any]:
-        """Summary, then swap the staging directory in for ``DST``."""
-        summary = summarize(self.manifest)
+    def finish(self, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Summary (with ``extra`` entries), then swap the staging directory in for ``DST``."""
+        summary = {**summarize(self.manifest), **(extra or {})}
         self.close()
         (self.staging / SEEN).unlink(missing_ok=True)
         (self.staging / MANIFEST).unlink()

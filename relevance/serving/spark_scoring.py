@@ -87,7 +87,7 @@ def _stage_valid(job: ScoringJob, window: int) -> None:
         job.commit(f.index, counts)
 
 
-def _score_market(spark, job: ScoringJob, market: str, model_dir: Path, batch_size: int, bf16: bool, threads: int) -> int:
+def _score_market(spark, job: ScoringJob, market: str, model_dir: Path, batch_size: int, precision: str, threads: int) -> int:
     """Score the staged rows of ``market`` with its model through ``spark_udf``; return rows written."""
     import mlflow
     from pyspark.sql import functions as F
@@ -98,7 +98,7 @@ def _score_market(spark, job: ScoringJob, market: str, model_dir: Path, batch_si
     df = spark.read.parquet(str(src))
     df = df.repartition(max(1, spark.sparkContext.defaultParallelism))
     udf = mlflow.pyfunc.spark_udf(spark, str(model_dir), result_type="double", env_manager="local",
-                                  params={"batch_size": batch_size, "bf16": bf16, "threads": threads})
+                                  params={"batch_size": batch_size, "precision": precision, "threads": threads})
     scored = df.select(
         F.col("example_id"),
         udf(F.struct("query", "ad_title", "ad_description")).alias("score"),
@@ -113,7 +113,7 @@ def _score_market(spark, job: ScoringJob, market: str, model_dir: Path, batch_si
 def score_with_spark(source: str, output: str | os.PathLike, *, tracking_uri: str | None = None,
                      alias: str = "champion", markets: Sequence[str] | None = None, resume: bool = False,
                      require_all: bool = False, prefix: str = DEFAULT_PREFIX, batch_size: int = 64,
-                     window: int = 4096, bf16: bool = False, spark_master: str = "local[2]",
+                     window: int = 4096, precision: str = "auto", spark_master: str = "local[2]",
                      progress: bool = False, **_: Any) -> dict[str, Any]:
     """Score ``source`` into ``output`` on Spark (module docstring); returns the summary.
 
@@ -135,7 +135,7 @@ def score_with_spark(source: str, output: str | os.PathLike, *, tracking_uri: st
             threads = max(1, (os.cpu_count() or 1) // max(1, _cores(spark_master)))
             try:
                 for market, n in sorted(expected.items()):
-                    written = _score_market(spark, job, market, model_dirs[market], batch_size, bf16, threads)
+                    written = _score_market(spark, job, market, model_dirs[market], batch_size, precision, threads)
                     if written != n:
                         raise AssertionError(f"Spark wrote {written} scores for market {market}, expected {n}")
             finally:

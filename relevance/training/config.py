@@ -14,12 +14,12 @@ from pathlib import Path
 from typing import Any
 
 from data_contracts.markets import validate_market
+from relevance.model.precision import PRECISIONS
 
 # multilora / moelora: the MTL-LoRA paper's baselines, allowed but not trained by the pipeline by default.
 # separate: one model per market (its own LoRA and head, fine-tuned on its rows only), in one run.
 METHODS = ("mtl-lora", "lora", "lora-market-token", "per-market-lora", "multilora", "moelora", "separate")
 SAMPLING = ("proportional", "temperature")
-PRECISIONS = ("auto", "fp32", "bf16")
 # Fields that may differ between a run and its resumption: where things are, not what is learned.
 RUNTIME_FIELDS = frozenset({"data", "out", "device", "tracking_uri", "experiment", "run_name",
                             "track", "progress", "resume", "keep_checkpoints"})

@@ -9,7 +9,8 @@ exactly:
     RUN/run_info.json              method, run_name, base_model, trainable_params, train_time_s,
                                    examples_per_s, mlflow_run_id, data_fingerprint, best_step,
                                    markets, task_map, degenerate ({split: {market: [reasons]}}),
-                                   market_prior_offsets, prior_logit, models_to_serve
+                                   market_prior_offsets, prior_logit, models_to_serve,
+                                   precision (what ``auto`` resolved to: bf16 or fp32)
     RUN/predictions/valid.parquet  example_id, market, label, score, query_id (best weights)
     RUN/predictions/test.parquet
     RUN/checkpoints/step-NNNNNNNN/ see relevance.training.checkpoint
@@ -49,6 +50,7 @@ from relevance.model.cross_encoder import (
 )
 from relevance.data.curated import data_fingerprint, read_training_splits
 from relevance.model.batching import collate
+from relevance.model.precision import autocast, resolve_precision
 from relevance.training.batches import MultiMarketSampler
 from relevance.training.optim import make_optimizer
 from relevance.training.priors import per_example, prior_offsets
@@ -103,16 +105,6 @@ def _init_distributed(device: str | None) -> _Dist:
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     return _Dist(dist.get_rank() if world > 1 else 0, world, dev, owns)
-
-
-def _autocast(config: TrainConfig, device: torch.device):
-    """bf16 autocast on a CUDA GPU that supports it (``auto``) or when asked (``bf16``); else fp32."""
-    from contextlib import nullcontext
-
-    cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-    if config.precision == "bf16" or (config.precision == "auto" and cuda_bf16):
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return nullcontext()
 
 
 def _schedule(warmup: int, total: int) -> Callable[[int], float]:
@@ -242,6 +234,7 @@ class Run:
             "degenerate": degenerate_flags(preds, config.run_name or self.out.name, warn=self.main),
             "market_prior_offsets": {m: round(o, 6) for m, o in self.priors.items()}, "prior_logit": self.prior_logit,
             "models_to_serve": models_to_serve(self.model),
+            "precision": resolve_precision(config.precision, self.d.device),
         }
 
     def _resume(self, path: Path) -> None:
@@ -276,7 +269,7 @@ class Run:
         """Predictions of ``df``, each rank scoring every W-th row, gathered on all ranks."""
         c, d = self.config, self.d
         part = score(self.model, self.tok, df.iloc[d.rank:: d.world], batch_size=c.eval_batch_size,
-                     max_length=c.max_length, market_token=c.market_token)
+                     max_length=c.max_length, market_token=c.market_token, precision=c.precision)
         scores = np.empty(len(df), dtype=np.float64)
         for r, chunk in enumerate(d.gather(part)):
             scores[r:: d.world] = chunk
@@ -317,7 +310,7 @@ class Run:
         batch = collate(self.enc, idx, pad_id, self.d.device)
         ids = None if self.task_ids is None else self.task_ids[idx].to(self.d.device)
         # Routing is set on the inner model's layers, then the (DDP) wrapper runs the forward.
-        with task_routing(self.model, ids), _autocast(self.config, self.d.device):
+        with task_routing(self.model, ids), autocast(self.config.precision, self.d.device):
             logits = net(**batch).logits.float().view(-1)
         logits = logits + self.offsets[idx].to(self.d.device)  # each market's prior (training/priors.py)
         loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, self.labels[idx].to(self.d.device))

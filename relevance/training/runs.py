@@ -165,12 +165,14 @@ def find_baseline_run(run: TrainingRun, baseline_run: str | Path | None = None) 
 
 def write_synthetic_run(run_dir: str | Path, base_model: str | Path, method: str = "mtl-lora",
                         markets: Sequence[str] = ("de", "us"), test: Any = None, seed: int = 0,
-                        scale: float = 0.3, max_length: int = 64, data_fingerprint: str | None = None) -> Path:
+                        scale: float = 0.3, max_length: int = 64, data_fingerprint: str | None = None,
+                        data: str | Path | None = None) -> Path:
     """A training run directory as ``relevance.training.loop`` writes it, with random non-zero adapter weights.
 
     Why: tests and benchmarks of the registry and scoring need runs whose adapters really change the
     scores (B, Λ, w and the head all random, never the zero-init no-op) without training for minutes.
-    ``test`` (a curated test frame) gives ``predictions/test.parquet`` and ``metrics.json``.
+    ``test`` (a curated test frame) gives ``predictions/test.parquet`` and ``metrics.json``, scored in fp32;
+    ``data`` (a curated dataset) is recorded as the run's data, as training records it.
     """
     import pandas as pd
     import torch
@@ -199,10 +201,12 @@ def write_synthetic_run(run_dir: str | Path, base_model: str | Path, method: str
             "train_time_s": 0.0, "examples_per_s": 0.0, "mlflow_run_id": None, "data_fingerprint": data_fingerprint,
             "best_step": 0, "markets": list(codes), "task_map": {m: i for i, m in enumerate(codes)}}
     (out / "run_info.json").write_text(json.dumps(info, indent=2))
-    config = {"method": method, "base_model": str(base_model), "max_length": max_length, "markets": list(codes)}
+    config = {"method": method, "base_model": str(base_model), "max_length": max_length, "markets": list(codes),
+              "data": None if data is None else str(data)}
     (out / "train_config.json").write_text(json.dumps(config, indent=2))
     if test is not None:
-        scores = score(model, tokenizer, test, max_length=max_length, market_token=method == MARKET_TOKEN_METHOD)
+        scores = score(model, tokenizer, test, max_length=max_length, market_token=method == MARKET_TOKEN_METHOD,
+                       precision="fp32")
         preds = pd.DataFrame({"example_id": test["example_id"], "market": test["market"],
                               "label": test["label"].astype("int64"), "score": scores})
         (out / "predictions").mkdir(exist_ok=True)

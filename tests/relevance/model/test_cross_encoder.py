@@ -124,15 +124,29 @@ def test_score_returns_probabilities_in_input_order(loaded) -> None:
     model, tok = loaded
     df = _frame(50)
     model.train()
-    p = score(model, tok, df, batch_size=8)
+    p = score(model, tok, df, batch_size=8, precision="fp32")
     assert model.training, "score restores the training mode it found"
     assert p.shape == (50,) and np.all((p > 0) & (p < 1))
     perm = np.random.default_rng(1).permutation(50)
-    shuffled = score(model, tok, df.iloc[perm].reset_index(drop=True), batch_size=8)
+    shuffled = score(model, tok, df.iloc[perm].reset_index(drop=True), batch_size=8, precision="fp32")
     np.testing.assert_allclose(shuffled, p[perm], atol=1e-6)
-    one_by_one = np.array([score(model, tok, df.iloc[[i]])[0] for i in range(0, 50, 10)])
+    one_by_one = np.array([score(model, tok, df.iloc[[i]], precision="fp32")[0] for i in range(0, 50, 10)])
     np.testing.assert_allclose(one_by_one, p[::10], atol=1e-5)  # padding does not change a score
     assert score(model, tok, df.iloc[:0]).shape == (0,)
+    with pytest.raises(ValueError, match="precision='fp16' is invalid"):
+        score(model, tok, df, precision="fp16")
+
+
+@pytest.mark.parametrize("native", ["0", "1"])
+def test_score_auto_is_bf16_only_on_native_hardware(loaded, monkeypatch, native: str) -> None:
+    model, tok = loaded
+    df = _frame(40)
+    monkeypatch.setenv("ADS_RELEVANCE_NATIVE_BF16", native)
+    fp32, auto = score(model, tok, df, precision="fp32"), score(model, tok, df)
+    bf16 = score(model, tok, df, precision="bf16")
+    np.testing.assert_array_equal(auto, bf16 if native == "1" else fp32)
+    assert 0 < np.abs(bf16 - fp32).max() < 0.01 and np.corrcoef(bf16, fp32)[0, 1] > 0.99
+    assert len(np.unique(bf16)) == len(df), "an fp32 head: no bf16 logit ties"
 
 
 def test_predictions_frame_keeps_query_id_when_the_input_has_it(loaded) -> None:
@@ -161,13 +175,13 @@ def test_score_routes_task_ids_for_a_task_conditioned_model(tiny: Path) -> None:
             if "lora_B" in name or ".lam." in name or "mix_logits" in name:
                 p.copy_(torch.randn_like(p) * 0.5)
     df = _frame(30)
-    mixed = score(model, tok, df, batch_size=7)
+    mixed = score(model, tok, df, batch_size=7, precision="fp32")
     for market in ("de", "fr"):
         rows = df["market"] == market
-        np.testing.assert_allclose(score(model, tok, df[rows]), mixed[rows.to_numpy()], atol=1e-6)
-    as_fr = score(model, tok, df.assign(market="fr"))
+        np.testing.assert_allclose(score(model, tok, df[rows], precision="fp32"), mixed[rows.to_numpy()], atol=1e-6)
+    as_fr = score(model, tok, df.assign(market="fr"), precision="fp32")
     assert np.abs(as_fr - mixed)[df["market"].to_numpy() == "de"].max() > 1e-4, "market must change the score"
-    swapped = score(model, tok, df, task_map={"de": 1, "fr": 0})
+    swapped = score(model, tok, df, task_map={"de": 1, "fr": 0}, precision="fp32")
     np.testing.assert_allclose(swapped[df["market"].to_numpy() == "de"], as_fr[df["market"].to_numpy() == "de"], atol=1e-6)
     with pytest.raises(KeyError, match="unknown market 'jp'"):
         score(model, tok, df.assign(market="jp"))

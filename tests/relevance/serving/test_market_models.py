@@ -28,7 +28,7 @@ def run_scores(run: Path, frame: pd.DataFrame, base: Path) -> np.ndarray:
 
     model, tokenizer = load_cross_encoder(base, "cpu")
     load_adapter(model, run / "adapter")
-    return score(model, tokenizer, frame.reset_index(drop=True), max_length=64)
+    return score(model, tokenizer, frame.reset_index(drop=True), max_length=64, precision="fp32")
 
 
 def planted(frame: pd.DataFrame, owner: dict[str, Path], base: Path) -> pd.DataFrame:
@@ -60,6 +60,7 @@ def champion(client, market: str, prefix: str):
 
 
 def test_each_market_ships_its_best_method_and_scoring_uses_each(world, tmp_path):
+    from relevance.model.precision import native_bf16
     from relevance.serving.scoring import score_dataset
 
     uri, prefix = world["store"](tmp_path / "mlflow.db"), "pick"
@@ -81,14 +82,24 @@ def test_each_market_ships_its_best_method_and_scoring_uses_each(world, tmp_path
     for market, rows in world["frame"].groupby("market"):
         (raw / f"market={market}").mkdir(parents=True)
         rows.drop(columns=["market", "label"]).to_parquet(raw / f"market={market}" / "part.parquet", index=False)
-    summary = score_dataset(str(raw), tmp_path / "scores", tracking_uri=uri, prefix=prefix)
-    assert summary["totals"]["scored"] == len(world["frame"])
+    summary = score_dataset(str(raw), tmp_path / "scores", tracking_uri=uri, prefix=prefix, precision="fp32")
+    assert summary["totals"]["scored"] == len(world["frame"]) and summary["precision"] == {"de": "fp32", "us": "fp32"}
+    auto = score_dataset(str(raw), tmp_path / "auto", tracking_uri=uri, prefix=prefix)  # precision auto
     for market, method in (("de", "lora"), ("us", "mtl-lora")):
         got = pd.read_parquet(tmp_path / "scores" / f"market={market}")
         assert set(got["model_version"]) == {champion(client, market, prefix)[0]}
         rows = world["frame"][world["frame"]["market"] == market].reset_index(drop=True)
         expected = pd.Series(run_scores(world["runs"][method], rows, world["base"]), index=rows["example_id"])
         np.testing.assert_allclose(got.set_index("example_id")["score"].loc[rows["example_id"]], expected, atol=1e-5)
+        # auto: bf16 only where this CPU has it natively and the version's measured parity held
+        tags = client.get_model_version_by_alias(f"{prefix}-{market}", "champion").tags
+        bf16 = native_bf16("cpu") and tags["bf16_ok"] == "true"
+        assert auto["precision"][market] == ("bf16" if bf16 else "fp32")
+        got_auto = pd.read_parquet(tmp_path / "auto" / f"market={market}").set_index("example_id")["score"]
+        if not bf16:
+            np.testing.assert_allclose(got_auto.loc[rows["example_id"]], expected, atol=1e-5)
+        else:
+            assert np.corrcoef(got_auto.loc[rows["example_id"]], expected)[0, 1] >= 0.999
 
 
 def test_a_worse_candidate_leaves_the_champion_serving(world, tmp_path):

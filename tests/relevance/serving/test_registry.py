@@ -147,8 +147,9 @@ def test_merged_pyfunc_scores_equal_the_adapted_model(world, run, tmp_path):
     rows = world["test"][world["test"]["market"] == "de"].reset_index(drop=True)
     adapted, tokenizer = load_cross_encoder(world["base"], "cpu")
     load_adapter(adapted, world["runs"][run] / "adapter")
-    expected = score(adapted, tokenizer, rows, max_length=64, market_token=run == "token")
-    np.testing.assert_allclose(model.score_frame(rows), expected, atol=1e-5)
+    expected = score(adapted, tokenizer, rows, max_length=64, market_token=run == "token", precision="fp32")
+    assert mv.tags["bf16_ok"] == "false" and "no valid rows" in mv.tags["bf16_parity_reason"]
+    np.testing.assert_allclose(model.score_frame(rows), expected, atol=1e-5)  # auto: fp32 without parity
     # the schema-enforced pyfunc path gives the same numbers, with or without market / description
     pyfunc = mlflow.pyfunc.load_model(str(local))
     got = pyfunc.predict(rows[["query", "ad_title", "ad_description", "market"]], params={"batch_size": 7})
@@ -161,6 +162,21 @@ def test_merged_pyfunc_scores_equal_the_adapted_model(world, run, tmp_path):
     assert not list(local.rglob("*.pkl")) and not list(local.rglob("*.bin")), "safetensors and code only"
     with pytest.raises(ValueError, match="scores market 'de' only"):
         model.score_frame(world["test"])
+
+
+def test_register_measures_bf16_parity_on_the_valid_rows(world, tmp_path):
+    data = write_curated(tmp_path / "ds", world["test"])
+    run = write_synthetic_run(tmp_path / "runs" / "mtl", world["base"], "mtl-lora", MARKETS, test=world["test"],
+                              seed=5, data=data)
+    registry.register(run, markets=["us"], tracking_uri=world["uri"], prefix="parity")
+    client = registry.client_for(world["uri"])
+    model, mv, _ = registry.load_by_alias(client, "us", "candidate", tmp_path / "dl", prefix="parity")
+    recorded = model.config["bf16_parity"]
+    assert recorded["n"] == int(mv.tags["bf16_parity_n"]) == int((world["test"]["market"] == "us").sum())
+    assert mv.tags["bf16_ok"] == str(recorded["ok"]).lower()
+    assert abs(recorded["auc_delta"]) == pytest.approx(abs(recorded["auc_bf16"] - recorded["auc_fp32"]), abs=2e-6)
+    assert recorded["ok"] == (abs(recorded["auc_delta"]) <= 0.001 and recorded["corr"] >= 0.999)
+    assert recorded["corr"] > 0.99
 
 
 def test_pyfunc_encoding_matches_cross_encoder(world):

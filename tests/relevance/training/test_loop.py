@@ -24,7 +24,7 @@ from relevance.training.loop import METHODS, RUNTIME_FIELDS, TrainConfig, train
 REPO = Path(__file__).resolve().parents[3]
 RUN_INFO_KEYS = {"method", "run_name", "base_model", "trainable_params", "train_time_s", "examples_per_s",
                  "mlflow_run_id", "data_fingerprint", "best_step", "markets", "task_map", "degenerate",
-                 "market_prior_offsets", "prior_logit", "models_to_serve"}
+                 "market_prior_offsets", "prior_logit", "models_to_serve", "precision"}
 
 
 @pytest.fixture(scope="module")
@@ -100,6 +100,7 @@ def test_train_config_round_trip_and_adapter_config() -> None:
 def test_each_method_trains_and_writes_the_run_directory(env, tmp_path: Path, method: str) -> None:
     from relevance.model.adapters import load_adapter
     from relevance.model.cross_encoder import load_cross_encoder, score
+    from relevance.model.precision import resolve_precision
     from relevance.data.curated import read_split
 
     out = tmp_path / method
@@ -107,6 +108,7 @@ def test_each_method_trains_and_writes_the_run_directory(env, tmp_path: Path, me
     info = json.loads((out / "run_info.json").read_text())
     assert set(info) == RUN_INFO_KEYS and info == result.run_info
     assert info["method"] == method and info["run_name"] == method
+    assert info["precision"] == resolve_precision("auto", "cpu")  # what auto means on this machine
     assert info["markets"] == ["de", "fr", "us"] and info["task_map"] == {"de": 0, "fr": 1, "us": 2}
     assert info["trainable_params"] > 0 and info["examples_per_s"] > 0 and info["best_step"] in (4, 8)
     assert len(info["data_fingerprint"]) == 64 and info["mlflow_run_id"] is None

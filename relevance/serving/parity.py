@@ -1,0 +1,90 @@
+"""fp32 / bf16 parity of one registered model, measured on its market's valid rows at registration.
+
+Why measured, not assumed: bf16 keeps 8 significant bits, and whether that moves a market's ranking
+depends on the model and the data (close pairs, a head trained on few directions). ``register`` scores
+the valid rows in both precisions with the very model it packages and records the agreement in the
+model's config (``bf16_parity``, read by ``RelevanceModel.resolve_precision``) and as version tags
+(``bf16_parity_*``). ``auto`` scoring then uses bf16 only where ``ok``: |AUC(bf16) − AUC(fp32)| ≤
+:data:`MAX_AUC_DELTA` and score correlation ≥ :data:`MIN_CORR` (a fixed threshold on the scores keeps
+its meaning) on at least :data:`MIN_ROWS` rows holding both labels. No valid rows, or one
+class only, leaves ``ok`` false with the reason: such a version scores in fp32.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+MAX_AUC_DELTA = 0.001  # the scoring benchmark's bar: |ΔAUC| ≤ 0.001
+MIN_CORR = 0.999  # and the scores themselves agree (a threshold on them means the same)
+MIN_ROWS = 20
+MAX_ROWS = 4096  # a bound on registration time; whole queries are kept (first ones by query_id)
+
+
+def parity_rows(data: str | Path | None, market: str, max_rows: int = MAX_ROWS) -> pd.DataFrame | None:
+    """The market's valid rows of curated ``data`` (whole queries, at most ~``max_rows``); None if unreadable."""
+    from relevance.data.curated import read_split
+
+    if data is None or not Path(data).exists():
+        return None
+    try:
+        rows = read_split(data, "valid", [market])
+    except (ValueError, FileNotFoundError, OSError):
+        return None
+    if len(rows) > max_rows and "query_id" in rows.columns:
+        keep = rows["query_id"].drop_duplicates().sort_values()
+        sizes = rows.groupby("query_id").size().reindex(keep).cumsum()
+        rows = rows[rows["query_id"].isin(sizes[sizes <= max_rows].index)]
+    return rows.reset_index(drop=True)
+
+
+def _auc(labels: np.ndarray, scores: np.ndarray) -> float:
+    from sklearn.metrics import roc_auc_score
+
+    return float(roc_auc_score(labels, scores))
+
+
+def compare(labels: np.ndarray, fp32: np.ndarray, bf16: np.ndarray) -> dict[str, Any]:
+    """Agreement of two score vectors of the same rows: AUCs, their difference, correlation, max |diff|, ok."""
+    labels = np.asarray(labels).astype(int)
+    out: dict[str, Any] = {"n": int(len(labels)), "auc_fp32": None, "auc_bf16": None, "auc_delta": None,
+                           "corr": None, "max_abs_diff": None, "ok": False, "reason": None}
+    if len(labels) < MIN_ROWS:
+        out["reason"] = f"{len(labels)} valid rows, fewer than {MIN_ROWS}"
+        return out
+    out["max_abs_diff"] = round(float(np.max(np.abs(fp32 - bf16))), 6)
+    if np.std(fp32) > 0 and np.std(bf16) > 0:
+        out["corr"] = round(float(np.corrcoef(fp32, bf16)[0, 1]), 6)
+    if len(set(labels.tolist())) < 2:
+        out["reason"] = "valid rows hold one label only: AUC undefined"
+        return out
+    a32, a16 = _auc(labels, fp32), _auc(labels, bf16)
+    out.update(auc_fp32=round(a32, 6), auc_bf16=round(a16, 6), auc_delta=round(a16 - a32, 6))
+    reasons = [f"|AUC delta| {abs(a16 - a32):.4f} > {MAX_AUC_DELTA}"] if abs(a16 - a32) > MAX_AUC_DELTA else []
+    if out["corr"] is None or out["corr"] < MIN_CORR:
+        reasons.append(f"score correlation {out['corr']} < {MIN_CORR}")
+    out["ok"] = not reasons
+    out["reason"] = "; ".join(reasons) or None
+    return out
+
+
+def measure(model: Any, rows: pd.DataFrame | None, batch_size: int = 64) -> dict[str, Any]:
+    """Parity of a ``RelevanceModel`` on ``rows`` (labelled valid rows), scored in fp32 and bf16."""
+    if rows is None or len(rows) == 0:
+        return {"n": 0, "ok": False, "reason": "no valid rows of this market to measure on"}
+    fp32 = model.score_frame(rows, batch_size=batch_size, precision="fp32")
+    bf16 = model.score_frame(rows, batch_size=batch_size, precision="bf16")
+    return compare(rows["label"].to_numpy(), fp32, bf16)
+
+
+def parity_tags(parity: dict[str, Any]) -> dict[str, str]:
+    """Version tags of a parity record (``none`` for what was not measured)."""
+    keys = ("n", "auc_fp32", "auc_bf16", "auc_delta", "corr", "max_abs_diff")
+    tags = {f"bf16_parity_{k}": "none" if parity.get(k) is None else str(parity[k]) for k in keys}
+    tags["bf16_ok"] = str(bool(parity.get("ok"))).lower()
+    if parity.get("reason"):
+        tags["bf16_parity_reason"] = str(parity["reason"])[:250]
+    return tags

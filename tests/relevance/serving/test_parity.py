@@ -1,0 +1,81 @@
+"""fp32/bf16 parity: the comparison maths, the bf16 copy of a served model, and what auto then chooses."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from relevance.data.demo_data import generate_market
+from relevance.model.tiny import build_tiny_model
+from relevance.serving import parity
+from relevance.serving.pyfunc_model import RelevanceModel
+
+
+def test_compare_passes_equal_rankings_and_names_what_fails() -> None:
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 200)
+    s = rng.random(200) + 0.3 * y
+    same = parity.compare(y, s, s + 1e-7)
+    assert same["ok"] and same["auc_delta"] == 0.0 and same["corr"] == pytest.approx(1.0)
+    noisy = parity.compare(y, s, s + rng.normal(0, 0.3, 200))
+    assert not noisy["ok"] and abs(noisy["auc_delta"]) > parity.MAX_AUC_DELTA
+    assert "> 0.001" in noisy["reason"]
+    bent = parity.compare(y, s, s ** 6)  # the same ranking, other scores: a threshold would move
+    assert bent["auc_delta"] == 0.0 and not bent["ok"] and "correlation" in bent["reason"]
+    one_label = parity.compare(np.ones(50), s[:50], s[:50])
+    assert not one_label["ok"] and "one label" in one_label["reason"]
+    few = parity.compare(y[:5], s[:5], s[:5])
+    assert not few["ok"] and "fewer than" in few["reason"]
+    tags = parity.parity_tags(noisy)
+    assert tags["bf16_ok"] == "false" and float(tags["bf16_parity_auc_delta"]) == noisy["auc_delta"]
+
+
+def test_parity_rows_keep_whole_queries(tmp_path) -> None:
+    from tests.relevance.serving.test_registry import make_frame, write_curated
+
+    ds = write_curated(tmp_path / "ds", make_frame(60))
+    rows = parity.parity_rows(ds, "de", max_rows=25)
+    full = parity.parity_rows(ds, "de")
+    assert 0 < len(rows) <= 25 and len(full) == 60
+    kept = set(rows["query_id"])
+    assert len(full[full["query_id"].isin(kept)]) == len(rows), "a query is kept whole or not at all"
+    assert parity.parity_rows(tmp_path / "missing", "de") is None and parity.parity_rows(None, "de") is None
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory) -> RelevanceModel:
+    path = build_tiny_model(tmp_path_factory.mktemp("tiny") / "m", initializer_range=0.2)
+    model = RelevanceModel()
+    model.load_context(SimpleNamespace(model_config={"market": "de", "max_length": 64}, artifacts={"model": str(path)}))
+    return model
+
+
+def test_bf16_copy_casts_the_weights_and_keeps_the_head_and_the_fp32_model(served) -> None:
+    rows = pd.DataFrame(generate_market("de", 120, np.random.default_rng(3)))
+    fp32 = served.score_frame(rows, precision="fp32")
+    bf16 = served.score_frame(rows, precision="bf16")
+    copy = served.model_for("bf16")
+    assert copy is served.model_for("bf16"), "the bf16 copy is made once"
+    assert copy.bert.encoder.layer[0].attention.self.query.weight.dtype == torch.bfloat16
+    assert copy.classifier.weight.dtype == torch.float32, "the head stays fp32"
+    assert served.model.bert.encoder.layer[0].attention.self.query.weight.dtype == torch.float32
+    assert 0 < np.max(np.abs(fp32 - bf16)) < 0.02, "really bf16, and close"
+    assert np.corrcoef(fp32, bf16)[0, 1] > 0.999
+    np.testing.assert_array_equal(served.score_frame(rows, precision="fp32"), fp32)
+    measured = parity.measure(served, rows.assign(query_id=rows["query"]))
+    assert measured["n"] == 120 and measured["corr"] > 0.999 and measured["auc_fp32"] is not None
+
+
+@pytest.mark.parametrize("native, recorded, expected", [
+    ("1", {"ok": True}, "bf16"), ("1", {"ok": False}, "fp32"), ("1", None, "fp32"), ("0", {"ok": True}, "fp32")])
+def test_auto_needs_native_bf16_and_parity(served, monkeypatch, native, recorded, expected) -> None:
+    monkeypatch.setenv("ADS_RELEVANCE_NATIVE_BF16", native)
+    monkeypatch.setitem(served.config, "bf16_parity", recorded)
+    assert served.resolve_precision("auto") == expected
+    assert served.resolve_precision("fp32") == "fp32" and served.resolve_precision("bf16") == "bf16"
+    with pytest.raises(ValueError, match="precision='half' is invalid"):
+        served.resolve_precision("half")
