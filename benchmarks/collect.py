@@ -47,7 +47,10 @@ SPEED = (
     ("Adapter speed (default threads)", "adapter_speed.json", _adapter, "benchmarks/adapter_speed.py"),
     ("Adapter speed (1 thread)", "adapter_speed_1thread.json", _adapter, "benchmarks/adapter_speed.py --threads 1"),
     ("Adapter speed on GPU", "adapter_speed_gpu.json", _adapter, "benchmarks/gpu.sh"),
-    ("Scoring speed", "scoring_speed.json", _scoring, "benchmarks/scoring_speed.py"),
+    ("Scoring speed, short ads (MiniLM-L6)", "scoring_speed.json", _scoring, "benchmarks/scoring_speed.py"),
+    ("Scoring speed, long pairs (trained e5-small)", "scoring_speed_long.json", _scoring,
+     "benchmarks/scoring_speed.py --workload long"),
+    ("Scoring speed on GPU, long pairs", "scoring_speed_gpu.json", _scoring, "benchmarks/gpu.sh"),
 )
 QUALITY = (("Quality (CPU)", "quality.md"), ("Quality on GPU", "quality_gpu.md"),
            ("Collapse search (MTL-LoRA, issue 15)", "collapse_search.md"),

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# One GPU benchmark run: adapter speed and the multilingual quality benchmark with bf16 and larger
-# batches, tables written to OUT_DIR, in under 10 minutes on one modern GPU.
+# One GPU benchmark run: adapter speed, the multilingual quality benchmark with bf16 and larger batches,
+# and batch scoring of long pairs with the trained models (bf16, larger batches), tables written to
+# OUT_DIR, in under 10 minutes on one modern GPU.
 #
 #   benchmarks/gpu.sh OUT_DIR
 #
@@ -57,18 +58,20 @@ if [[ "$SMOKE" == 1 ]]; then
   DEVICE=cpu
   ADAPTER_ARGS=(--quick --no-memory --steps 3 --warmup 1 --batch 16,32 --bf16)
   QUALITY_ARGS=(--quick --precision bf16)
+  SCORING_ARGS=(--quick --batch-size 32)
 else
   DEVICE=cuda
   ADAPTER_ARGS=(--steps 30 --warmup 5 --batch 128,128 --bf16)
   # All XQuAD questions (1,190 per language) and 1,190 JSQuAD ones; 2 seeds; bigger batches.
   QUALITY_ARGS=(--max-questions 1190 --max-steps 500 --batch-size 64 --eval-batch-size 512 --precision bf16
                 --seeds 0,1 --split 0.6,0.1,0.3)
+  SCORING_ARGS=(--batch-size 256 --repeats 2 --trained-run "$OUT/quality-work/runs/lora-seed0")
 fi
 [[ -n "${E5_DIR:-}" ]] && QUALITY_ARGS+=(--base-model "$E5_DIR")
 
 # Time limits keep the whole run under 10 minutes on a GPU; the CPU smoke check gets more room.
-ADAPTER_LIMIT=120 QUALITY_LIMIT=420
-[[ "$SMOKE" == 1 ]] && ADAPTER_LIMIT=600 QUALITY_LIMIT=600
+ADAPTER_LIMIT=100 QUALITY_LIMIT=360 SCORING_LIMIT=120
+[[ "$SMOKE" == 1 ]] && ADAPTER_LIMIT=600 QUALITY_LIMIT=600 SCORING_LIMIT=600
 
 step() {  # step NAME LIMIT LOG COMMAND...: run with a time limit; on failure say which step and why
   local name=$1 limit=$2 log=$3; shift 3
@@ -90,5 +93,11 @@ cat "$OUT/adapter_speed_gpu.txt"
 step "quality" "$QUALITY_LIMIT" "$OUT/quality_gpu.log" \
   "$PYTHON" benchmarks/quality.py --device "$DEVICE" "${QUALITY_ARGS[@]}" --workdir "$OUT/quality-work" \
   --out "$OUT/quality_gpu"
+# Scoring: the trained lora-seed0 models of that run on their markets' long test pairs (precision auto = bf16
+# on a bf16 GPU where the registered parity held), against CrossEncoder.predict and the GPU's GEMM floor.
+step "scoring" "$SCORING_LIMIT" "$OUT/scoring_speed_gpu.txt" \
+  "$PYTHON" benchmarks/scoring_speed.py --workload long --no-spark --device "$DEVICE" "${SCORING_ARGS[@]}" \
+  --out "$OUT/scoring_speed_gpu.json"
+cat "$OUT/scoring_speed_gpu.txt"
 rm -rf "$OUT/quality-work/raw" "$OUT/quality-work/data"  # inputs are rebuilt from the repo; keep runs
-echo "gpu.sh: done in $(( $(date +%s) - start )) s; tables: $OUT/adapter_speed_gpu.txt, $OUT/quality_gpu.md"
+echo "gpu.sh: done in $(( $(date +%s) - start )) s; tables: $OUT/adapter_speed_gpu.txt, $OUT/quality_gpu.md, $OUT/scoring_speed_gpu.txt"

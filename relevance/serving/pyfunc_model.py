@@ -17,6 +17,7 @@ registration by :mod:`relevance.serving.parity`; ``ok`` when |ΔAUC| ≤ 0.001).
 ``batch_size``; ``precision`` (``auto``: bf16 where the hardware computes it natively *and* this version's
 parity held, fp32 otherwise; ``fp32`` / ``bf16`` force it); ``bf16`` (legacy: true forces bf16); ``threads``
 (torch intra-op threads, 0 = leave as is; Spark sets it so parallel tasks do not oversubscribe cores).
+The model runs on ``ADS_RELEVANCE_DEVICE`` if set, else on a CUDA GPU when one is visible, else the CPU.
 bf16 scoring casts the weights (not only autocast) and keeps the classification head and the sigmoid in
 fp32. The hardware test repeats :func:`relevance.model.precision.native_bf16` (this file is self-contained).
 """
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import copy
 import math
+from concurrent.futures import ThreadPoolExecutor
 import os
 import platform
 from typing import Any
@@ -35,6 +37,8 @@ import pandas as pd
 
 MARKET_TOKEN_FORMAT = "[{market}] {query}"  # == relevance.model.cross_encoder.MARKET_TOKEN_FORMAT
 DEFAULT_BATCH_SIZE = 64
+CHUNK_ROWS = 1024  # rows tokenized ahead by the producer thread (and length-sorted together)
+BATCH_GROWTH = 4  # short pairs may fill up to 4 × batch_size rows within the token budget
 PRECISIONS = ("auto", "fp32", "bf16")
 _CPU_BF16_FLAGS = {"avx512_bf16", "amx_bf16"}
 
@@ -58,6 +62,16 @@ def native_bf16(device: Any) -> bool:
     except OSError:
         return False
     return bool(_CPU_BF16_FLAGS & set(flags))
+
+
+def scoring_device() -> Any:
+    """``ADS_RELEVANCE_DEVICE`` (e.g. ``cpu``, ``cuda:1``) if set, else the first CUDA GPU if any, else the CPU."""
+    import torch
+
+    chosen = os.environ.get("ADS_RELEVANCE_DEVICE")
+    if chosen:
+        return torch.device(chosen)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def bf16_copy(model: Any) -> Any:
@@ -122,6 +136,21 @@ def encode(tokenizer: Any, queries: list[str], ads: list[str], max_length: int) 
     return {k: list(v) for k, v in enc.items()}
 
 
+def token_batches(lengths: list[int], max_rows: int, max_tokens: int) -> list[np.ndarray]:
+    """Row indices in batches by padded size: rows sorted by length, a batch closed when one more row
+    would make ``rows × longest`` exceed ``max_tokens`` or ``max_rows`` (one row always fits)."""
+    order = np.argsort(np.asarray(lengths), kind="stable")
+    batches, start = [], 0
+    for end in range(1, len(order) + 1):
+        longest = lengths[order[end - 1]]
+        if end - start > 1 and ((end - start) * longest > max_tokens or end - start > max_rows):
+            batches.append(order[start:end - 1])
+            start = end - 1
+    if start < len(order):
+        batches.append(order[start:])
+    return batches
+
+
 def _pad(enc: dict[str, list[list[int]]], idx: np.ndarray, pad_id: int) -> dict[str, Any]:
     import torch
 
@@ -155,7 +184,8 @@ class RelevanceModel(mlflow.pyfunc.PythonModel):
         self.batch_size = int(self.config.get("batch_size", DEFAULT_BATCH_SIZE))
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         # use_safetensors: a model directory holding only pickled weights fails instead of unpickling.
-        self.model = AutoModelForSequenceClassification.from_pretrained(path, use_safetensors=True).eval()
+        model = AutoModelForSequenceClassification.from_pretrained(path, use_safetensors=True).eval()
+        self.model = model.to(scoring_device())
 
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> np.ndarray:
         params = params or {}
@@ -193,7 +223,10 @@ class RelevanceModel(mlflow.pyfunc.PythonModel):
                     threads: int = 0, bf16: bool | None = None) -> np.ndarray:
         """Probabilities for every row of ``df`` (query, ad_title[, ad_description][, market]), in order.
 
-        Rows are sorted by token length and cut into batches, so padding wastes little compute.
+        Rows are tokenized in chunks of :data:`CHUNK_ROWS` one chunk ahead of the model (a producer
+        thread), sorted by token length within a chunk and cut into batches of at most
+        ``batch_size × max_length`` tokens (:func:`token_batches`), so padding wastes little compute
+        and short pairs run in larger batches.
         ``precision``: see :meth:`resolve_precision`; ``bf16=True`` (legacy) means ``precision="bf16"``.
         """
         import torch
@@ -211,17 +244,26 @@ class RelevanceModel(mlflow.pyfunc.PythonModel):
             return out
         if threads > 0:
             torch.set_num_threads(threads)
-        queries, ads = pair_texts(df, self.market, self.market_token)
-        enc = encode(self.tokenizer, queries, ads, self.max_length)
-        order = np.argsort(np.asarray([len(x) for x in enc["input_ids"]]), kind="stable")
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         device = next(model.parameters()).device
-        with torch.inference_mode():
-            for start in range(0, len(order), batch_size):
-                idx = order[start: start + batch_size]
-                batch = {k: v.to(device) for k, v in _pad(enc, idx, pad_id).items()}
-                logits = model(**batch).logits.float().view(-1)
-                out[idx] = torch.sigmoid(logits).cpu().numpy()
+        budget = batch_size * self.max_length  # tokens per forward: short pairs get more rows
+        chunks = [np.arange(i, min(i + CHUNK_ROWS, len(df))) for i in range(0, len(df), CHUNK_ROWS)]
+
+        def tokenize(rows: np.ndarray) -> dict[str, list[list[int]]]:
+            queries, ads = pair_texts(df.iloc[rows], self.market, self.market_token)
+            return encode(self.tokenizer, queries, ads, self.max_length)
+
+        # A producer thread tokenizes chunk k+1 while chunk k runs (torch releases the GIL in its kernels).
+        with ThreadPoolExecutor(max_workers=1) as producer, torch.inference_mode():
+            pending = producer.submit(tokenize, chunks[0])
+            for k, rows in enumerate(chunks):
+                enc = pending.result()
+                if k + 1 < len(chunks):
+                    pending = producer.submit(tokenize, chunks[k + 1])
+                for idx in token_batches([len(x) for x in enc["input_ids"]], batch_size * BATCH_GROWTH, budget):
+                    batch = {key: v.to(device) for key, v in _pad(enc, idx, pad_id).items()}
+                    logits = model(**batch).logits.float().view(-1)
+                    out[rows[idx]] = torch.sigmoid(logits).cpu().numpy()
         return out
 
 

@@ -3,8 +3,9 @@
 Output contract: :mod:`data_contracts.scores`. How the job keeps its promises:
 
 - **Bounded memory.** Input is streamed in record batches of ``window`` rows; within a window each
-  market's rows are sorted by token length before batching (``RelevanceModel.score_frame``), so padding
-  wastes little compute; forwards run under ``torch.inference_mode``.
+  market's rows are tokenized one chunk ahead of the model (a producer thread), sorted by token length
+  and cut into token-budget batches (``RelevanceModel.score_frame``), so padding wastes little
+  compute; forwards run under ``torch.inference_mode``.
 - **Bad rows never crash it.** Windows are validated against the scoring contract and rejected rows go
   to ``_quarantine/`` with rule and detail (:mod:`relevance.serving.scoring_input`).
 - **Fail before writing.** Every input footer is opened and every market's model resolved before

@@ -1,0 +1,114 @@
+"""The scoring benchmark's second workload and its yardstick: long pairs from a trained model, and the
+bf16 compute floor of this machine.
+
+- **Long pairs** (``--workload long``): the test rows of real QA markets (XQuAD question + paragraph,
+  ~126 tokens a pair) scored by the *trained* multilingual-e5-small models of a quality-benchmark run
+  (default: shared LoRA, seed 0, of ``benchmarks/quality.py``). Registering the run measures each
+  market's fp32/bf16 parity on its valid rows, so ``precision auto`` decides as in production, and the
+  AUC check on the test rows is on rows the parity never saw.
+- **The floor**: the best bf16 (and fp32) GEMM rate of this machine, measured on the encoder's own
+  matrix shapes, and the FLOPs a pair costs (every linear layer, plus attention's two products, from
+  the model config and the pairs' real token counts). floor pairs/s = GEMM rate / FLOPs per pair: no
+  engine can beat it without skipping work, so "% of floor" says how much is left.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+QUALITY_RUN = Path("/tmp/ads-relevance-quality/runs/lora-seed0")  # benchmarks/quality.py's default workdir
+LONG_MARKETS = ("de", "en")
+
+
+def gemm_rate(dtype_name: str, device: str = "cpu", rows: int = 4096, d: int = 384, ff: int = 1536,
+              reps: int = 20) -> float:
+    """Best-of-3 GFLOP/s of ``rows × d → ff`` and ``rows × ff → d`` products (the encoder's shapes)."""
+    import torch
+
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name]
+    best = 0.0
+    with torch.inference_mode():
+        for k_in, k_out in ((d, ff), (ff, d)):
+            x = torch.randn(rows, k_in, dtype=dtype, device=device)
+            w = torch.randn(k_out, k_in, dtype=dtype, device=device)
+            torch.nn.functional.linear(x, w)
+            for _ in range(3):
+                sync()
+                t = time.perf_counter()
+                for _ in range(reps):
+                    torch.nn.functional.linear(x, w)
+                sync()
+                best = max(best, 2 * rows * k_in * k_out * reps / (time.perf_counter() - t) / 1e9)
+    return best
+
+
+def flops_per_pair(config: dict[str, Any], tokens: float) -> float:
+    """FLOPs of one forward of a BERT-style encoder on a pair of ``tokens`` tokens (linears + attention)."""
+    d, ff, layers = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
+    linear = 2 * tokens * layers * (4 * d * d + 2 * d * ff)
+    attention = 2 * layers * 2 * tokens * tokens * d  # Q·Kᵀ and P·V
+    return float(linear + attention + 2 * d * d)  # + the pooler; the 1-logit head is negligible
+
+
+def floor(model_dir: str, token_counts: list[int], device: str = "cpu") -> dict[str, Any]:
+    """The compute floor of this machine for pairs of these token counts (module docstring)."""
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    per_pair = sum(flops_per_pair(config, n) for n in token_counts) / len(token_counts)
+    rates = {p: gemm_rate(p, device) for p in ("bf16", "fp32")}
+    return {"gflop_per_pair": per_pair / 1e9, "mean_tokens": sum(token_counts) / len(token_counts),
+            "gemm_gflop_s": rates, "floor_pairs_per_s": {p: r * 1e9 / per_pair for p, r in rates.items()}}
+
+
+def token_counts(model_dir: str, raw: Path, markets: tuple[str, ...], max_length: int) -> list[int]:
+    """Tokens per pair as the engine encodes them (query clipped to half, ad truncated)."""
+    import pandas as pd
+    from transformers import AutoTokenizer
+
+    from relevance.serving.pyfunc_model import encode, pair_texts
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    counts: list[int] = []
+    for m in markets:
+        queries, ads = pair_texts(pd.read_parquet(raw / f"market={m}"), m, False)
+        counts += [len(ids) for ids in encode(tok, queries, ads, max_length)["input_ids"]]
+    return counts
+
+
+def setup_long(work: Path, run_dir: Path, markets: tuple[str, ...]) -> dict:
+    """Test rows of ``markets`` as raw pairs, and ``run_dir`` registered (with parity) as their champions."""
+    import pandas as pd
+
+    from relevance.data.curated import read_split
+    from relevance.serving import registry
+    from relevance.training.runs import read_training_run
+
+    run = read_training_run(run_dir)
+    data = run.train_config.get("data")
+    if not data or not Path(data).exists():
+        raise SystemExit(f"run {run_dir} records data {data!r}, which does not exist: run benchmarks/quality.py "
+                         "first (its workdir holds the data and the trained runs), or pass --trained-run")
+    raw, labels = work / "raw", []
+    for m in markets:
+        rows = read_split(data, "test", [m])
+        (raw / f"market={m}").mkdir(parents=True)
+        rows.drop(columns=["label", "query_id", "split"], errors="ignore").to_parquet(
+            raw / f"market={m}" / "part-0.parquet", index=False)
+        labels.append(rows[["example_id", "market", "label"]])
+    uri = f"sqlite:///{work / 'mlflow.db'}"
+    client = registry.client_for(uri)
+    cfg: dict = {"workdir": str(work), "raw": str(raw), "uri": uri, "max_length": run.max_length,
+                 "base_model": run.base_model, "merged": {}, "pyfunc": {}, "parity": {}, "markets": list(markets)}
+    for r in registry.register(run_dir, markets=list(markets), tracking_uri=uri):
+        client.set_registered_model_alias(r["name"], "champion", r["version"])
+        mv = client.get_model_version(r["name"], str(r["version"]))
+        cfg["parity"][r["market"]] = {k: v for k, v in mv.tags.items() if k.startswith("bf16_")}
+        local = registry.download_model(client, client.get_model_version_download_uri(r["name"], r["version"]),
+                                        work / "models" / r["market"])
+        cfg["pyfunc"][r["market"]] = str(local)
+        cfg["merged"][r["market"]] = str(next(p.parent for p in (local / "artifacts").rglob("config.json")))
+    pd.concat(labels).to_parquet(work / "labels.parquet", index=False)
+    return cfg
