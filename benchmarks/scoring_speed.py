@@ -127,7 +127,6 @@ def setup(work: Path, quick: bool, n_pairs: int, max_length: int) -> dict:
     import numpy as np
     import pandas as pd
 
-    from relevance.serving import registry
     from relevance.data.demo_data import generate_market
     from relevance.training.runs import write_synthetic_run
 
@@ -148,16 +147,9 @@ def setup(work: Path, quick: bool, n_pairs: int, max_length: int) -> dict:
     test = pd.concat([pd.DataFrame(generate_market(m, 100, np.random.default_rng([8, i]))) for i, m in enumerate(MARKETS)])
     run = write_synthetic_run(work / "runs" / "mtl", base, "mtl-lora", MARKETS, test=test, seed=3, scale=scale,
                               max_length=max_length)
-    uri = f"sqlite:///{work / 'mlflow.db'}"
-    client = registry.client_for(uri)
-    cfg: dict = {"workdir": str(work), "raw": str(raw), "uri": uri, "max_length": max_length, "base_model": base,
-                 "merged": {}, "pyfunc": {}, "markets": list(MARKETS)}
-    for r in registry.register(run, tracking_uri=uri):
-        client.set_registered_model_alias(r["name"], "champion", r["version"])
-        local = registry.download_model(client, client.get_model_version_download_uri(r["name"], r["version"]),
-                                        work / "models" / r["market"])
-        cfg["pyfunc"][r["market"]] = str(local)
-        cfg["merged"][r["market"]] = str(next(p.parent for p in (local / "artifacts").rglob("config.json")))
+    cfg: dict = {"workdir": str(work), "raw": str(raw), "max_length": max_length, "base_model": base,
+                 "markets": list(MARKETS)}
+    scoring_workloads.register_champions(work, run, None, cfg)
     pd.concat(labels).to_parquet(work / "labels.parquet", index=False)
     return cfg
 

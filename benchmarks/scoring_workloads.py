@@ -83,7 +83,6 @@ def setup_long(work: Path, run_dir: Path, markets: tuple[str, ...]) -> dict:
     import pandas as pd
 
     from relevance.data.curated import read_split
-    from relevance.serving import registry
     from relevance.training.runs import read_training_run
 
     run = read_training_run(run_dir)
@@ -98,11 +97,23 @@ def setup_long(work: Path, run_dir: Path, markets: tuple[str, ...]) -> dict:
         rows.drop(columns=["label", "query_id", "split"], errors="ignore").to_parquet(
             raw / f"market={m}" / "part-0.parquet", index=False)
         labels.append(rows[["example_id", "market", "label"]])
-    uri = f"sqlite:///{work / 'mlflow.db'}"
+    cfg: dict = {"workdir": str(work), "raw": str(raw), "max_length": run.max_length, "base_model": run.base_model,
+                 "markets": list(markets)}
+    register_champions(work, run_dir, markets, cfg)
+    pd.concat(labels).to_parquet(work / "labels.parquet", index=False)
+    return cfg
+
+
+def register_champions(work: Path, run_dir: Path, markets: tuple[str, ...] | None, cfg: dict) -> dict:
+    """Register ``run_dir`` in a SQLite store under ``work`` as the champion of ``markets`` (default: all of
+    the run's) and download each: fills cfg's ``uri``, ``pyfunc``, ``merged`` and ``parity`` (version tags)."""
+    from relevance.serving import registry
+
+    uri = cfg["uri"] = f"sqlite:///{work / 'mlflow.db'}"
     client = registry.client_for(uri)
-    cfg: dict = {"workdir": str(work), "raw": str(raw), "uri": uri, "max_length": run.max_length,
-                 "base_model": run.base_model, "merged": {}, "pyfunc": {}, "parity": {}, "markets": list(markets)}
-    for r in registry.register(run_dir, markets=list(markets), tracking_uri=uri):
+    for key in ("merged", "pyfunc", "parity"):
+        cfg[key] = {}
+    for r in registry.register(run_dir, markets=None if markets is None else list(markets), tracking_uri=uri):
         client.set_registered_model_alias(r["name"], "champion", r["version"])
         mv = client.get_model_version(r["name"], str(r["version"]))
         cfg["parity"][r["market"]] = {k: v for k, v in mv.tags.items() if k.startswith("bf16_")}
@@ -110,5 +121,4 @@ def setup_long(work: Path, run_dir: Path, markets: tuple[str, ...]) -> dict:
                                         work / "models" / r["market"])
         cfg["pyfunc"][r["market"]] = str(local)
         cfg["merged"][r["market"]] = str(next(p.parent for p in (local / "artifacts").rglob("config.json")))
-    pd.concat(labels).to_parquet(work / "labels.parquet", index=False)
     return cfg
