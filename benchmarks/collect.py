@@ -46,6 +46,8 @@ SPEED = (
     ("Ingest speed", "ingest_speed.json", _ingest, "benchmarks/ingest_speed.py"),
     ("Adapter speed (default threads)", "adapter_speed.json", _adapter, "benchmarks/adapter_speed.py"),
     ("Adapter speed (1 thread)", "adapter_speed_1thread.json", _adapter, "benchmarks/adapter_speed.py --threads 1"),
+    ("Adapter speed, the training workload (e5-small, bf16, 7 markets, 16 x 128)", "adapter_speed_real.json",
+     _adapter, "benchmarks/adapter_speed.py --real"),
     ("Adapter speed on GPU", "adapter_speed_gpu.json", _adapter, "benchmarks/gpu.sh"),
     ("Scoring speed, short ads (MiniLM-L6)", "scoring_speed.json", _scoring, "benchmarks/scoring_speed.py"),
     ("Scoring speed, long pairs (trained e5-small)", "scoring_speed_long.json", _scoring,

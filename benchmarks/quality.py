@@ -74,6 +74,9 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--learning-rate", type=float, default=5e-4)
     p.add_argument("--precision", default="bf16", choices=("fp32", "bf16", "auto"))
+    p.add_argument("--fp32-check", default="mtl-lora,lora", metavar="METHODS",
+                   help="also train these methods in fp32 on the first seed: bf16's AUC difference and speed-up "
+                        "(empty: skip)")
     p.add_argument("--eval-batch-size", type=int, default=64)
     p.add_argument("--n-boot", type=int, default=1000)
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
@@ -209,14 +212,17 @@ def build_data(args: argparse.Namespace, markets: list[str]) -> dict:
     return {"built": built, "ingest": summary}
 
 
-def train_config(args: argparse.Namespace, base: Path, markets: list[str], method: str, seed: int):
+def train_config(args: argparse.Namespace, base: Path, markets: list[str], method: str, seed: int,
+                 precision: str | None = None):
+    """The run of ``method`` and ``seed`` under the benchmark's budget (``precision`` overrides, in its own dir)."""
     from relevance.training.config import TrainConfig
 
+    suffix = f"-{precision}" if precision else ""
     return TrainConfig(
         data=str(args.workdir / "data"), method=method, base_model=str(base), markets=tuple(markets),
-        out=str(args.workdir / "runs" / f"{method}-seed{seed}"), seed=seed, max_steps=args.max_steps,
+        out=str(args.workdir / "runs" / f"{method}{suffix}-seed{seed}"), seed=seed, max_steps=args.max_steps,
         batch_size=args.batch_size, max_length=args.max_length, learning_rate=args.learning_rate,
-        precision=args.precision, eval_every=args.max_steps, eval_batch_size=args.eval_batch_size,
+        precision=precision or args.precision, eval_every=args.max_steps, eval_batch_size=args.eval_batch_size,
         # e5 ships without a pooler: the freshly initialised pooler trains with the head (every method).
         modules_to_save=("classifier", "pooler"), device=args.device, track=False, progress=False)
 
@@ -263,12 +269,18 @@ def main(argv: list[str] | None = None) -> int:
         for method in methods:
             print(f"[seed {seed}] {method}", flush=True)
             runs[seed][method] = run_one(train_config(args, base, markets, method, seed), args.n_boot)
+    fp32_runs = {}
+    for method in [m for m in args.fp32_check.split(",") if m.strip()]:
+        if args.precision == "fp32":
+            break  # the main runs are fp32 already: nothing to compare
+        print(f"[seed {seeds[0]}] {method} in fp32 (precision check)", flush=True)
+        fp32_runs[method] = run_one(train_config(args, base, markets, method, seeds[0], "fp32"), args.n_boot)
     import torch
 
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "squad"}
     settings.update(base_model=str(base), methods=methods, seeds=seeds, markets=markets,
                     twin_markets=parse_twins(args.twins), torch_threads=torch.get_num_threads())
-    result = summarise(runs, data, settings, env, n_boot=args.n_boot)
+    result = summarise(runs, data, settings, env, n_boot=args.n_boot, fp32_runs=fp32_runs)
     result["wall_time_s"] = round(time.perf_counter() - started, 1)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     md, js = args.out.with_suffix(".md"), args.out.with_suffix(".json")

@@ -1,4 +1,4 @@
-"""The quality benchmark's pure pieces: the policy-twin option and the win/tie/loss count."""
+"""The quality benchmark's pure pieces: the policy-twin option, the win/tie/loss count, the precision check."""
 
 from __future__ import annotations
 
@@ -30,3 +30,30 @@ def test_win_tie_loss_counts_intervals_per_market_and_seed() -> None:
              "c": seeds((0.03, False), (0.2, True))}
     assert win_tie_loss(table, ["a", "b", "c"]) == (2, 2, 1)
     assert win_tie_loss(table, ["b"]) == (0, 0, 1)
+
+
+def test_precision_check_pairs_bf16_with_fp32_on_the_same_examples(tmp_path) -> None:
+    import numpy as np
+    import pandas as pd
+
+    from quality_tables import precision_check
+
+    rng = np.random.default_rng(0)
+    n = 400
+    frame = pd.DataFrame({"example_id": [f"e{i}" for i in range(n)], "market": np.repeat(["de", "es"], n // 2),
+                          "label": rng.integers(0, 2, n), "query_id": [f"q{i // 4}" for i in range(n)]})
+    signal = frame["label"] + rng.normal(0, 1.0, n)
+
+    def run(name: str, scores, speed: float) -> dict:
+        d = tmp_path / name / "predictions"
+        d.mkdir(parents=True)
+        frame.assign(score=scores).to_parquet(d / "test.parquet", index=False)
+        return {"run_dir": str(d.parent), "info": {"examples_per_s": speed}}
+
+    same = precision_check({"lora": run("b", signal, 12.0)}, {"lora": run("f", signal, 8.0)}, 0, n_boot=200)
+    assert same["lora"]["macro"]["diff"] == 0.0 and same["lora"]["speedup"] == 1.5
+    noisy = signal + np.where(frame["market"] == "es", rng.normal(0, 3.0, n), 0.0)  # bf16 ruined es only
+    worse = precision_check({"lora": run("b2", noisy, 12.0)}, {"lora": run("f2", signal, 8.0)}, 0, n_boot=200)
+    assert worse["lora"]["markets"]["de"] == 0.0 and worse["lora"]["markets"]["es"] < -0.05
+    assert worse["lora"]["max_abs_market_diff"] == abs(worse["lora"]["markets"]["es"])
+    assert precision_check({}, {}, 0, 10) == {}
