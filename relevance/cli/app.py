@@ -16,6 +16,13 @@ app = typer.Typer(
 )
 
 
+@app.callback()
+def _every_command() -> None:
+    from relevance.cli.common import exit_on_sigterm
+
+    exit_on_sigterm()  # a stopped job cleans up (staging, Prefect's local API) instead of leaving orphans
+
+
 def _fail(err: Exception) -> None:
     typer.secho(f"error: {err}", err=True, fg=typer.colors.RED)
     raise typer.Exit(code=2)

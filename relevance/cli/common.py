@@ -54,5 +54,25 @@ class Precision(str, Enum):
     bf16 = "bf16"
 
 
+def exit_on_sigterm() -> None:
+    """Make SIGTERM exit like Ctrl-C: ``finally`` blocks and ``atexit`` handlers run.
+
+    Why: a scheduler, a container runtime or ``kill`` stops a job with SIGTERM, whose default action
+    ends Python at once. Then a scoring job's staging directory is left behind and Prefect's
+    ephemeral API server (a uvicorn subprocess that Prefect stops from ``atexit``) keeps running,
+    orphaned, holding its port. Exit status 143 (128 + 15), as a shell reports SIGTERM.
+    """
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():  # signal handlers live in the main thread
+        return
+
+    def stop(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
+
+
 def name_list(text: str | None) -> tuple[str, ...] | None:
     return None if text is None else tuple(p.strip() for p in text.split(",") if p.strip())
