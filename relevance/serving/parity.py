@@ -88,3 +88,20 @@ def parity_tags(parity: dict[str, Any]) -> dict[str, str]:
     if parity.get("reason"):
         tags["bf16_parity_reason"] = str(parity["reason"])[:250]
     return tags
+
+
+def measure_merged(merged_dir: Path, market: str, run: Any) -> dict[str, Any]:
+    """Parity of a run's merged model (a transformers directory) on the market's valid rows of the run's data."""
+    import logging
+    from types import SimpleNamespace
+
+    from relevance.serving.packaging import model_config
+    from relevance.serving.pyfunc_model import RelevanceModel
+
+    model = RelevanceModel()
+    model.load_context(SimpleNamespace(model_config=model_config(market, run), artifacts={"model": str(merged_dir)}))
+    result = measure(model, parity_rows(run.train_config.get("data"), market))
+    if not result["ok"]:
+        logging.getLogger(__name__).warning("market %s of %s scores in fp32 under precision auto: bf16 parity %s",
+                                            market, run.path, result.get("reason"))
+    return result

@@ -38,7 +38,7 @@ from typing import Any
 from data_contracts.markets import is_valid_market, validate_market
 from relevance import settings
 from relevance.serving.packaging import package_model
-from relevance.serving.parity import parity_tags
+from relevance.serving.parity import measure_merged, parity_tags
 from relevance.training.runs import TrainingRun, find_baseline_run, read_training_run
 
 logger = logging.getLogger(__name__)
@@ -221,23 +221,6 @@ def _merged_models(run: TrainingRun, markets: Sequence[str], work: Path) -> dict
     return {m: export_merged(model, m, work / f"merged-{m}", tokenizer) for m in markets}
 
 
-def measure_parity(merged_dir: Path, market: str, run: TrainingRun) -> dict[str, Any]:
-    """fp32/bf16 parity of the merged model on the market's valid rows of the run's data (:mod:`relevance.serving.parity`)."""
-    from types import SimpleNamespace
-
-    from relevance.serving import parity
-    from relevance.serving.packaging import model_config
-    from relevance.serving.pyfunc_model import RelevanceModel
-
-    model = RelevanceModel()
-    model.load_context(SimpleNamespace(model_config=model_config(market, run), artifacts={"model": str(merged_dir)}))
-    result = parity.measure(model, parity.parity_rows(run.train_config.get("data"), market))
-    if not result["ok"]:
-        logger.warning("market %s of %s scores in fp32 under precision auto: bf16 parity %s", market, run.path,
-                       result.get("reason"))
-    return result
-
-
 def register(run_dir: str | Path, markets: Sequence[str] | None = None, *, tracking_uri: str | None = None,
              prefix: str = DEFAULT_PREFIX, baseline_run: str | Path | None = None,
              experiment: str = REGISTRY_EXPERIMENT, set_candidate: bool = True) -> list[dict[str, Any]]:
@@ -296,7 +279,7 @@ def _register_new(client, run: TrainingRun, baseline: TrainingRun | None, market
             with_base = [m for m in sources if baseline is not None and m in baseline.markets]
             base_uris = _baseline_uris(client, run, baseline, with_base, names, work, run_id, artifact_uri, sources)
             for m in markets:
-                parity = measure_parity(merged[m], m, run)
+                parity = measure_merged(merged[m], m, run)
                 package_model(merged[m], work / f"model-{m}", m, run, parity=parity)
                 client.log_artifacts(run_id, str(work / f"model-{m}"), f"model-{m}")
                 tags = {**_run_tags(run, m), **_baseline_tags(baseline, m, base_uris.get(m)), **parity_tags(parity)}
