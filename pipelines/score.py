@@ -22,7 +22,8 @@ ARTIFACT_KEY = "unscored-markets"
 @task(name="score", **retrying())
 def score_task(input: str, output: str, alias: str = "champion", engine: str = "local",
                tracking_uri: str | None = None, markets: list[str] | None = None, prefix: str = "ads-relevance",
-               require_all: bool = False, skip_unknown: bool | None = None) -> dict[str, Any]:
+               require_all: bool = False, skip_unknown: bool | None = None,
+               precision: str = "auto") -> dict[str, Any]:
     """Score with ``--resume`` semantics: a retry continues where the failed attempt stopped.
 
     Returns the summary whatever its ``status`` (the pipeline embeds it); a partial job is a
@@ -35,7 +36,7 @@ def score_task(input: str, output: str, alias: str = "champion", engine: str = "
     if require_all or skip_unknown is None:  # an explicit require_all=True is checked against skip_unknown
         options["require_all"] = require_all
     return score_dataset(input, output, engine=engine, tracking_uri=tracking_uri, alias=alias, markets=markets,
-                         prefix=prefix, resume=True, **options)
+                         prefix=prefix, resume=True, precision=precision, **options)
 
 
 def unscored_markdown(summary: dict[str, Any]) -> str:
@@ -58,11 +59,12 @@ def unscored_markdown(summary: dict[str, Any]) -> str:
 @flow(name="score", **PERSIST)
 def score_flow(input: str, output: str, alias: str = "champion", engine: Literal["local", "spark"] = "local",
                tracking_uri: str | None = None, markets: list[str] | None = None, prefix: str = "ads-relevance",
-               require_all: bool = False) -> dict[str, Any] | State:
+               require_all: bool = False, precision: Literal["auto", "fp32", "bf16"] = "auto") -> dict[str, Any] | State:
     """Score every query–ad pair of ``input`` with its market's ``models:/<prefix>-<market>@<alias>``.
 
     Markets without a model are quarantined and listed in the ``unscored-markets`` artifact; with
-    ``require_all`` they fail the run before anything is written.
+    ``require_all`` they fail the run before anything is written. ``precision``: ``auto`` scores a
+    market in bf16 where the hardware has it natively and its model version's parity held (README).
 
     End state. Complete: Completed, returning the summary. Partial: **Failed**, message
     ``"Partial: …"`` naming the markets and rows, with the summary as its persisted result (read it
@@ -77,7 +79,8 @@ def score_flow(input: str, output: str, alias: str = "champion", engine: Literal
     ``return_state=True``. Deployment runs are unaffected: the engine exits cleanly once it has
     reported the state (checked on Prefect 3.9).
     """
-    summary = score_task(input, output, alias, engine, tracking_uri, markets, prefix, require_all)
+    summary = score_task(input, output, alias, engine, tracking_uri, markets, prefix, require_all,
+                         precision=precision)
     create_markdown_artifact(key=ARTIFACT_KEY, markdown=unscored_markdown(summary),
                              description="Markets left unscored for want of a model, with row counts")
     if summary["status"] == "complete":
