@@ -62,12 +62,13 @@ def main(argv: list[str] | None = None) -> int:
     runs = {}
     for name, method, on in (("mtl-lora (all markets)", "mtl-lora", markets), ("lora (all markets)", "lora", markets)):
         print(f"[{name}]", flush=True)
-        runs[name] = quality.run_one(quality.train_config(args, base, on, method, args.seed), args.n_boot)
+        config = quality.train_config(args, base, on, method, args.seed)
+        runs[name] = quality.run_one(config, args.n_boot, args.keep_runs)
     print(f"[mtl-lora without {args.holdout}]", flush=True)
     partial = quality.train_config(args, base, rest, "mtl-lora", args.seed)
     partial = type(partial).from_dict({**partial.to_dict(), "out": str(Path(partial.out).with_name(
         f"mtl-lora-without-{args.holdout}-seed{args.seed}"))})
-    runs["mtl-lora (others)"] = quality.run_one(partial, args.n_boot)
+    runs["mtl-lora (others)"] = quality.run_one(partial, args.n_boot, args.keep_runs)
     steps = args.add_steps or math.ceil(args.max_steps / len(markets))
     grown = Path(partial.out).with_name(f"add-{args.holdout}-seed{args.seed}")
     print(f"[add {args.holdout}: {steps} steps]", flush=True)

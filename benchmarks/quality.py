@@ -82,6 +82,10 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--workdir", type=Path, default=Path("/tmp/ads-relevance-quality"),
                    help="raw data, curated data and runs (kept, so a rerun resumes)")
+    p.add_argument("--keep-runs", type=Path, default=None, metavar="DIR",
+                   help="copy each finished run's light files (config, run info, metrics, test predictions) to "
+                        "DIR/<run>, and restore a run from there when the workdir lacks it: a run survives a "
+                        "wiped /tmp (commit DIR and a later machine resumes)")
     p.add_argument("--out", type=Path, default=None,
                    help="writes OUT.md and OUT.json (default: benchmarks/results/<name>; a --quick run: a temp folder)")
     p.add_argument("--quick", action="store_true",
@@ -91,6 +95,8 @@ def build_parser(description: str) -> argparse.ArgumentParser:
 
 def finish_args(p: argparse.ArgumentParser, args: argparse.Namespace, name: str) -> argparse.Namespace:
     """Quick-run sizes, and the output path (``benchmarks/results/NAME``; a temp folder when quick)."""
+    if args.quick and getattr(args, "keep_runs", None):
+        raise SystemExit("--keep-runs is for full runs: a --quick smoke run keeps nothing")
     if args.quick:
         if args.methods == p.get_default("methods"):
             args.methods = ",".join(QUICK_METHODS)
@@ -227,12 +233,33 @@ def train_config(args: argparse.Namespace, base: Path, markets: list[str], metho
         modules_to_save=("classifier", "pooler"), device=args.device, track=False, progress=False)
 
 
-def run_one(config, n_boot: int) -> dict:
-    """Train (or reuse a finished identical run) and evaluate the test split; returns its record."""
+# What the report reads of a run (the weights stay behind): enough to rebuild every table.
+LIGHT_FILES = ("train_config.json", "run_info.json", "metrics.json", "predictions/test.parquet")
+
+
+def copy_light(src: Path, dst: Path) -> bool:
+    """Copy a run's :data:`LIGHT_FILES` from ``src`` to ``dst`` (all or nothing); False when ``src`` lacks one."""
+    if not all((src / f).is_file() for f in LIGHT_FILES):
+        return False
+    tmp = dst.with_name(dst.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    for f in LIGHT_FILES:
+        (tmp / f).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src / f, tmp / f)
+    shutil.rmtree(dst, ignore_errors=True)
+    tmp.rename(dst)
+    return True
+
+
+def run_one(config, n_boot: int, keep: Path | None = None) -> dict:
+    """Train (or reuse a finished identical run, restored from ``keep`` if need be) and evaluate the test split."""
     from relevance.evaluation.metrics import evaluate_run, metrics_path, read_run_info
     from relevance.training.loop import train
 
     run_dir = Path(config.out)
+    kept = keep / run_dir.name if keep else None
+    if kept and not metrics_path(run_dir).is_file() and copy_light(kept, run_dir):
+        print(f"  restored {run_dir} from {kept}", flush=True)
     saved = run_dir / "train_config.json"
     finished = metrics_path(run_dir).is_file() and saved.is_file()
     if finished and json.loads(saved.read_text()) == config.to_dict():
@@ -243,6 +270,8 @@ def run_one(config, n_boot: int) -> dict:
         train(config)
         print(f"  trained in {time.perf_counter() - started:.0f} s", flush=True)
         evaluate_run(run_dir, n_boot=n_boot, seed=0)
+    if kept:
+        copy_light(run_dir, kept)
     return {"run_dir": str(run_dir), "info": read_run_info(run_dir),
             "metrics": json.loads(metrics_path(run_dir).read_text())}
 
@@ -268,13 +297,14 @@ def main(argv: list[str] | None = None) -> int:
         runs[seed] = {}
         for method in methods:
             print(f"[seed {seed}] {method}", flush=True)
-            runs[seed][method] = run_one(train_config(args, base, markets, method, seed), args.n_boot)
+            runs[seed][method] = run_one(train_config(args, base, markets, method, seed), args.n_boot, args.keep_runs)
     fp32_runs = {}
     for method in [m for m in args.fp32_check.split(",") if m.strip()]:
         if args.precision == "fp32":
             break  # the main runs are fp32 already: nothing to compare
         print(f"[seed {seeds[0]}] {method} in fp32 (precision check)", flush=True)
-        fp32_runs[method] = run_one(train_config(args, base, markets, method, seeds[0], "fp32"), args.n_boot)
+        fp32_runs[method] = run_one(train_config(args, base, markets, method, seeds[0], "fp32"), args.n_boot,
+                                   args.keep_runs)
     import torch
 
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "squad"}

@@ -57,3 +57,35 @@ def test_precision_check_pairs_bf16_with_fp32_on_the_same_examples(tmp_path) -> 
     assert worse["lora"]["markets"]["de"] == 0.0 and worse["lora"]["markets"]["es"] < -0.05
     assert worse["lora"]["max_abs_market_diff"] == abs(worse["lora"]["markets"]["es"])
     assert precision_check({}, {}, 0, 10) == {}
+
+
+def test_keep_runs_restores_a_finished_run_into_a_wiped_workdir_and_never_retrains(tmp_path, monkeypatch) -> None:
+    import json
+
+    import relevance.training.loop as loop
+
+    class Config:  # what run_one reads of a TrainConfig
+        def __init__(self, out: Path) -> None:
+            self.out = str(out)
+
+        def to_dict(self) -> dict:
+            return {"method": "lora", "seed": 0}
+
+    run_dir, keep = tmp_path / "work" / "runs" / "lora-seed0", tmp_path / "kept"
+    for name, text in {"train_config.json": json.dumps(Config(run_dir).to_dict()), "run_info.json": "{}",
+                       "metrics.json": json.dumps({"markets": {"de": {"auc": 0.9}}}),
+                       "predictions/test.parquet": "p", "adapter.safetensors": "weights"}.items():
+        (run_dir / name).parent.mkdir(parents=True, exist_ok=True)
+        (run_dir / name).write_text(text)
+    monkeypatch.setattr(loop, "train", lambda config: pytest.fail("a finished run was retrained"))
+
+    first = quality.run_one(Config(run_dir), n_boot=10, keep=keep)
+    assert sorted(str(p.relative_to(keep)) for p in keep.rglob("*") if p.is_file()) == sorted(
+        f"lora-seed0/{f}" for f in quality.LIGHT_FILES)  # the weights stay behind
+    import shutil
+
+    shutil.rmtree(tmp_path / "work")  # a fresh machine: /tmp is gone
+    again = quality.run_one(Config(run_dir), n_boot=10, keep=keep)
+    assert again["metrics"] == first["metrics"] == {"markets": {"de": {"auc": 0.9}}}
+    assert (run_dir / "predictions" / "test.parquet").read_text() == "p"
+    assert not quality.copy_light(tmp_path / "nothing", keep / "x") and not (keep / "x").exists()
