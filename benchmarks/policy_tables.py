@@ -28,8 +28,11 @@ METHODS = ("mtl-lora", "lora")
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--kind", required=True, choices=("nested", "crossing"))
-    p.add_argument("--runs", action="append", required=True, metavar="LABEL:SEED=WORK",
+    p.add_argument("--runs", action="append", default=[], metavar="LABEL:SEED=WORK",
                    help="a script's work folder, e.g. before:0=/work/exp/nested-s0 (repeatable)")
+    p.add_argument("--previous", type=Path, default=None, metavar="OUT.json",
+                   help="keep the seeds of an earlier result (their work folders may be gone); --runs adds "
+                        "seeds or replaces the same label and seed")
     p.add_argument("--note", action="append", default=[], help="a line for the header (e.g. the commit of a label)")
     p.add_argument("--n-boot", type=int, default=1000)
     p.add_argument("--out", type=Path, required=True, help="writes OUT.md and OUT.json")
@@ -130,15 +133,25 @@ def render(result: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    runs: dict[str, dict[str, dict]] = {}
+    previous = json.loads(args.previous.read_text()) if args.previous else {}
+    if previous and previous.get("kind") != args.kind:
+        raise SystemExit(f"--previous {args.previous} holds {previous.get('kind')!r} runs, not {args.kind!r}")
+    if not (args.runs or previous):
+        raise SystemExit("nothing to tabulate: give --runs LABEL:SEED=WORK and/or --previous OUT.json")
+    runs: dict[str, dict[str, dict]] = {label: dict(seeds) for label, seeds in previous.get("runs", {}).items()}
     for spec in args.runs:
         head, _, work = spec.partition("=")
         label, _, seed = head.partition(":")
         if not (label and seed.isdigit() and work):
             raise SystemExit(f"--runs {spec!r} is invalid: expected LABEL:SEED=WORK, e.g. before:0=/work/nested-s0")
         runs.setdefault(label, {})[seed] = one_seed(Path(work), args.n_boot)
-    result = {"kind": args.kind, "notes": args.note, "environment": environment(), "runs": runs,
-              "work": args.runs}
+    runs = {label: dict(sorted(seeds.items(), key=lambda kv: int(kv[0])))  # "before" first, then as they came
+            for label, seeds in sorted(runs.items(), key=lambda kv: kv[0] != "before")}
+    notes = [*previous.get("notes", []), *(n for n in args.note if n not in previous.get("notes", []))]
+    result = {"kind": args.kind, "notes": notes, "environment": environment(), "runs": runs,
+              "work": [*previous.get("work", []), *args.runs],
+              "earlier_environments": [*previous.get("earlier_environments", []),
+                                       *([previous["environment"]] if previous else [])]}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
     args.out.with_suffix(".md").write_text(render(result), encoding="utf-8")
