@@ -73,7 +73,9 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--learning-rate", type=float, default=5e-4)
-    p.add_argument("--precision", default="bf16", choices=("fp32", "bf16", "auto"))
+    p.add_argument("--precision", default="auto", choices=("fp32", "bf16", "auto"),
+                   help="auto: bf16 where it is faster here (AMX, CUDA), else fp32; resolved before the runs, so "
+                        "a kept run trained in the other precision (another machine) is retrained, never mixed in")
     p.add_argument("--fp32-check", default="mtl-lora,lora", metavar="METHODS",
                    help="also train these methods in fp32 on the first seed: bf16's AUC difference and speed-up "
                         "(empty: skip)")
@@ -107,7 +109,17 @@ def finish_args(p: argparse.ArgumentParser, args: argparse.Namespace, name: str)
         if args.workdir == p.get_default("workdir"):
             args.workdir = args.workdir.with_name(args.workdir.name + "-quick")
     args.out = output_path(args.out, name, args.quick)
+    args.precision = resolved_precision(args.precision, args.device)
     return args
+
+
+def resolved_precision(precision: str, device: str | None) -> str:
+    """``"bf16"`` or ``"fp32"``: what ``precision`` means on ``device`` (default: CUDA if visible, else the CPU)."""
+    import torch
+
+    from relevance.model.precision import resolve_precision
+
+    return resolve_precision(precision, device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -301,7 +313,8 @@ def main(argv: list[str] | None = None) -> int:
     fp32_runs = {}
     for method in [m for m in args.fp32_check.split(",") if m.strip()]:
         if args.precision == "fp32":
-            break  # the main runs are fp32 already: nothing to compare
+            print("the main runs trained in fp32 (bf16 is not faster here): no bf16/fp32 check", flush=True)
+            break
         print(f"[seed {seeds[0]}] {method} in fp32 (precision check)", flush=True)
         fp32_runs[method] = run_one(train_config(args, base, markets, method, seeds[0], "fp32"), args.n_boot,
                                    args.keep_runs)

@@ -32,6 +32,8 @@ def test_cpu_detection_reads_the_kernel_flags(monkeypatch) -> None:
     assert P.native_bf16("cpu") == bool(flags & P.CPU_BF16_FLAGS)
     monkeypatch.setattr(P, "_cpu_flags", lambda: frozenset({"avx2", "avx512f"}))
     assert not P.native_bf16("cpu"), "AVX512 without its bf16 extension emulates bf16: fp32 is faster"
+    monkeypatch.setattr(P, "_cpu_flags", lambda: frozenset({"avx512f", "avx512_bf16"}))
+    assert not P.native_bf16("cpu"), "AVX512-BF16 without AMX measured slower than fp32"
     monkeypatch.setattr(P, "_cpu_flags", lambda: frozenset({"avx512f", "amx_bf16"}))
     assert P.native_bf16("cpu")
     monkeypatch.setenv(P.OVERRIDE_ENV, "yes")
