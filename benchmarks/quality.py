@@ -97,7 +97,7 @@ def build_parser(description: str) -> argparse.ArgumentParser:
 
 def finish_args(p: argparse.ArgumentParser, args: argparse.Namespace, name: str) -> argparse.Namespace:
     """Quick-run sizes, and the output path (``benchmarks/results/NAME``; a temp folder when quick)."""
-    if args.quick and getattr(args, "keep_runs", None):
+    if args.quick and args.keep_runs:
         raise SystemExit("--keep-runs is for full runs: a --quick smoke run keeps nothing")
     if args.quick:
         if args.methods == p.get_default("methods"):
