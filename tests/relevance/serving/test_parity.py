@@ -79,3 +79,13 @@ def test_auto_needs_native_bf16_and_parity(served, monkeypatch, native, recorded
     assert served.resolve_precision("fp32") == "fp32" and served.resolve_precision("bf16") == "bf16"
     with pytest.raises(ValueError, match="precision='half' is invalid"):
         served.resolve_precision("half")
+
+
+@pytest.mark.parametrize(("native", "level"), [("1", "WARNING"), ("0", "INFO")])
+def test_a_failed_parity_warns_only_where_auto_would_use_bf16(monkeypatch, caplog, native, level) -> None:
+    monkeypatch.setenv("ADS_RELEVANCE_NATIVE_BF16", native)
+    caplog.set_level("INFO", logger=parity.__name__)
+    parity.report_failed("de", "/runs/x", {"ok": False, "reason": "|AUC delta| 0.0030 > 0.001"})
+    (record,) = [r for r in caplog.records if r.name == parity.__name__]
+    assert record.levelname == level
+    assert "de" in record.getMessage() and "0.0030" in record.getMessage()
