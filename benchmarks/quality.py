@@ -124,6 +124,10 @@ def resolved_precision(precision: str, device: str | None) -> str:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = build_parser(__doc__.split("\n\n")[0])
+    p.add_argument("--provenance", default="", metavar="TEXT",
+                   help="how the runs were made when not by this invocation (e.g. in parallel parts, restored "
+                        "with --keep-runs): printed under the report's header, since its wall time is then "
+                        "the report's alone")
     return finish_args(p, p.parse_args(argv), "quality")
 
 

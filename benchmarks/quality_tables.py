@@ -166,6 +166,7 @@ def render_markdown(result: dict[str, Any]) -> str:
         f"python {v['python']}, torch {v['torch']}, transformers {v['transformers']}. "
         f"Wall time {result.get('wall_time_s', 'n/a')} s. Produced by `python benchmarks/quality.py"
         f"{' --quick' if s.get('quick') else ''}`.", "",
+        *([f"How the runs were made: {s['provenance']}", ""] if s.get("provenance") else []),
         "## Setup", "",
         f"- Encoder: `{Path(s['base_model']).name}` ({s['base_model']}); adapters r=8, α=16 on q/k/v/o, "
         "MTL-LoRA n=3, τ=0.1, dropout 0.05; classifier and pooler trained by every method.",

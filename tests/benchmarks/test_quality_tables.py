@@ -89,3 +89,36 @@ def test_keep_runs_restores_a_finished_run_into_a_wiped_workdir_and_never_retrai
     assert again["metrics"] == first["metrics"] == {"markets": {"de": {"auc": 0.9}}}
     assert (run_dir / "predictions" / "test.parquet").read_text() == "p"
     assert not quality.copy_light(tmp_path / "nothing", keep / "x") and not (keep / "x").exists()
+
+
+def test_report_renders_every_method_and_says_how_restored_runs_were_made(tmp_path) -> None:
+    import numpy as np
+    import pandas as pd
+
+    from _env import environment
+    from quality_tables import render_markdown, summarise
+
+    rng = np.random.default_rng(1)
+    n = 240
+    frame = pd.DataFrame({"example_id": [f"e{i}" for i in range(n)], "market": np.repeat(["de", "de-any"], n // 2),
+                          "label": rng.integers(0, 2, n), "query_id": [f"q{i // 3}" for i in range(n)]})
+
+    def run(name: str, noise: float) -> dict:
+        d = tmp_path / name / "predictions"
+        d.mkdir(parents=True)
+        frame.assign(score=frame["label"] + rng.normal(0, noise, n)).to_parquet(d / "test.parquet", index=False)
+        per = {m: {"auc": 0.8, "ci_low": 0.7, "ci_high": 0.9, "n": n // 2, "n_pos": 60} for m in ("de", "de-any")}
+        return {"run_dir": str(d.parent), "metrics": {"markets": per, "macro": per["de"]},
+                "info": {"trainable_params": 10, "train_time_s": 5.0, "examples_per_s": 3.2, "models_to_serve": 2}}
+
+    runs = {0: {"mtl-lora": run("m", 0.5), "lora": run("l", 2.0)}}
+    data = {"built": {m: {"questions": 40, "articles": 4, "source": "xquad.de.json"} for m in ("de", "de-any")},
+            "ingest": {"markets": {m: {"curated": {"train": 1, "valid": 1, "test": 1}} for m in ("de", "de-any")}}}
+    settings = {"base_model": "/m/e5", "max_steps": 2, "batch_size": 4, "max_length": 32, "learning_rate": 1e-3,
+                "precision": "fp32", "torch_threads": 1, "max_questions": 40, "split": "0.4,0.2,0.4",
+                "twin_markets": {"de-any": ("de", "exact-any")}, "foreign": "en"}
+    plain = render_markdown(summarise(runs, data, settings, environment(), n_boot=50))
+    assert "| de-any | 0.800 | 0.800 |" in plain and "How the runs were made" not in plain
+    told = render_markdown(summarise(runs, data, {**settings, "provenance": "two processes side by side"},
+                                     environment(), n_boot=50))
+    assert "How the runs were made: two processes side by side" in told
