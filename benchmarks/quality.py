@@ -79,6 +79,11 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--fp32-check", default="mtl-lora,lora", metavar="METHODS",
                    help="also train these methods in fp32 on the first seed: bf16's AUC difference and speed-up "
                         "(empty: skip)")
+    p.add_argument("--task-lr-scale", type=float, default=None,
+                   help="MTL-LoRA's per-market learning-rate multiple (default: the library's); a run with it set "
+                        "lives in its own dir, mtl-lora-tlr<X>-seed<N>, beside the default runs")
+    p.add_argument("--mixing-init-scale", type=float, default=None,
+                   help="MTL-LoRA's mixing init scale (default: the library's); own dir, mtl-lora-mis<X>-seed<N>")
     p.add_argument("--eval-batch-size", type=int, default=64)
     p.add_argument("--n-boot", type=int, default=1000)
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
@@ -234,19 +239,27 @@ def build_data(args: argparse.Namespace, markets: list[str]) -> dict:
     return {"built": built, "ingest": summary}
 
 
+# A run trained with a non-default MTL-LoRA knob is named by it, so it never replaces (or reuses) a default run.
+KNOB_TAGS = {"task_lr_scale": "tlr", "mixing_init_scale": "mis"}
+
+
 def train_config(args: argparse.Namespace, base: Path, markets: list[str], method: str, seed: int,
                  precision: str | None = None):
     """The run of ``method`` and ``seed`` under the benchmark's budget (``precision`` overrides, in its own dir)."""
     from relevance.training.config import TrainConfig
 
-    suffix = f"-{precision}" if precision else ""
+    knobs = {}
+    if method == "mtl-lora":
+        knobs = {k: v for k, v in (("task_lr_scale", args.task_lr_scale),
+                                   ("mixing_init_scale", args.mixing_init_scale)) if v is not None}
+    suffix = "".join(f"-{KNOB_TAGS[k]}{v:g}" for k, v in knobs.items()) + (f"-{precision}" if precision else "")
     return TrainConfig(
         data=str(args.workdir / "data"), method=method, base_model=str(base), markets=tuple(markets),
         out=str(args.workdir / "runs" / f"{method}{suffix}-seed{seed}"), seed=seed, max_steps=args.max_steps,
         batch_size=args.batch_size, max_length=args.max_length, learning_rate=args.learning_rate,
         precision=precision or args.precision, eval_every=args.max_steps, eval_batch_size=args.eval_batch_size,
         # e5 ships without a pooler: the freshly initialised pooler trains with the head (every method).
-        modules_to_save=("classifier", "pooler"), device=args.device, track=False, progress=False)
+        modules_to_save=("classifier", "pooler"), device=args.device, track=False, progress=False, **knobs)
 
 
 # What the report reads of a run (the weights stay behind): enough to rebuild every table.

@@ -22,6 +22,17 @@ def test_parse_twins_reads_code_language_policy_and_rejects_bad_parts() -> None:
         quality.parse_twins("DE_X=de:strict")
 
 
+def test_mtl_knobs_reach_mtl_lora_only_and_name_their_own_run_dir(tmp_path) -> None:
+    args = quality.parse_args(["--task-lr-scale", "9", "--mixing-init-scale", "0.5", "--workdir", str(tmp_path)])
+    mtl = quality.train_config(args, tmp_path / "model", ["en", "jp"], "mtl-lora", 1)
+    assert (mtl.task_lr_multiplier, mtl.mixing_init_scale) == (9.0, 0.5)
+    assert Path(mtl.out).name == "mtl-lora-tlr9-mis0.5-seed1"
+    lora = quality.train_config(args, tmp_path / "model", ["en", "jp"], "lora", 1)
+    assert (lora.task_lr_scale, lora.mixing_init_scale, Path(lora.out).name) == (None, None, "lora-seed1")
+    default = quality.train_config(quality.parse_args(["--workdir", str(tmp_path)]), tmp_path, ["en"], "mtl-lora", 0)
+    assert Path(default.out).name == "mtl-lora-seed0" and default.task_lr_scale is None
+
+
 def test_win_tie_loss_counts_intervals_per_market_and_seed() -> None:
     def seeds(*cells):
         return {"per_seed": [{"diff": d, "significant": s} for d, s in cells]}
