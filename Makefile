@@ -33,7 +33,7 @@ test: setup
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
 
-# Every benchmark, then benchmarks/RESULTS.md (the quality run alone takes about 100 minutes on 2 cores).
+# Every benchmark, then benchmarks/RESULTS.md (the quality run alone takes about 2 h 35 min - 3 h on 2 cores).
 bench: setup
 	$(PY) benchmarks/ingest_speed.py
 	$(PY) benchmarks/adapter_speed.py
