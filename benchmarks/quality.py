@@ -280,6 +280,18 @@ def copy_light(src: Path, dst: Path) -> bool:
     return True
 
 
+def stale_task_lr(run_dir: Path, config) -> bool:
+    """True for a finished MTL-LoRA run whose Λ_t / w_t learned at another rate than ``config`` gives now.
+
+    ``task_lr_scale`` None means "the library's default", which changed (3× → max(3, T), issue 15): a run
+    recorded before ``run_info.json`` held the multiplier, or with another one, is retrained, not reused.
+    """
+    if config.method != "mtl-lora":
+        return False
+    info = json.loads((run_dir / "run_info.json").read_text()) if (run_dir / "run_info.json").is_file() else {}
+    return info.get("task_lr_multiplier") != config.task_lr_multiplier(len(config.markets))
+
+
 def run_one(config, n_boot: int, keep: Path | None = None) -> dict:
     """Train (or reuse a finished identical run, restored from ``keep`` if need be) and evaluate the test split."""
     from relevance.evaluation.metrics import evaluate_run, metrics_path, read_run_info
@@ -291,7 +303,7 @@ def run_one(config, n_boot: int, keep: Path | None = None) -> dict:
         print(f"  restored {run_dir} from {kept}", flush=True)
     saved = run_dir / "train_config.json"
     finished = metrics_path(run_dir).is_file() and saved.is_file()
-    if finished and json.loads(saved.read_text()) == config.to_dict():
+    if finished and json.loads(saved.read_text()) == config.to_dict() and not stale_task_lr(run_dir, config):
         print(f"  reusing finished run {run_dir}", flush=True)
     else:
         shutil.rmtree(run_dir, ignore_errors=True)

@@ -38,8 +38,10 @@ _OPT_POS_INT = (lambda v: v is None or (_is_int(v) and v >= 1), "a positive inte
 _POS_NUM = (lambda v: _is_num(v) and v > 0, "a positive finite number")
 _NON_NEG = (lambda v: _is_num(v) and v >= 0, "a non-negative finite number")
 _FRACTION = (lambda v: _is_num(v) and 0 <= v < 1, "a number in [0, 1)")
-# MTL-LoRA's Λ_t / w_t learn at this multiple of the learning rate unless told otherwise (issue 15:
-# 1× leaves them where the init put them; 10× let one crossing-policy market collapse within its rows).
+# MTL-LoRA's Λ_t / w_t learn at max(3, T) × the learning rate for T markets unless told otherwise (issue 15).
+# 3 markets: 1× leaves them where the init put them, 10× let one crossing-policy market collapse within its
+# rows, 3× held. Each market's Λ_t / w_t see about 1/T of every batch, so with more markets they need more:
+# at 9 markets 3× kept only a third of the crossing twin's win, 9× kept all of it (quality benchmark).
 DEFAULT_TASK_LR_SCALE = 3.0
 # Training logits carry each market's prior log-odds offset unless told otherwise (issue 15).
 DEFAULT_MARKET_PRIOR = True
@@ -145,10 +147,12 @@ class TrainConfig:
             if not ok(getattr(self, name)):
                 _bad(name, getattr(self, name), expected)
 
-    @property
-    def task_lr_multiplier(self) -> float:
-        """Learning-rate factor of MTL-LoRA's Λ_t and w_t (``relevance.training.optim``)."""
-        return DEFAULT_TASK_LR_SCALE if self.task_lr_scale is None else float(self.task_lr_scale)
+    def task_lr_multiplier(self, n_markets: int) -> float:
+        """Learning-rate factor of MTL-LoRA's Λ_t and w_t (``relevance.training.optim``) when ``n_markets``
+        markets train: ``task_lr_scale`` if given, else max(3, n_markets)."""
+        if self.task_lr_scale is not None:
+            return float(self.task_lr_scale)
+        return max(DEFAULT_TASK_LR_SCALE, float(n_markets))
 
     @property
     def uses_market_prior(self) -> bool:

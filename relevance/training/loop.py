@@ -177,7 +177,10 @@ class Run:
                                           world_size=d.world, single_market=config.separate)
         self.total = config.max_steps or config.epochs * self.sampler.batches_per_epoch
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = make_optimizer(self.model, config.learning_rate, config.weight_decay, config.task_lr_multiplier)
+        # markets with rows in the batches (add_market: the added ones only, the others are frozen)
+        self.task_lr_multiplier = config.task_lr_multiplier(train_df["market"].nunique())
+        self.optimizer = make_optimizer(self.model, config.learning_rate, config.weight_decay,
+                                        self.task_lr_multiplier)
         warmup = math.ceil(config.warmup_ratio * self.total)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _schedule(warmup, self.total))
         torch.manual_seed(config.seed * 1009 + d.rank)  # the dropout stream, distinct per rank
@@ -234,6 +237,8 @@ class Run:
             "degenerate": degenerate_flags(preds, config.run_name or self.out.name, warn=self.main),
             "market_prior_offsets": {m: round(o, 6) for m, o in self.priors.items()}, "prior_logit": self.prior_logit,
             "models_to_serve": models_to_serve(self.model),
+            # what Λ_t / w_t learned at (× learning rate); only MTL-LoRA has them
+            "task_lr_multiplier": self.task_lr_multiplier if config.method == "mtl-lora" else None,
             "precision": resolve_precision(config.precision, self.d.device),
         }
 

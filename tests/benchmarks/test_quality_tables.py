@@ -25,12 +25,27 @@ def test_parse_twins_reads_code_language_policy_and_rejects_bad_parts() -> None:
 def test_mtl_knobs_reach_mtl_lora_only_and_name_their_own_run_dir(tmp_path) -> None:
     args = quality.parse_args(["--task-lr-scale", "9", "--mixing-init-scale", "0.5", "--workdir", str(tmp_path)])
     mtl = quality.train_config(args, tmp_path / "model", ["en", "jp"], "mtl-lora", 1)
-    assert (mtl.task_lr_multiplier, mtl.mixing_init_scale) == (9.0, 0.5)
+    assert (mtl.task_lr_multiplier(2), mtl.mixing_init_scale) == (9.0, 0.5)
     assert Path(mtl.out).name == "mtl-lora-tlr9-mis0.5-seed1"
     lora = quality.train_config(args, tmp_path / "model", ["en", "jp"], "lora", 1)
     assert (lora.task_lr_scale, lora.mixing_init_scale, Path(lora.out).name) == (None, None, "lora-seed1")
     default = quality.train_config(quality.parse_args(["--workdir", str(tmp_path)]), tmp_path, ["en"], "mtl-lora", 0)
     assert Path(default.out).name == "mtl-lora-seed0" and default.task_lr_scale is None
+
+
+def test_an_mtl_lora_run_kept_from_another_default_task_lr_is_stale(tmp_path) -> None:
+    args = quality.parse_args(["--workdir", str(tmp_path)])
+    markets = ["en", "es", "de", "zh", "ar", "hi", "jp", "de-top", "de-any"]
+    mtl = quality.train_config(args, tmp_path, markets, "mtl-lora", 0)
+    run = Path(mtl.out)
+    run.mkdir(parents=True)
+    (run / "run_info.json").write_text('{"method": "mtl-lora"}')  # recorded before the multiplier was
+    assert quality.stale_task_lr(run, mtl)
+    (run / "run_info.json").write_text('{"task_lr_multiplier": 3.0}')  # the old default, 3x
+    assert quality.stale_task_lr(run, mtl)
+    (run / "run_info.json").write_text('{"task_lr_multiplier": 9.0}')  # max(3, 9 markets)
+    assert not quality.stale_task_lr(run, mtl)
+    assert not quality.stale_task_lr(run, quality.train_config(args, tmp_path, markets, "lora", 0))
 
 
 def test_win_tie_loss_counts_intervals_per_market_and_seed() -> None:
@@ -76,6 +91,8 @@ def test_keep_runs_restores_a_finished_run_into_a_wiped_workdir_and_never_retrai
     import relevance.training.loop as loop
 
     class Config:  # what run_one reads of a TrainConfig
+        method = "lora"
+
         def __init__(self, out: Path) -> None:
             self.out = str(out)
 

@@ -24,7 +24,7 @@ from relevance.training.loop import METHODS, RUNTIME_FIELDS, TrainConfig, train
 REPO = Path(__file__).resolve().parents[3]
 RUN_INFO_KEYS = {"method", "run_name", "base_model", "trainable_params", "train_time_s", "examples_per_s",
                  "mlflow_run_id", "data_fingerprint", "best_step", "markets", "task_map", "degenerate",
-                 "market_prior_offsets", "prior_logit", "models_to_serve", "precision"}
+                 "market_prior_offsets", "prior_logit", "models_to_serve", "precision", "task_lr_multiplier"}
 
 
 @pytest.fixture(scope="module")
@@ -90,8 +90,10 @@ def test_train_config_round_trip_and_adapter_config() -> None:
     mtl = TrainConfig(data="ds", method="mtl-lora", base_model="m", out="run", mixing_init_scale=0.25,
                       uniform_mixing_init=False, task_lr_scale=3.0)
     adapter = mtl.adapter_config(("de", "fr"))
-    assert (adapter.mixing_init_scale, adapter.uniform_mixing_init, mtl.task_lr_multiplier) == (0.25, False, 3.0)
-    assert TrainConfig(data="ds", method="mtl-lora", base_model="m", out="run").task_lr_multiplier > 0
+    assert (adapter.mixing_init_scale, adapter.uniform_mixing_init, mtl.task_lr_multiplier(9)) == (0.25, False, 3.0)
+    default = TrainConfig(data="ds", method="mtl-lora", base_model="m", out="run")
+    # the default grows with the markets (each market's Λ_t / w_t see ~1/T of a batch), never below 3×
+    assert [default.task_lr_multiplier(t) for t in (1, 3, 5, 9)] == [3.0, 3.0, 5.0, 9.0]
 
 
 # -- the run directory contract ----------------------------------------------------------------
@@ -108,6 +110,8 @@ def test_each_method_trains_and_writes_the_run_directory(env, tmp_path: Path, me
     info = json.loads((out / "run_info.json").read_text())
     assert set(info) == RUN_INFO_KEYS and info == result.run_info
     assert info["method"] == method and info["run_name"] == method
+    # Λ_t / w_t learn at max(3, T) × the learning rate (T = markets trained); other methods have none
+    assert info["task_lr_multiplier"] == (max(3.0, len(info["markets"])) if method == "mtl-lora" else None)
     assert info["precision"] == resolve_precision("auto", "cpu")  # what auto means on this machine
     assert info["markets"] == ["de", "fr", "us"] and info["task_map"] == {"de": 0, "fr": 1, "us": 2}
     assert info["trainable_params"] > 0 and info["examples_per_s"] > 0 and info["best_step"] in (4, 8)
