@@ -281,13 +281,13 @@ def copy_light(src: Path, dst: Path) -> bool:
 
 
 def stale_task_lr(run_dir: Path, config) -> bool:
-    """True for a finished MTL-LoRA run whose Λ_t / w_t learned at another rate than ``config`` gives now.
+    """True for a finished default MTL-LoRA run whose Λ_t / w_t learned at another rate than the default now.
 
     ``task_lr_scale`` None means "the library's default", which changed (3× → max(3, T), issue 15): a run
     recorded before ``run_info.json`` held the multiplier, or with another one, is retrained, not reused.
     """
-    if config.method != "mtl-lora":
-        return False
+    if config.method != "mtl-lora" or config.task_lr_scale is not None:
+        return False  # an explicit multiple is in train_config.json, which must match already
     info = json.loads((run_dir / "run_info.json").read_text()) if (run_dir / "run_info.json").is_file() else {}
     return info.get("task_lr_multiplier") != config.task_lr_multiplier(len(config.markets))
 
