@@ -46,6 +46,9 @@ def test_an_mtl_lora_run_kept_from_another_default_task_lr_is_stale(tmp_path) ->
     (run / "run_info.json").write_text('{"task_lr_multiplier": 9.0}')  # max(3, 9 markets)
     assert not quality.stale_task_lr(run, mtl)
     assert not quality.stale_task_lr(run, quality.train_config(args, tmp_path, markets, "lora", 0))
+    (run / "run_info.json").write_text('{"method": "mtl-lora"}')  # an explicit multiple: train_config says it
+    explicit = quality.train_config(quality.parse_args(["--task-lr-scale", "9"]), tmp_path, markets, "mtl-lora", 0)
+    assert not quality.stale_task_lr(run, explicit)
 
 
 def test_win_tie_loss_counts_intervals_per_market_and_seed() -> None:
