@@ -210,7 +210,8 @@ def main() -> None:
                         help="short: demo ads, MiniLM-L6; long: XQuAD pairs, the trained e5 run of --trained-run")
     parser.add_argument("--trained-run", type=Path, default=scoring_workloads.QUALITY_RUN,
                         help="--workload long: a trained e5 run whose data holds the long pairs")
-    parser.add_argument("--pairs", type=int, default=None, help="pairs to score (default 20,000; 500 with --quick)")
+    parser.add_argument("--pairs", type=int, default=None, help="pairs to score (default 20,000; 500 with --quick; --workload long: its test rows, "
+                             "repeated as whole copies up to N when given)")
     parser.add_argument("--batch-size", type=int, default=32, help="pairs per forward, the same for every contender")
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--no-spark", action="store_true", help="skip the Spark measurement")
@@ -236,7 +237,8 @@ def main() -> None:
         t0 = time.perf_counter()
         if long:
             run = quick_trained_run(Path(tmp)) if args.quick else args.trained_run
-            cfg = scoring_workloads.setup_long(Path(tmp), run, scoring_workloads.LONG_MARKETS)
+            cfg = scoring_workloads.setup_long(Path(tmp), run, scoring_workloads.LONG_MARKETS,
+                                                 args.pairs)
         else:
             cfg = setup(Path(tmp), args.quick, n_pairs, args.max_length)
         cfg["batch_size"], cfg["threads"], cfg["device"] = args.batch_size, args.threads, args.device

@@ -78,8 +78,20 @@ def token_counts(model_dir: str, raw: Path, markets: tuple[str, ...], max_length
     return counts
 
 
-def setup_long(work: Path, run_dir: Path, markets: tuple[str, ...]) -> dict:
-    """Test rows of ``markets`` as raw pairs, and ``run_dir`` registered (with parity) as their champions."""
+def tile(rows, copies: int):
+    """``rows`` repeated ``copies`` times, each copy's ``example_id`` made unique (``ID~k``; the first keeps
+    its id). Scores and AUC are unchanged by whole copies; it lets a benchmark amortise per-run costs."""
+    import pandas as pd
+
+    parts = [rows] + [rows.assign(example_id=rows["example_id"].astype(str) + f"~{k}") for k in range(1, copies)]
+    return pd.concat(parts, ignore_index=True)
+
+
+def setup_long(work: Path, run_dir: Path, markets: tuple[str, ...], pairs: int | None = None) -> dict:
+    """Test rows of ``markets`` as raw pairs, and ``run_dir`` registered (with parity) as their champions.
+
+    ``pairs``: at least this many pairs in all, by repeating every market's test rows as whole copies (a few
+    hundred test rows are too few to measure throughput: loading each market's model would dominate)."""
     import pandas as pd
 
     from relevance.data.curated import read_split
@@ -91,8 +103,11 @@ def setup_long(work: Path, run_dir: Path, markets: tuple[str, ...]) -> dict:
         raise SystemExit(f"run {run_dir} records data {data!r}, which does not exist: run benchmarks/quality.py "
                          "first (its workdir holds the data and the trained runs), or pass --trained-run")
     raw, labels = work / "raw", []
+    tests = {m: read_split(data, "test", [m]) for m in markets}
+    available = sum(len(r) for r in tests.values())
+    copies = max(1, -(-pairs // available)) if pairs and available else 1
     for m in markets:
-        rows = read_split(data, "test", [m])
+        rows = tile(tests[m], copies)
         (raw / f"market={m}").mkdir(parents=True)
         rows.drop(columns=["label", "query_id", "split"], errors="ignore").to_parquet(
             raw / f"market={m}" / "part-0.parquet", index=False)
