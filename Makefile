@@ -45,6 +45,7 @@ bench: setup
 	$(PY) benchmarks/add_market.py
 	$(PY) benchmarks/collapse_search.py
 	$(PY) benchmarks/mtl_knobs.py
+	$(PY) benchmarks/per_market_lr.py
 	$(PY) benchmarks/collect.py
 
 # A smoke run of every benchmark (tiny sizes, results under $(QUICK)), in a few minutes; CI runs it.
@@ -60,6 +61,7 @@ bench-quick: setup
 	$(PY) benchmarks/add_market.py --quick --workdir $(QUICK)/quality-work --out $(QUICK)/add_market
 	$(PY) benchmarks/collapse_search.py --quick --workdir $(QUICK)/collapse-work --out $(QUICK)/collapse_search
 	$(PY) benchmarks/mtl_knobs.py --quick --workdir $(QUICK)/knobs-work --out $(QUICK)/mtl_knobs
+	$(PY) benchmarks/per_market_lr.py --quick --workdir $(QUICK)/pml-work --out $(QUICK)/per_market_lr_demo
 	GPU_SH_SMOKE=1 benchmarks/gpu.sh $(QUICK)/gpu
 	$(PY) benchmarks/collect.py --results $(QUICK) --out $(QUICK)/RESULTS.md
 

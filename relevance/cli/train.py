@@ -54,7 +54,7 @@ def train_command(
     mtl_temperature: Annotated[float, typer.Option(help="MTL-LoRA: softmax temperature τ of the mixing weights.", rich_help_panel=_HYPER)] = 0.1,
     uniform_mixing_init: Annotated[Optional[bool], typer.Option("--uniform-mixing-init/--random-mixing-init", help="MTL-LoRA: start every market's mixing weights uniform (w_t = 0), or random U(±s/√n)/τ (default: the library's).", rich_help_panel=_HYPER)] = None,
     mixing_init_scale: Annotated[Optional[float], typer.Option(help="MTL-LoRA: s of the random mixing init; 1 is the reference code's (near one-hot at τ = 0.1), 0 uniform.", rich_help_panel=_HYPER)] = None,
-    task_lr_scale: Annotated[Optional[float], typer.Option(help="MTL-LoRA: learning-rate multiple for the per-market Λ_t and w_t, which get no weight decay (default: the number of markets, at least 3).", rich_help_panel=_HYPER)] = None,
+    task_lr_scale: Annotated[Optional[float], typer.Option(help="Learning-rate multiple of each market's own adapter parameters. mtl-lora: Λ_t and w_t, which get no weight decay (default: the number of markets, at least 3). per-market-lora: A_t and B_t (default 1).", rich_help_panel=_HYPER)] = None,
     market_prior: Annotated[Optional[bool], typer.Option("--market-prior/--no-market-prior", help="Add each market's prior log-odds (its train share of relevant rows) to its training logits, so no market fits its base rate by moving all its inputs (default: on).", rich_help_panel=_HYPER)] = None,
     multilora_n: Annotated[Optional[int], typer.Option(help="MultiLoRA: number of parallel LoRAs (default 3).", rich_help_panel=_HYPER)] = None,
     n_experts: Annotated[Optional[int], typer.Option(help="MOELoRA: experts of rank r / n (must divide r; default 4).", rich_help_panel=_HYPER)] = None,

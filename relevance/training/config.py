@@ -43,6 +43,10 @@ _FRACTION = (lambda v: _is_num(v) and 0 <= v < 1, "a number in [0, 1)")
 # rows, 3× held. Each market's Λ_t / w_t see about 1/T of every batch, so with more markets they need more:
 # at 9 markets 3× kept only a third of the crossing twin's win, 9× kept all of it (quality benchmark).
 DEFAULT_TASK_LR_SCALE = 3.0
+# per-market-lora's A_t / B_t stay at the learning rate: the same 1/T argument does not carry over. On the
+# demo's data and budget (benchmarks/results/per_market_lr_demo.md, 4 seeds) 5× and 10× drove markets to
+# constant scores (AUC 0.50) while 1× learned; unlike Λ_t (neutral at I) a large step on B_t moves the output.
+PER_MARKET_LORA_LR_SCALE = 1.0
 # Training logits carry each market's prior log-odds offset unless told otherwise (issue 15).
 DEFAULT_MARKET_PRIOR = True
 
@@ -147,11 +151,17 @@ class TrainConfig:
             if not ok(getattr(self, name)):
                 _bad(name, getattr(self, name), expected)
 
-    def task_lr_multiplier(self, n_markets: int) -> float:
-        """Learning-rate factor of MTL-LoRA's Λ_t and w_t (``relevance.training.optim``) when ``n_markets``
-        markets train: ``task_lr_scale`` if given, else max(3, n_markets)."""
+    def task_lr_multiplier(self, n_markets: int) -> float | None:
+        """Learning-rate factor of each market's own adapter parameters (``relevance.training.optim``) when
+        ``n_markets`` markets train: MTL-LoRA's Λ_t and w_t (``task_lr_scale`` if given, else max(3, n_markets)),
+        per-market LoRA's A_t and B_t (``task_lr_scale`` if given, else PER_MARKET_LORA_LR_SCALE); None for
+        methods that have no such parameters in shared batches."""
+        if self.method not in ("mtl-lora", "per-market-lora"):
+            return None
         if self.task_lr_scale is not None:
             return float(self.task_lr_scale)
+        if self.method == "per-market-lora":
+            return PER_MARKET_LORA_LR_SCALE
         return max(DEFAULT_TASK_LR_SCALE, float(n_markets))
 
     @property

@@ -179,8 +179,10 @@ class Run:
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         # markets with rows in the batches (add_market: the added ones only, the others are frozen)
         self.task_lr_multiplier = config.task_lr_multiplier(train_df["market"].nunique())
+        scale = self.task_lr_multiplier or 1.0
         self.optimizer = make_optimizer(self.model, config.learning_rate, config.weight_decay,
-                                        self.task_lr_multiplier)
+                                        scale if config.method == "mtl-lora" else 1.0,
+                                        scale if config.method == "per-market-lora" else 1.0)
         warmup = math.ceil(config.warmup_ratio * self.total)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _schedule(warmup, self.total))
         torch.manual_seed(config.seed * 1009 + d.rank)  # the dropout stream, distinct per rank
@@ -237,8 +239,9 @@ class Run:
             "degenerate": degenerate_flags(preds, config.run_name or self.out.name, warn=self.main),
             "market_prior_offsets": {m: round(o, 6) for m, o in self.priors.items()}, "prior_logit": self.prior_logit,
             "models_to_serve": models_to_serve(self.model),
-            # what Λ_t / w_t learned at (× learning rate); only MTL-LoRA has them
-            "task_lr_multiplier": self.task_lr_multiplier if config.method == "mtl-lora" else None,
+            # what each market's own adapter parameters learned at (× learning rate): MTL-LoRA's Λ_t / w_t,
+            # per-market LoRA's A_t / B_t; None for the other methods
+            "task_lr_multiplier": self.task_lr_multiplier,
             "precision": resolve_precision(config.precision, self.d.device),
         }
 

@@ -1,4 +1,4 @@
-"""The optimizer: AdamW, with MTL-LoRA's per-market parameters in a group of their own.
+"""The optimizer: AdamW, with each market's own adapter parameters in a group of their own.
 
 Why a group of their own (issue 15): Λ_t starts at I and w_t at logits of order 1/τ, while B starts
 at 0. Adam moves every entry by about the learning rate per step whatever its scale, so at the
@@ -6,6 +6,11 @@ shared learning rate Λ_t can drift only ~0.1 from I and w_t/τ only ~1 logit in
 a market can barely specialise, and the mixing stays wherever the random init put it. These
 parameters therefore get ``task_lr_scale`` × the learning rate, and no weight decay (decay would
 pull Λ_t toward 0, not toward its neutral value I).
+
+``per-market-lora``'s A_t / B_t have the same problem for the same reason: each market's pair gets
+gradient only from that market's ~1/T share of every batch, a noisier gradient whose sign Adam
+follows less often, so a small market's adapter barely leaves its start. They can get the scaled
+rate too (their neutral value is B_t = 0, so weight decay stays).
 """
 
 from __future__ import annotations
@@ -25,20 +30,35 @@ def is_task_parameter(name: str) -> bool:
     return any(part in TASK_PARAM_PARTS for part in name.split("."))
 
 
+def is_market_lora_parameter(name: str) -> bool:
+    """True for a per-market LoRA A_t or B_t, e.g. ``…query.lora_A.2`` (a shared LoRA's is ``…query.lora_A``)."""
+    parts = name.split(".")
+    return any(a in ("lora_A", "lora_B") and b.isdigit() for a, b in zip(parts, parts[1:]))
+
+
 def param_groups(
-    named: Iterable[tuple[str, nn.Parameter]], lr: float, weight_decay: float, task_lr_scale: float
+    named: Iterable[tuple[str, nn.Parameter]], lr: float, weight_decay: float, task_lr_scale: float,
+    market_lora_lr_scale: float = 1.0,
 ) -> list[dict[str, Any]]:
-    """AdamW groups over the trainable parameters: the rest, then Λ_t/w_t (scaled lr, no decay)."""
-    shared, task = [], []
+    """AdamW groups over the trainable parameters: the rest; Λ_t/w_t (scaled lr, no decay); per-market A_t/B_t
+    (scaled lr, decay). Empty groups are left out."""
+    shared, task, market = [], [], []
     for name, param in named:
         if param.requires_grad:
-            (task if is_task_parameter(name) else shared).append(param)
+            if is_task_parameter(name):
+                task.append(param)
+            else:
+                (market if is_market_lora_parameter(name) else shared).append(param)
     groups = [{"params": shared, "lr": lr, "weight_decay": weight_decay}]
     if task:
         groups.append({"params": task, "lr": lr * task_lr_scale, "weight_decay": 0.0})
+    if market:
+        groups.append({"params": market, "lr": lr * market_lora_lr_scale, "weight_decay": weight_decay})
     return groups
 
 
-def make_optimizer(model: nn.Module, lr: float, weight_decay: float, task_lr_scale: float) -> torch.optim.AdamW:
+def make_optimizer(model: nn.Module, lr: float, weight_decay: float, task_lr_scale: float,
+                   market_lora_lr_scale: float = 1.0) -> torch.optim.AdamW:
     """AdamW over ``param_groups``; the LR schedule multiplies every group's own lr alike."""
-    return torch.optim.AdamW(param_groups(model.named_parameters(), lr, weight_decay, task_lr_scale))
+    return torch.optim.AdamW(param_groups(model.named_parameters(), lr, weight_decay, task_lr_scale,
+                                          market_lora_lr_scale))

