@@ -31,6 +31,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -74,15 +75,20 @@ def score_local(source: str, output: str | os.PathLike, *, tracking_uri: str | N
                      prefix=prefix, tracking_uri=tracking_uri, resume=resume)
     tmp = Path(tempfile.mkdtemp(prefix="ads-relevance-models-"))
     bar = _progress(job.total_rows(), progress)
+    started, model_s = time.perf_counter(), 0.0
     try:
         models = {m: load_local(p) for m, p in job.download_models(tmp).items()}
         used = {m: model.resolve_precision(precision) for m, model in sorted(models.items())}
+        load_s = time.perf_counter() - started
         selection = set(job.selection) if job.selection is not None else None
         for f in job.todo():
             writers = PartWriters(job.staging, f.index)
 
             def on_valid(market: str, rows: pd.DataFrame, writers: PartWriters = writers) -> int:
+                nonlocal model_s
+                t0 = time.perf_counter()
                 values = models[market].score_frame(rows, batch_size=batch_size, precision=precision)
+                model_s += time.perf_counter() - t0
                 writers.write("scores", market, scores_table(rows, values, job.models[market]))
                 return len(rows)
 
@@ -99,7 +105,12 @@ def score_local(source: str, output: str | os.PathLike, *, tracking_uri: str | N
                 raise
             writers.commit()
             job.commit(f.index, counts)
-        return job.finish({"precision": used})
+        # where the time went: fetching and loading the models, the models' own scoring (tokenize + forward),
+        # and everything else (reading, the input contract, writing); a slow job says which to look at
+        total = time.perf_counter() - started
+        timings = {"load_models": load_s, "scoring": model_s, "read_check_write": total - load_s - model_s,
+                   "total": total}
+        return job.finish({"precision": used, "timings_s": {k: round(v, 3) for k, v in timings.items()}})
     finally:
         bar.close()
         job.close()
