@@ -119,4 +119,8 @@ def _print_scoring_summary(summary: dict) -> None:
         typer.echo(f"{m:<10}{v['rows_in']:>10,}{v['scored']:>10,}{sum(v['quarantined'].values()):>13,}  {label}")
     t = summary["totals"]
     typer.echo(f"{'TOTAL':<10}{t['rows_in']:>10,}{t['scored']:>10,}{t['quarantined']:>13,}")
+    timings = summary.get("timings_s")  # the local engine's; Spark has none
+    if timings:
+        typer.echo(f"\ntime: {timings['total']:.1f} s = registry and models {timings['registry_and_models']:.1f} s"
+                   f" + scoring {timings['scoring']:.1f} s + read, check, write {timings['read_check_write']:.1f} s")
     typer.echo(f"\nscores: {summary['output']}")

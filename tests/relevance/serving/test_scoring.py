@@ -194,6 +194,7 @@ def test_cli_score(world, tmp_path):
     out = runner.invoke(app, [*args, "--markets", "de,fr", "--batch-size", "16"])
     assert out.exit_code == 3, out.output  # partial: de written, fr named
     assert "ads-relevance-de v1" in out.stdout and "TOTAL" in out.stdout
+    assert "time: " in out.stdout and "registry and models" in out.stdout  # where the time went
     assert "NOT SCORED: no ads-relevance-fr@champion" in out.stdout
     assert "PARTIAL: 1 of 2 market(s) not scored" in out.stderr and "fr (" in out.stderr
     assert set(pd.read_parquet(tmp_path / "out")["market"].astype(str)) == {"de"}
