@@ -121,12 +121,16 @@ def main(argv: list[str] | None = None) -> int:
     scales = [float(s) for s in args.scales.split(",") if s]
     seeds = [int(s) for s in args.seeds.split(",") if s]
 
+    train_s: dict[str, float] = {}  # each run's own training time (a reused run keeps the one it was made in)
+
     def run(name: str, method: str, seed: int, **extra) -> pd.DataFrame:
         print(f"[seed {seed}] {name}", flush=True)
         config = TrainConfig(data=str(data), method=method, base_model=base, out=str(args.workdir / "runs" /
                              f"{name}-seed{seed}"), seed=seed, precision=args.precision, track=False,
                              progress=False, **recipe, **extra)
-        return pd.read_parquet(train_once(config) / "predictions" / "test.parquet")
+        out = train_once(config)
+        train_s[out.name] = json.loads((out / "run_info.json").read_text())["train_time_s"]
+        return pd.read_parquet(out / "predictions" / "test.parquet")
 
     results: dict[str, dict] = {}
     for seed in seeds:
@@ -139,7 +143,8 @@ def main(argv: list[str] | None = None) -> int:
                 for m, e in {**comp["markets"], "macro": comp["macro"]}.items()}
     out = {"benchmark": "per_market_lr", "setting": args.setting, "recipe": recipe, "base_model": base,
            "data": str(data), "scales": scales, "seeds": seeds, "precision": args.precision,
-           "environment": env, "results": results, "wall_time_s": round(time.perf_counter() - started, 1)}
+           "environment": env, "results": results, "wall_time_s": round(time.perf_counter() - started, 1),
+           "train_time_s": train_s}
     write(out, args.out)
     return 0
 
@@ -158,7 +163,10 @@ def render(r: dict) -> str:
     keys = list(next(iter(next(iter(r["results"].values())).values())))
     lines = [f"# Per-market LoRA's learning-rate multiple: {r['setting']}", "",
              f"{env['date']}, commit {env['commit']}, {env['machine']['cpu']} (load "
-             f"{env['machine']['load_avg_1min_at_start']} at start); wall {r['wall_time_s']} s. "
+             f"{env['machine']['load_avg_1min_at_start']} at start); wall {r['wall_time_s']} s"
+             + (f", training {sum(r['train_time_s'].values()):.0f} s over {len(r['train_time_s'])} runs (finished "
+                "runs are reused, so the wall time can be that of the comparison alone). " if r.get("train_time_s")
+                else ". ")
              f"`{'/'.join(Path(r['base_model']).parts[-2:])}`, {rec['max_steps']} steps × {rec['batch_size']}, {rec['max_length']} "
              f"tokens, lr {rec['learning_rate']}, {r['precision']}; seeds {', '.join(map(str, r['seeds']))}. "
              "Row: per-market LoRA with its A_t/B_t at the multiple × lr. Cell: per-market-lora − shared LoRA "
