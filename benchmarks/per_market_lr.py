@@ -167,7 +167,7 @@ def render(r: dict) -> str:
              + (f", training {sum(r['train_time_s'].values()):.0f} s over {len(r['train_time_s'])} runs (finished "
                 "runs are reused, so the wall time can be that of the comparison alone). " if r.get("train_time_s")
                 else ". ")
-             f"`{'/'.join(Path(r['base_model']).parts[-2:])}`, {rec['max_steps']} steps × {rec['batch_size']}, {rec['max_length']} "
+             + f"`{'/'.join(Path(r['base_model']).parts[-2:])}`, {rec['max_steps']} steps × {rec['batch_size']}, {rec['max_length']} "
              f"tokens, lr {rec['learning_rate']}, {r['precision']}; seeds {', '.join(map(str, r['seeds']))}. "
              "Row: per-market LoRA with its A_t/B_t at the multiple × lr. Cell: per-market-lora − shared LoRA "
              "test AUC, mean over seeds, then per seed (✱: paired 95% cluster-bootstrap interval excludes 0); "
