@@ -84,21 +84,11 @@ class AdapterLayer(nn.Module):
         """
         if torch.is_grad_enabled():
             self._cache = None
-            return self._compute_cast(compute, dtype)
+            return tuple(t.to(dtype) for t in compute())
         key = (dtype, *((p.data_ptr(), p._version) for p in self.parameters()))
         if self._cache is None or self._cache[0] != key:
-            self._cache = (key, self._compute_cast(compute, dtype))
+            self._cache = (key, tuple(t.to(dtype) for t in compute()))
         return self._cache[1]
-
-    def _compute_cast(self, compute: Callable[[], tuple[Tensor, ...]], dtype: torch.dtype) -> tuple[Tensor, ...]:
-        """The per-task matrices in the parameters' own precision, cast once to ``dtype``.
-
-        Under bf16 autocast every small product in ``compute`` (MTL-LoRA: one per market) would cast its
-        operands to bf16: ~6.7k small copies per e5-small training step (7 markets) against ~1.6k for shared
-        LoRA, and the matrices rounded at every product instead of once.
-        """
-        with torch.autocast(self.base.weight.device.type, enabled=False):
-            return tuple(t.to(dtype) for t in compute())
 
     def _check_task(self, task: int | None) -> int:
         if not self.task_conditioned:
