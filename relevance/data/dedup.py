@@ -6,9 +6,12 @@ on-disk SQLite table with a primary-key index, whose page cache is capped, so me
 the disk file grows (and is deleted when ingest ends).
 
 Speed: a batch travels to SQLite as one JSON array (``json_each``) rather than one ``executemany`` row
-at a time, and the index does two set operations per batch: look up which distinct ids are already
-there, then insert them sorted (sorted inserts touch each index page once). Which occurrence of an id
-is the first *within* the batch is decided in Python, with a set bounded by the batch size.
+at a time, sorted in Python first (SQLite's own DISTINCT + ORDER BY sorter cost more than the whole
+lookup), and the index does two set operations per batch in that order: look up which ids are already
+there, then insert them (sorted inserts touch each index page once; a repeat is an ignored conflict).
+Which occurrence of an id is the first *within* the batch is decided in Python, with a set bounded by
+the batch size. The page cache is small (2 MiB): the operating system caches the file anyway, and a
+16 MiB cache only added memory that grew with the input (no measurable speed difference at 2M ids).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import numpy as np
 class SeenIds:
     """``first_occurrence(ids)`` → one bool per id: True the first time an id is seen, in call order."""
 
-    def __init__(self, path: Path, cache_kib: int = 16_384):
+    def __init__(self, path: Path, cache_kib: int = 2_048):
         self._db = sqlite3.connect(str(path))
         self._db.executescript(
             f"""
@@ -38,14 +41,13 @@ class SeenIds:
     def first_occurrence(self, ids: Sequence[str]) -> list[bool]:
         if not ids:
             return []
-        doc = json.dumps(list(ids))
+        doc = json.dumps(sorted(ids))  # code-point order = UTF-8 byte order = SQLite's BINARY collation
         if "\\u0000" in doc:  # SQLite's JSON text cannot carry NUL faithfully: bind the ids one by one
             return self._first_occurrence_rows(ids)
         db = self._db
         before = {i for (i,) in db.execute(
             "SELECT value FROM json_each(?) WHERE value IN (SELECT id FROM seen)", (doc,))}
-        db.execute("INSERT INTO seen(id) SELECT DISTINCT value FROM json_each(?) WHERE true ORDER BY 1 "
-                   "ON CONFLICT DO NOTHING", (doc,))
+        db.execute("INSERT INTO seen(id) SELECT value FROM json_each(?) WHERE true ON CONFLICT DO NOTHING", (doc,))
         db.commit()
         return _firsts(ids, before)
 
