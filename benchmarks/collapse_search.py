@@ -8,7 +8,7 @@ label accessory and refurbished ads oppositely; MiniLM-L6 from its PyPI package)
 lists every market whose test scores are degenerate: near-zero spread (std < 0.01) or an AUC whose 95%
 cluster-bootstrap interval contains 0.5.
 
-    python benchmarks/collapse_search.py                  # 2 settings × 2 methods × 6 seeds (~25 min on 2 CPUs)
+    python benchmarks/collapse_search.py                  # 2 settings × 3 methods × 6 seeds (~35 min on 2 CPUs)
     python benchmarks/collapse_search.py --seeds 0-19 --methods mtl-lora
     python benchmarks/collapse_search.py --quick          # tiny in-code model, a few steps (smoke test)
 
@@ -40,7 +40,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--settings", default=",".join(SETTINGS), help=f"comma-separated, from {list(SETTINGS)}")
-    p.add_argument("--methods", default="mtl-lora,per-market-lora")
+    p.add_argument("--methods", default="mtl-lora,per-market-lora,lora",
+                   help="comma-separated; shared LoRA (lora) is the reference: how often does it look degenerate?")
     p.add_argument("--seeds", default="0-5", help="'0-5' or '0,3,7'")
     p.add_argument("--max-steps", type=int, default=120)
     p.add_argument("--batch-size", type=int, default=16)
@@ -145,6 +146,22 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def summary_table(runs: list[dict]) -> list[str]:
+    """Per setting and method: runs, degenerate market × seed cells, and the mean test AUC over markets
+    and seeds (so a method that never collapses but learns less is visible too)."""
+    lines = ["| setting | method | runs | degenerate cells | runs with one | mean test AUC |", "|---|---|---:|---:|---:|---:|"]
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in runs:
+        groups.setdefault((r["setting"], r["method"]), []).append(r)
+    for (setting, method), rs in groups.items():
+        cells = [v for r in rs for v in r["markets"].values()]
+        aucs = [v["auc"] for v in cells if v["auc"] is not None]
+        mean = f"{sum(aucs) / len(aucs):.3f}" if aucs else "—"
+        lines.append(f"| {setting} | {method} | {len(rs)} | {sum(len(r['degenerate']) for r in rs)} of {len(cells)} | "
+                     f"{sum(1 for r in rs if r['degenerate'])} | {mean} |")
+    return lines
+
+
 def render(result: dict) -> str:
     runs = result["runs"]
     hits = [r for r in runs if r["degenerate"]]
@@ -155,7 +172,8 @@ def render(result: dict) -> str:
              f"{result['environment']['commit']}, {result['environment']['date']}, wall {result['wall_time_s']:.0f} s.",
              "A market is degenerate when its test score std < 0.01 or its AUC interval contains 0.5.", "",
              f"**Degenerate markets found: {sum(len(r['degenerate']) for r in runs)} in {len(hits)} of {len(runs)} runs.**",
-             "", "| setting | method | seed | per-market test AUC (score std) | degenerate |", "|---|---|---:|---|---|"]
+             "", *summary_table(runs), "",
+             "| setting | method | seed | per-market test AUC (score std) | degenerate |", "|---|---|---:|---|---|"]
     for r in runs:
         cells = ", ".join(f"{m} {v['auc']:.3f} ({v['score_std']:.3f})" for m, v in r["markets"].items())
         lines.append(f"| {r['setting']} | {r['method']} | {r['seed']} | {cells} | {', '.join(r['degenerate']) or '—'} |")

@@ -58,6 +58,7 @@ SPEED = (
 )
 QUALITY = (("Quality (CPU)", "quality.md"), ("Quality on GPU", "quality_gpu.md"),
            ("Collapse search (MTL-LoRA, issue 15)", "collapse_search.md"),
+           ("Collapse search before the fix (issue 15)", "collapse_search_before_fix.md"),
            ("Policy markets, nested (issue 15)", "policy_nested.md"),
            ("Policy markets, crossing (issue 15)", "policy_crossing.md"),
            ("Add a market without retraining (issue 14)", "add_market.md"),
