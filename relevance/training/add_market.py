@@ -137,6 +137,8 @@ def make_config(source: SourceRun, data: str, out: str, markets: tuple[str, ...]
     inherited = {k: v for k, v in source.train_config.items() if k in known}
     given = {k: v for k, v in options.items() if v is not None}
     base = {**inherited, "resume": False, "track": True, "progress": True, "run_name": None}
+    if base.get("method") == "per-market-lora":  # new markets start neutral: market 0's adapter is frozen
+        base["shared_start"] = 0.0
     merged = {**base, **given, "data": str(data), "out": str(out), "markets": list(markets), "base_model": base_model}
     return TrainConfig.from_dict(merged)
 

@@ -47,6 +47,12 @@ DEFAULT_TASK_LR_SCALE = 3.0
 # demo's data and budget (benchmarks/results/per_market_lr_demo.md, 4 seeds) 5× and 10× drove markets to
 # constant scores (AUC 0.50) while 1× learned; unlike Λ_t (neutral at I) a large step on B_t moves the output.
 PER_MARKET_LORA_LR_SCALE = 1.0
+# per-market-lora's shared start (relevance.training.shared_start): the fraction of the steps in which its
+# markets train one shared adapter before each continues on its own copy. Default 0, own adapters from step 1
+# (the baseline measures per-market adapters without sharing): 0.5 narrows its deficit to shared LoRA (nested
+# policy data, 2 seeds: macro -0.128 -> -0.018; demo gb, 4 seeds: -0.086 -> -0.036) but does not close it, and
+# costs most of the demo's conflicting-market win (de +0.204 -> +0.066); benchmarks/results/per_market_lr_*.md.
+DEFAULT_SHARED_START = 0.0
 # Training logits carry each market's prior log-odds offset unless told otherwise (issue 15).
 DEFAULT_MARKET_PRIOR = True
 
@@ -59,6 +65,7 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     **dict.fromkeys(("weight_decay", "min_delta"), _NON_NEG),
     "mixing_init_scale": (lambda v: v is None or (_is_num(v) and v >= 0), "a non-negative number or None"),
     "task_lr_scale": (lambda v: v is None or (_is_num(v) and v > 0), "a positive number or None"),
+    "shared_start": (lambda v: v is None or (_is_num(v) and 0 <= v < 1), "a number in [0, 1) or None"),
     **dict.fromkeys(("uniform_mixing_init", "market_prior"), (lambda v: v is None or isinstance(v, bool),
                                                              "True, False or None")),
     **dict.fromkeys(("adapter_dropout", "warmup_ratio"), _FRACTION),
@@ -91,6 +98,7 @@ class TrainConfig:
     uniform_mixing_init: bool | None = None
     mixing_init_scale: float | None = None
     task_lr_scale: float | None = None
+    shared_start: float | None = None
     market_prior: bool | None = None
     multilora_n: int | None = None
     n_experts: int | None = None
@@ -150,6 +158,9 @@ class TrainConfig:
         for name, (ok, expected) in _RULES.items():
             if not ok(getattr(self, name)):
                 _bad(name, getattr(self, name), expected)
+        if self.shared_start and self.method != "per-market-lora":
+            _bad("shared_start", self.shared_start, "None or 0 for method "
+                 f"{self.method!r}: only per-market-lora has per-market adapters that can start shared")
 
     def task_lr_multiplier(self, n_markets: int) -> float | None:
         """Learning-rate factor of each market's own adapter parameters (``relevance.training.optim``) when
@@ -163,6 +174,13 @@ class TrainConfig:
         if self.method == "per-market-lora":
             return PER_MARKET_LORA_LR_SCALE
         return max(DEFAULT_TASK_LR_SCALE, float(n_markets))
+
+    @property
+    def shared_start_fraction(self) -> float:
+        """Fraction of the steps in which per-market-lora's markets share one adapter (0 for other methods)."""
+        if self.method != "per-market-lora":
+            return 0.0
+        return DEFAULT_SHARED_START if self.shared_start is None else float(self.shared_start)
 
     @property
     def uses_market_prior(self) -> bool:

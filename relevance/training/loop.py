@@ -10,7 +10,8 @@ exactly:
                                    examples_per_s, mlflow_run_id, data_fingerprint, best_step,
                                    markets, task_map, degenerate ({split: {market: [reasons]}}),
                                    market_prior_offsets, prior_logit, models_to_serve,
-                                   precision (what ``auto`` resolved to: bf16 or fp32)
+                                   precision (what ``auto`` resolved to: bf16 or fp32),
+                                   task_lr_multiplier, shared_steps (per-market-lora's shared start)
     RUN/predictions/valid.parquet  example_id, market, label, score, query_id (best weights)
     RUN/predictions/test.parquet
     RUN/checkpoints/step-NNNNNNNN/ see relevance.training.checkpoint
@@ -53,6 +54,7 @@ from relevance.model.batching import collate
 from relevance.model.precision import autocast, resolve_precision
 from relevance.training.batches import MultiMarketSampler
 from relevance.training.optim import make_optimizer
+from relevance.training.shared_start import copy_first_state, shared_routing, shared_steps, tie_to_first
 from relevance.training.priors import per_example, prior_offsets
 from relevance import settings
 from relevance.training.tracking import NullTracker, Tracker, degenerate_flags, log_final, market_aucs
@@ -183,6 +185,7 @@ class Run:
         self.optimizer = make_optimizer(self.model, config.learning_rate, config.weight_decay,
                                         scale if config.method == "mtl-lora" else 1.0,
                                         scale if config.method == "per-market-lora" else 1.0)
+        self.shared_steps = shared_steps(config.shared_start_fraction, self.total)
         warmup = math.ceil(config.warmup_ratio * self.total)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _schedule(warmup, self.total))
         torch.manual_seed(config.seed * 1009 + d.rank)  # the dropout stream, distinct per rank
@@ -242,6 +245,7 @@ class Run:
             # what each market's own adapter parameters learned at (× learning rate): MTL-LoRA's Λ_t / w_t,
             # per-market LoRA's A_t / B_t; None for the other methods
             "task_lr_multiplier": self.task_lr_multiplier,
+            "shared_steps": self.shared_steps,  # per-market-lora: steps its markets trained one shared adapter
             "precision": resolve_precision(config.precision, self.d.device),
         }
 
@@ -317,6 +321,11 @@ class Run:
         idx = self.sampler.next_batch()
         batch = collate(self.enc, idx, pad_id, self.d.device)
         ids = None if self.task_ids is None else self.task_ids[idx].to(self.d.device)
+        shared = self.prog.step < self.shared_steps  # per-market-lora's shared start (training/shared_start.py)
+        if shared:
+            ids = shared_routing(ids)
+        elif self.shared_steps and self.prog.step == self.shared_steps:
+            copy_first_state(self.optimizer, self.model)  # each market continues from the shared adapter
         # Routing is set on the inner model's layers, then the (DDP) wrapper runs the forward.
         with task_routing(self.model, ids), autocast(self.config.precision, self.d.device):
             logits = net(**batch).logits.float().view(-1)
@@ -325,6 +334,8 @@ class Run:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm)
         self.optimizer.step()
+        if shared:
+            tie_to_first(self.model)
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.prog.examples_seen += len(idx) * self.d.world

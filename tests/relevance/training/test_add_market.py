@@ -238,3 +238,16 @@ def test_other_task_conditioned_methods_grow_without_moving_old_markets(world, t
                          progress=False)
     assert result.run_info["task_map"] == {"fr": 0, "us": 1, "de": 2}
     assert _merged_sha(run, "fr", tmp_path) == _merged_sha(tmp_path / "grown", "fr", tmp_path)
+
+
+def test_added_per_market_lora_markets_start_neutral_not_shared() -> None:
+    """A source run trained with a shared start: the add step must not route new markets to market 0's
+    (frozen) adapter, so its config sets shared_start to 0."""
+    from types import SimpleNamespace
+
+    from relevance.training.add_market import make_config
+
+    source = SimpleNamespace(train_config={"data": "ds", "method": "per-market-lora", "base_model": "m", "out": "run",
+                                           "shared_start": 0.5, "max_steps": 20})
+    config = make_config(source, "ds2", "new", ("hi",), "m", {})
+    assert config.shared_start == 0.0 and config.shared_start_fraction == 0.0 and config.markets == ("hi",)

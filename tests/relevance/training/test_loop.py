@@ -25,7 +25,8 @@ from relevance.training.loop import METHODS, RUNTIME_FIELDS, TrainConfig, train
 REPO = Path(__file__).resolve().parents[3]
 RUN_INFO_KEYS = {"method", "run_name", "base_model", "trainable_params", "train_time_s", "examples_per_s",
                  "mlflow_run_id", "data_fingerprint", "best_step", "markets", "task_map", "degenerate",
-                 "market_prior_offsets", "prior_logit", "models_to_serve", "precision", "task_lr_multiplier"}
+                 "market_prior_offsets", "prior_logit", "models_to_serve", "precision", "task_lr_multiplier",
+                 "shared_steps"}
 
 
 @pytest.fixture(scope="module")
@@ -72,6 +73,8 @@ def _config(env: dict[str, Path], out: Path, **kw) -> TrainConfig:
     ("task_lr_scale", 0.0, "TrainConfig.task_lr_scale=0.0"),
     ("mixing_init_scale", -1.0, "TrainConfig.mixing_init_scale=-1.0"),
     ("uniform_mixing_init", "yes", "TrainConfig.uniform_mixing_init='yes'"),
+    ("shared_start", 1.0, "TrainConfig.shared_start=1.0"),
+    ("shared_start", 0.5, "only per-market-lora has per-market adapters"),  # method lora
 ])
 def test_train_config_rejects_bad_values(field: str, value: object, match: str) -> None:
     kw = dict(data="ds", method="lora", base_model="m", out="run")
@@ -100,6 +103,47 @@ def test_train_config_round_trip_and_adapter_config() -> None:
     assert [pml.task_lr_multiplier(t) for t in (3, 9)] == [1.0, 1.0]
     assert dataclasses.replace(pml, task_lr_scale=2.0).task_lr_multiplier(9) == 2.0
     assert TrainConfig(data="ds", method="separate", base_model="m", out="run", task_lr_scale=2.0).task_lr_multiplier(9) is None
+
+
+def test_per_market_lora_shared_start_trains_one_adapter_then_each_market_its_own(env, tmp_path: Path) -> None:
+    """Steps 1-3 of 6: every market's A_t, B_t equal market 0's (B non-zero: they learned); then they part.
+    Read from the checkpoint of every step; run_info records the shared steps."""
+    cfg = _config(env, tmp_path / "run", method="per-market-lora", max_steps=6, eval_every=3, shared_start=0.5,
+                  checkpoint_every=1, keep_checkpoints=6)
+    info = train(cfg).run_info
+    assert info["shared_steps"] == 3
+
+    def markets_equal(step: int) -> bool:
+        state = load_file(str(tmp_path / "run" / "checkpoints" / f"step-{step:08d}" / "trainable.safetensors"))
+        firsts = {k[: -len(".0")]: v for k, v in state.items() if k.endswith((".lora_A.0", ".lora_B.0"))}
+        assert firsts and any(k.endswith("lora_B") and v.abs().sum() > 0 for k, v in firsts.items())
+        others = [(k, v) for k, v in state.items() if k.rsplit(".", 1)[0] in firsts and not k.endswith(".0")]
+        assert len(others) == 2 * len(firsts)  # three markets
+        return all(torch.equal(v, firsts[k.rsplit(".", 1)[0]]) for k, v in others)
+
+    assert [markets_equal(s) for s in range(1, 7)] == [True, True, True, False, False, False]
+    plain = train(_config(env, tmp_path / "plain", method="per-market-lora", max_steps=2)).run_info
+    assert plain["shared_steps"] == 0
+
+
+def test_copy_first_state_gives_every_market_market_zeros_moments() -> None:
+    from relevance.model.adapters.layers import PerTaskLoRALinear
+    from relevance.training.shared_start import copy_first_state, tie_to_first
+
+    torch.manual_seed(0)
+    layer = PerTaskLoRALinear(torch.nn.Linear(6, 5), num_tasks=3, r=2)
+    opt = torch.optim.AdamW(layer.parameters(), lr=0.1)
+    x = torch.randn(4, 6)
+    layer._task_ids = torch.zeros(4, dtype=torch.long)
+    layer(x).pow(2).sum().backward()
+    opt.step()
+    tie_to_first(layer)
+    assert torch.equal(layer.lora_B[2], layer.lora_B[0]) and layer.lora_B[0].abs().sum() > 0
+    copy_first_state(opt, layer)
+    for params in (layer.lora_A, layer.lora_B):
+        for t in (1, 2):
+            assert torch.equal(opt.state[params[t]]["exp_avg"], opt.state[params[0]]["exp_avg"])
+            assert opt.state[params[t]]["exp_avg"].data_ptr() != opt.state[params[0]]["exp_avg"].data_ptr()
 
 
 # -- the run directory contract ----------------------------------------------------------------
