@@ -93,17 +93,15 @@ def test_keep_runs_restores_a_finished_run_into_a_wiped_workdir_and_never_retrai
 
     import relevance.training.loop as loop
 
-    class Config:  # what run_one reads of a TrainConfig
-        method = "lora"
+    from relevance.training.config import TrainConfig
 
-        def __init__(self, out: Path) -> None:
-            self.out = str(out)
-
-        def to_dict(self) -> dict:
-            return {"method": "lora", "seed": 0}
+    def Config(out: Path) -> TrainConfig:
+        return TrainConfig(data="ds", method="lora", base_model="m", out=str(out))
 
     run_dir, keep = tmp_path / "work" / "runs" / "lora-seed0", tmp_path / "kept"
-    for name, text in {"train_config.json": json.dumps(Config(run_dir).to_dict()), "run_info.json": "{}",
+    saved = Config(run_dir).to_dict()
+    del saved["shared_start"]  # made before that field existed: still the same run (its default)
+    for name, text in {"train_config.json": json.dumps(saved), "run_info.json": "{}",
                        "metrics.json": json.dumps({"markets": {"de": {"auc": 0.9}}}),
                        "predictions/test.parquet": "p", "adapter.safetensors": "weights"}.items():
         (run_dir / name).parent.mkdir(parents=True, exist_ok=True)
