@@ -86,12 +86,13 @@ def demo_dataset(work: Path, quick: bool) -> Path:
 def train_once(config) -> Path:
     """Train ``config`` unless its run directory already holds a finished run of the same config (a field
     added since that run was made reads as its default)."""
-    from relevance.training.loop import TrainConfig, train
+    from relevance.training.checkpoint import config_differences
+    from relevance.training.loop import train
 
     out = Path(config.out)
     saved = out / "train_config.json"
     if (out / "predictions" / "test.parquet").is_file() and saved.is_file() \
-            and TrainConfig.from_dict(json.loads(saved.read_text())) == config:
+            and not config_differences(json.loads(saved.read_text()), config.to_dict(), set()):
         return out
     train(config)
     saved.write_text(json.dumps(config.to_dict(), indent=1) + "\n")

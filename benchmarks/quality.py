@@ -292,18 +292,10 @@ def stale_task_lr(run_dir: Path, config) -> bool:
     return info.get("task_lr_multiplier") != config.task_lr_multiplier(len(config.markets))
 
 
-def same_config(saved: dict, config) -> bool:
-    """Whether a run's saved ``train_config.json`` is ``config``; a field added to TrainConfig since the run
-    was made reads as its default (so a new option does not force every kept run to retrain)."""
-    try:
-        return type(config).from_dict(saved) == config
-    except (TypeError, ValueError):  # a field this version does not know: not the same run
-        return False
-
-
 def run_one(config, n_boot: int, keep: Path | None = None) -> dict:
     """Train (or reuse a finished identical run, restored from ``keep`` if need be) and evaluate the test split."""
     from relevance.evaluation.metrics import evaluate_run, metrics_path, read_run_info
+    from relevance.training.checkpoint import config_differences
     from relevance.training.loop import train
 
     run_dir = Path(config.out)
@@ -312,7 +304,9 @@ def run_one(config, n_boot: int, keep: Path | None = None) -> dict:
         print(f"  restored {run_dir} from {kept}", flush=True)
     saved = run_dir / "train_config.json"
     finished = metrics_path(run_dir).is_file() and saved.is_file()
-    if finished and same_config(json.loads(saved.read_text()), config) and not stale_task_lr(run_dir, config):
+    # resume's comparison: a field added to TrainConfig since the run was made reads as its (None) default
+    same = finished and not config_differences(json.loads(saved.read_text()), config.to_dict(), set())
+    if same and not stale_task_lr(run_dir, config):
         print(f"  reusing finished run {run_dir}", flush=True)
     else:
         shutil.rmtree(run_dir, ignore_errors=True)
