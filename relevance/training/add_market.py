@@ -33,7 +33,8 @@ from data_contracts.markets import validate_market
 from relevance.data.curated import read_split
 from relevance.model.cross_encoder import load_cross_encoder
 from relevance.training.config import TrainConfig
-from relevance.training.loop import Run, TrainResult, _Dist, run_training
+from relevance.training.distributed import Dist
+from relevance.training.loop import Run, TrainResult, run_training
 from relevance.training.runs import adapter_digest
 
 logger = logging.getLogger(__name__)
@@ -146,7 +147,7 @@ def make_config(source: SourceRun, data: str, out: str, markets: tuple[str, ...]
 class AddMarketRun(Run):
     """:class:`Run` on a grown adapter: new markets' rows train, every market is predicted at the end."""
 
-    def __init__(self, config: TrainConfig, d: _Dist, source: SourceRun, head: bool) -> None:
+    def __init__(self, config: TrainConfig, d: Dist, source: SourceRun, head: bool) -> None:
         self.source, self.head, self.added = source, head, tuple(config.markets or ())
         super().__init__(config, d)
 

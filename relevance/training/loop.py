@@ -1,4 +1,4 @@
-"""Training configuration and the run directory it produces.
+"""The training loop and the run directory it produces.
 
 ``train(TrainConfig(...))`` fine-tunes a cross-encoder with one adapter method on the curated
 dataset and writes the run directory that ``evaluate``, ``report`` and the registry read — keep it
@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -53,7 +52,8 @@ from relevance.data.curated import data_fingerprint, read_training_splits
 from relevance.model.batching import collate
 from relevance.model.precision import autocast, resolve_precision
 from relevance.training.batches import MultiMarketSampler
-from relevance.training.optim import make_optimizer
+from relevance.training.distributed import Dist, init_distributed
+from relevance.training.optim import linear_schedule, make_optimizer
 from relevance.training.shared_start import copy_first_state, shared_routing, shared_steps, tie_to_first
 from relevance.training.priors import per_example, prior_offsets
 from relevance import settings
@@ -73,49 +73,6 @@ class TrainResult:
     model: torch.nn.Module
 
 
-@dataclass
-class _Dist:
-    """This process's place in a torchrun job (rank 0 of 1 without one)."""
-
-    rank: int
-    world: int
-    device: torch.device
-    owns_group: bool
-
-    def gather(self, value: Any) -> list[Any]:
-        if self.world == 1:
-            return [value]
-        out: list[Any] = [None] * self.world
-        torch.distributed.all_gather_object(out, value)
-        return out
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            torch.distributed.barrier()
-
-
-def _init_distributed(device: str | None) -> _Dist:
-    """Join the torchrun process group when ``WORLD_SIZE`` > 1 (gloo on CPU, NCCL on GPU)."""
-    import torch.distributed as dist
-
-    world, local = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("LOCAL_RANK", "0"))
-    cuda = torch.cuda.is_available() and (device is None or device.startswith("cuda"))
-    owns = world > 1 and not dist.is_initialized()
-    if owns:
-        dist.init_process_group("nccl" if cuda else "gloo")
-    dev = torch.device(device) if device else torch.device(f"cuda:{local}" if cuda else "cpu")
-    if dev.type == "cuda":
-        torch.cuda.set_device(dev)
-    return _Dist(dist.get_rank() if world > 1 else 0, world, dev, owns)
-
-
-def _schedule(warmup: int, total: int) -> Callable[[int], float]:
-    """Linear warmup to the peak LR over ``warmup`` steps, then linear decay to 0 at ``total``."""
-    def factor(s: int) -> float:
-        return (s + 1) / (warmup + 1) if s < warmup else max(0.0, (total - s) / max(1, total - warmup))
-    return factor
-
-
 def train(config: TrainConfig, on_step: Callable[[int], None] | None = None) -> TrainResult:
     """Train as ``config`` says and write the run directory (module docstring); return the result.
 
@@ -125,14 +82,14 @@ def train(config: TrainConfig, on_step: Callable[[int], None] | None = None) -> 
     return run_training(lambda d: Run(config, d), config.device, on_step)
 
 
-def run_training(make_run: Callable[[_Dist], Run], device: str | None,
+def run_training(make_run: Callable[[Dist], Run], device: str | None,
                  on_step: Callable[[int], None] | None = None) -> TrainResult:
     """Join the process group, build the run with ``make_run``, fit it and always end its MLflow run.
 
     Shared by :func:`train` and ``relevance.training.add_market`` (a :class:`Run` subclass), so both
     get the same DDP, checkpoint, resume and tracking behaviour from one loop.
     """
-    d = _init_distributed(device)
+    d = init_distributed(device)
     try:
         run = make_run(d)
         try:
@@ -153,7 +110,7 @@ class Run:
     own attributes before calling ``super().__init__`` because the hooks run inside it.
     """
 
-    def __init__(self, config: TrainConfig, d: _Dist) -> None:
+    def __init__(self, config: TrainConfig, d: Dist) -> None:
         self.config, self.d, self.out, self.main = config, d, Path(config.out), d.rank == 0
         local = Path(config.base_model).expanduser()
         self.base_model = str(local.absolute()) if local.exists() else config.base_model  # as run_info says
@@ -181,13 +138,11 @@ class Run:
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         # markets with rows in the batches (add_market: the added ones only, the others are frozen)
         self.task_lr_multiplier = config.task_lr_multiplier(train_df["market"].nunique())
-        scale = self.task_lr_multiplier or 1.0
         self.optimizer = make_optimizer(self.model, config.learning_rate, config.weight_decay,
-                                        scale if config.method == "mtl-lora" else 1.0,
-                                        scale if config.method == "per-market-lora" else 1.0)
+                                        self.task_lr_multiplier or 1.0)
         self.shared_steps = shared_steps(config.shared_start_fraction, self.total)
         warmup = math.ceil(config.warmup_ratio * self.total)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _schedule(warmup, self.total))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, linear_schedule(warmup, self.total))
         torch.manual_seed(config.seed * 1009 + d.rank)  # the dropout stream, distinct per rank
         self.prog, self.best = ckpt.Progress(), None
         self._last_eval: tuple[int | None, pd.DataFrame | None] = (None, None)  # (step, valid predictions)

@@ -10,12 +10,13 @@ pull Λ_t toward 0, not toward its neutral value I).
 ``per-market-lora``'s A_t / B_t have the same problem for the same reason: each market's pair gets
 gradient only from that market's ~1/T share of every batch, a noisier gradient whose sign Adam
 follows less often, so a small market's adapter barely leaves its start. They can get the scaled
-rate too (their neutral value is B_t = 0, so weight decay stays).
+rate too (their neutral value is B_t = 0, so weight decay stays). The factor is
+``TrainConfig.task_lr_multiplier``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -37,11 +38,13 @@ def is_market_lora_parameter(name: str) -> bool:
 
 
 def param_groups(
-    named: Iterable[tuple[str, nn.Parameter]], lr: float, weight_decay: float, task_lr_scale: float,
-    market_lora_lr_scale: float = 1.0,
+    named: Iterable[tuple[str, nn.Parameter]], lr: float, weight_decay: float, own_lr_scale: float = 1.0,
 ) -> list[dict[str, Any]]:
-    """AdamW groups over the trainable parameters: the rest; Λ_t/w_t (scaled lr, no decay); per-market A_t/B_t
-    (scaled lr, decay). Empty groups are left out."""
+    """AdamW groups over the trainable parameters: the shared rest (lr, decay); MTL-LoRA's Λ_t/w_t
+    (``own_lr_scale`` × lr, no decay); per-market LoRA's A_t/B_t (``own_lr_scale`` × lr, decay).
+
+    One scale serves both kinds: a model has only one of them. Empty groups are left out.
+    """
     shared, task, market = [], [], []
     for name, param in named:
         if param.requires_grad:
@@ -51,14 +54,19 @@ def param_groups(
                 (market if is_market_lora_parameter(name) else shared).append(param)
     groups = [{"params": shared, "lr": lr, "weight_decay": weight_decay}]
     if task:
-        groups.append({"params": task, "lr": lr * task_lr_scale, "weight_decay": 0.0})
+        groups.append({"params": task, "lr": lr * own_lr_scale, "weight_decay": 0.0})
     if market:
-        groups.append({"params": market, "lr": lr * market_lora_lr_scale, "weight_decay": weight_decay})
+        groups.append({"params": market, "lr": lr * own_lr_scale, "weight_decay": weight_decay})
     return groups
 
 
-def make_optimizer(model: nn.Module, lr: float, weight_decay: float, task_lr_scale: float,
-                   market_lora_lr_scale: float = 1.0) -> torch.optim.AdamW:
+def make_optimizer(model: nn.Module, lr: float, weight_decay: float, own_lr_scale: float = 1.0) -> torch.optim.AdamW:
     """AdamW over ``param_groups``; the LR schedule multiplies every group's own lr alike."""
-    return torch.optim.AdamW(param_groups(model.named_parameters(), lr, weight_decay, task_lr_scale,
-                                          market_lora_lr_scale))
+    return torch.optim.AdamW(param_groups(model.named_parameters(), lr, weight_decay, own_lr_scale))
+
+
+def linear_schedule(warmup: int, total: int) -> Callable[[int], float]:
+    """LR factor at step s: linear warmup to 1 over ``warmup`` steps, then linear decay to 0 at ``total``."""
+    def factor(s: int) -> float:
+        return (s + 1) / (warmup + 1) if s < warmup else max(0.0, (total - s) / max(1, total - warmup))
+    return factor

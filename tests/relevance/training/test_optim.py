@@ -8,7 +8,13 @@ import torch
 from transformers import BertConfig, BertForSequenceClassification
 
 from relevance.model.adapters import AdapterConfig, inject, use_tasks
-from relevance.training.optim import is_market_lora_parameter, is_task_parameter, make_optimizer, param_groups
+from relevance.training.optim import (
+    is_market_lora_parameter,
+    is_task_parameter,
+    linear_schedule,
+    make_optimizer,
+    param_groups,
+)
 
 LR = 1e-3
 
@@ -54,7 +60,7 @@ def test_groups_split_task_parameters_with_scaled_lr_and_no_decay() -> None:
 
 def test_per_market_lora_pairs_get_their_scaled_lr_and_keep_decay() -> None:
     model = tiny("per-market-lora")
-    groups = param_groups(model.named_parameters(), LR, 0.01, task_lr_scale=10.0, market_lora_lr_scale=4.0)
+    groups = param_groups(model.named_parameters(), LR, 0.01, own_lr_scale=4.0)
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     market = [p for n, p in trainable.items() if is_market_lora_parameter(n)]
     assert len(groups) == 2 and len(market) == 4 * 2 * 2  # 4 modules × (A_t, B_t) × 2 markets
@@ -71,7 +77,7 @@ def test_one_adam_step_moves_lambda_at_the_scaled_rate() -> None:
         for b in (layer.lora_B,):
             b.normal_(0, 1.0)  # non-zero B so Λ and A get gradients
     before_lam, before_a = layer.lam[0].detach().clone(), layer.lora_A.detach().clone()
-    opt = make_optimizer(model, LR, weight_decay=0.5, task_lr_scale=10.0)
+    opt = make_optimizer(model, LR, weight_decay=0.5, own_lr_scale=10.0)
     ids = torch.randint(5, 50, (4, 8))
     with use_tasks(model, torch.tensor([0, 0, 1, 1])):
         model(input_ids=ids).logits.sum().backward()
@@ -80,3 +86,11 @@ def test_one_adam_step_moves_lambda_at_the_scaled_rate() -> None:
     a_step = (layer.lora_A.detach() - before_a).abs().max().item()
     assert lam_step == pytest.approx(10 * LR, rel=0.01)  # no decay term on Λ (decay 0.5 would add 5e-4)
     assert LR < a_step <= LR * (1 + 0.5 * before_a.abs().max().item()) + 1e-7  # A: lr, plus its decay
+
+
+def test_linear_schedule_warms_up_then_decays_to_zero() -> None:
+    f = linear_schedule(warmup=4, total=20)
+    assert [f(s) for s in range(4)] == pytest.approx([0.2, 0.4, 0.6, 0.8])  # never 0: step 0 trains
+    assert f(4) == 1.0 and f(12) == pytest.approx(0.5) and f(20) == 0.0 and f(25) == 0.0
+    assert all(f(s) > f(s + 1) for s in range(4, 20))
+    assert linear_schedule(0, 10)(0) == 1.0  # no warmup: the peak at once
