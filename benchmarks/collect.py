@@ -67,7 +67,9 @@ QUALITY = (("Quality (CPU)", "quality.md"), ("Quality on GPU", "quality_gpu.md")
            ("Per-market LoRA on the nested policy data (issue 15)", "per_market_lr_nested.md"),
            ("Per-market LoRA's shared start on the demo data (issue 15)", "per_market_lr_shared_start_demo.md"),
            ("Per-market LoRA's shared start on the nested policy data (issue 15)",
-            "per_market_lr_shared_start_nested.md"))
+            "per_market_lr_shared_start_nested.md"),
+           ("Per-market LoRA's shared start on the crossing policy data (issue 15)",
+            "per_market_lr_shared_start_crossing.md"))
 
 
 def _demote(md: str) -> str:

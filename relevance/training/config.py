@@ -50,8 +50,9 @@ PER_MARKET_LORA_LR_SCALE = 1.0
 # per-market-lora's shared start (relevance.training.shared_start): the fraction of the steps in which its
 # markets train one shared adapter before each continues on its own copy. Default 0, own adapters from step 1
 # (the baseline measures per-market adapters without sharing): 0.5 narrows its deficit to shared LoRA (nested
-# policy data, 2 seeds: macro -0.128 -> -0.018; demo gb, 4 seeds: -0.086 -> -0.036) but does not close it, and
-# costs most of the demo's conflicting-market win (de +0.204 -> +0.066); benchmarks/results/per_market_lr_*.md.
+# policy data, 4 seeds: macro -0.127 -> -0.027, behind in every seed; demo gb, 4 seeds: -0.086 -> -0.036) but
+# does not close it, and moves the per-market wins (demo de +0.204 -> +0.066; crossing, 3 seeds: de +0.101 ->
+# +0.177, de-any +0.102 -> +0.059); benchmarks/results/per_market_lr_shared_start_*.md.
 DEFAULT_SHARED_START = 0.0
 # Training logits carry each market's prior log-odds offset unless told otherwise (issue 15).
 DEFAULT_MARKET_PRIOR = True
