@@ -39,7 +39,7 @@ bench: setup
 	$(PY) benchmarks/adapter_speed.py
 	$(PY) benchmarks/adapter_speed.py --threads 1 --out benchmarks/results/adapter_speed_1thread.json
 	$(PY) benchmarks/adapter_speed.py --real
-	$(PY) benchmarks/adapter_speed.py --real --precision bf16 --out benchmarks/results/adapter_speed_real_bf16.json
+	$(PY) benchmarks/adapter_speed.py --real --precision fp32 --out benchmarks/results/adapter_speed_real_fp32.json
 	$(PY) benchmarks/scoring_speed.py --repeats 2
 	$(PY) benchmarks/quality.py
 	$(PY) benchmarks/scoring_speed.py --workload long --repeats 2 --no-spark

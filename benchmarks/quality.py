@@ -74,7 +74,7 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--learning-rate", type=float, default=5e-4)
     p.add_argument("--precision", default="auto", choices=("fp32", "bf16", "auto"),
-                   help="auto: bf16 where it is faster here (AMX, CUDA), else fp32; resolved before the runs, so "
+                   help="auto: bf16 where it is faster here (AMX, AMD AVX512-BF16, CUDA), else fp32; resolved before the runs, so "
                         "a kept run trained in the other precision (another machine) is retrained, never mixed in")
     p.add_argument("--fp32-check", default="mtl-lora,lora", metavar="METHODS",
                    help="also train these methods in fp32 on the first seed: bf16's AUC difference and speed-up "

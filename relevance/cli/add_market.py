@@ -34,7 +34,7 @@ def add_market_command(
     learning_rate: Annotated[Optional[float], typer.Option("--lr", "--learning-rate", help="Peak AdamW learning rate.", rich_help_panel=_OPT)] = None,
     max_length: Annotated[Optional[int], typer.Option(help="Max tokens per (query, ad) pair (scoring uses it for every market of the new run).", rich_help_panel=_OPT)] = None,
     seed: Annotated[Optional[int], typer.Option(help="Seed of initialisation, sampling and dropout.", rich_help_panel=_OPT)] = None,
-    precision: Annotated[Optional[Precision], typer.Option(help="auto: bf16 autocast where the hardware computes bf16 natively (CUDA; CPUs with AMX: AVX512-BF16 alone is slower than fp32), fp32 elsewhere.", rich_help_panel=_OPT)] = None,
+    precision: Annotated[Optional[Precision], typer.Option(help="auto: bf16 autocast where the hardware computes bf16 natively (CUDA; CPUs with AMX, AMD CPUs with AVX512-BF16), fp32 elsewhere.", rich_help_panel=_OPT)] = None,
     eval_every: Annotated[Optional[int], typer.Option(help="Evaluate the new markets' valid AUC every K steps (and at the end).", rich_help_panel=_OPT)] = None,
     checkpoint_every: Annotated[Optional[int], typer.Option(help="Checkpoint every K steps (default: --eval-every).", rich_help_panel=_OPT)] = None,
     patience: Annotated[Optional[int], typer.Option(help="Stop after this many evaluations without improvement.", rich_help_panel=_OPT)] = None,

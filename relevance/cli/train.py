@@ -80,7 +80,7 @@ def train_command(
     min_delta: Annotated[float, typer.Option(help="Smallest mean-AUC gain that counts as an improvement.", rich_help_panel=_EVAL)] = 0.0,
     eval_batch_size: Annotated[int, typer.Option(help="Batch size for scoring valid and test.", rich_help_panel=_EVAL)] = 128,
     resume: Annotated[bool, typer.Option(help="Continue the run in --out from its newest checkpoint (same hyper-parameters required).", rich_help_panel=_RUN)] = False,
-    precision: Annotated[Precision, typer.Option(help="auto: bf16 autocast where the hardware computes bf16 natively (CUDA; CPUs with AMX: AVX512-BF16 alone is slower than fp32), fp32 elsewhere.", rich_help_panel=_RUN)] = Precision.auto,
+    precision: Annotated[Precision, typer.Option(help="auto: bf16 autocast where the hardware computes bf16 natively (CUDA; CPUs with AMX, AMD CPUs with AVX512-BF16), fp32 elsewhere.", rich_help_panel=_RUN)] = Precision.auto,
     device: Annotated[Optional[str], typer.Option(help="torch device (default: cuda:LOCAL_RANK when available, else cpu).", rich_help_panel=_RUN)] = None,
     tracking_uri: Annotated[Optional[str], typer.Option(help=settings.TRACKING_URI_HELP, rich_help_panel=_RUN)] = None,
     experiment: Annotated[str, typer.Option(help="MLflow experiment name.", rich_help_panel=_RUN)] = "ads-relevance",

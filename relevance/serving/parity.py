@@ -108,7 +108,7 @@ def measure_merged(merged_dir: Path, market: str, run: Any) -> dict[str, Any]:
 def report_failed(market: str, where: Any, result: dict[str, Any]) -> None:
     """Log a failed parity: a warning where ``auto`` would otherwise score in bf16, a note where it never would.
 
-    Without native bf16 (no AMX, no CUDA) ``auto`` scores in fp32 whatever the parity, so a failed
+    Without native bf16 (no AMX or AMD AVX512-BF16, no CUDA) ``auto`` scores in fp32 whatever the parity, so a failed
     parity changes nothing here; the tag still matters on the machines that serve the version.
     """
     import logging

@@ -40,7 +40,8 @@ DEFAULT_BATCH_SIZE = 64
 CHUNK_ROWS = 1024  # rows tokenized ahead by the producer thread (and length-sorted together)
 BATCH_GROWTH = 4  # short pairs may fill up to 4 × batch_size rows within the token budget
 PRECISIONS = ("auto", "fp32", "bf16")
-_CPU_BF16_FLAGS = {"amx_bf16"}  # AVX512-BF16 alone is slower than fp32 (relevance.model.precision)
+_CPU_BF16_FLAGS = {"amx_bf16"}  # native on any vendor (relevance.model.precision)
+_AMD_BF16_FLAGS = {"avx512_bf16"}  # native on AMD only; slower than fp32 on an Intel VM without AMX
 
 
 def native_bf16(device: Any) -> bool:
@@ -56,12 +57,18 @@ def native_bf16(device: Any) -> bool:
         return override == "1"
     if platform.system() != "Linux":
         return False
+    fields: dict[str, str] = {}
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            flags = next((line.partition(":")[2].split() for line in f if line.startswith("flags")), [])
+            for line in f:
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip(), value.strip())
+                if "flags" in fields and "vendor_id" in fields:
+                    break
     except OSError:
         return False
-    return bool(_CPU_BF16_FLAGS & set(flags))
+    flags = set(fields.get("flags", "").split())
+    return bool(_CPU_BF16_FLAGS & flags) or (fields.get("vendor_id") == "AuthenticAMD" and bool(_AMD_BF16_FLAGS & flags))
 
 
 def scoring_device() -> Any:

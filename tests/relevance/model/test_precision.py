@@ -26,16 +26,23 @@ def test_auto_follows_the_hardware_and_forced_values_do_not(monkeypatch, flag: s
         assert not torch.is_autocast_enabled("cpu")
 
 
-def test_cpu_detection_reads_the_kernel_flags(monkeypatch) -> None:
+def test_cpu_detection_reads_the_kernel_vendor_and_flags(monkeypatch) -> None:
     monkeypatch.delenv(P.OVERRIDE_ENV, raising=False)
-    flags = P._cpu_flags()
-    assert P.native_bf16("cpu") == bool(flags & P.CPU_BF16_FLAGS)
-    monkeypatch.setattr(P, "_cpu_flags", lambda: frozenset({"avx2", "avx512f"}))
-    assert not P.native_bf16("cpu"), "AVX512 without its bf16 extension emulates bf16: fp32 is faster"
-    monkeypatch.setattr(P, "_cpu_flags", lambda: frozenset({"avx512f", "avx512_bf16"}))
-    assert not P.native_bf16("cpu"), "AVX512-BF16 without AMX measured slower than fp32"
-    monkeypatch.setattr(P, "_cpu_flags", lambda: frozenset({"avx512f", "amx_bf16"}))
-    assert P.native_bf16("cpu")
+    vendor, flags = P._cpu_info()
+    text = open("/proc/cpuinfo").read() if P.platform.system() == "Linux" else ""
+    assert (vendor in text) and all(f in text for f in flags)
+    assert P.native_bf16("cpu") == P.cpu_computes_bf16(vendor, flags)
+    cases = {  # (vendor, flags): native?
+        ("GenuineIntel", ("avx2", "avx512f")): False,  # no bf16 extension: emulated, fp32 is faster
+        ("AuthenticAMD", ("avx2", "avx512f")): False,
+        ("GenuineIntel", ("avx512f", "avx512_bf16")): False,  # measured slower than fp32 (module doc)
+        ("AuthenticAMD", ("avx512f", "avx512_bf16")): True,  # Zen 4: 2.4x fp32's GEMM rate
+        ("GenuineIntel", ("avx512f", "avx512_bf16", "amx_bf16")): True,
+        ("", ("amx_bf16",)): True,
+    }
+    for (vendor, names), expected in cases.items():
+        monkeypatch.setattr(P, "_cpu_info", lambda v=vendor, n=names: (v, frozenset(n)))
+        assert P.native_bf16("cpu") is expected, (vendor, names)
     monkeypatch.setenv(P.OVERRIDE_ENV, "yes")
     with pytest.raises(ValueError, match="ADS_RELEVANCE_NATIVE_BF16='yes'"):
         P.native_bf16("cpu")
