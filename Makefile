@@ -42,7 +42,7 @@ bench: setup
 	$(PY) benchmarks/adapter_speed.py --real --precision fp32 --out benchmarks/results/adapter_speed_real_fp32.json
 	$(PY) benchmarks/scoring_speed.py --repeats 2
 	$(PY) benchmarks/quality.py
-	$(PY) benchmarks/scoring_speed.py --workload long --repeats 2 --no-spark
+	$(PY) benchmarks/scoring_speed.py --workload long --repeats 2 --no-spark --pairs 4320
 	$(PY) benchmarks/add_market.py
 	$(PY) benchmarks/collapse_search.py
 	$(PY) benchmarks/mtl_knobs.py

@@ -57,6 +57,7 @@ SPEED = (
     ("Scoring speed on GPU, long pairs", "scoring_speed_gpu.json", _scoring, "benchmarks/gpu.sh"),
 )
 QUALITY = (("Quality (CPU)", "quality.md"), ("Quality on GPU", "quality_gpu.md"),
+           ("Training precision: auto (bf16) against fp32, seed 0 (issue 16)", "quality_precision.md"),
            ("Collapse search (MTL-LoRA, issue 15)", "collapse_search.md"),
            ("Collapse search before the fix (issue 15)", "collapse_search_before_fix.md"),
            ("Policy markets, nested (issue 15)", "policy_nested.md"),

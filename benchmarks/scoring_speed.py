@@ -139,6 +139,7 @@ def setup(work: Path, quick: bool, n_pairs: int, max_length: int) -> dict:
     import pandas as pd
 
     from relevance.data.demo_data import generate_market
+    from relevance.data.ingest import ingest
     from relevance.training.runs import write_synthetic_run
 
     if quick:
@@ -156,8 +157,16 @@ def setup(work: Path, quick: bool, n_pairs: int, max_length: int) -> dict:
         df.to_parquet(raw / f"market={m}" / "part-0.parquet", index=False)
         labels.append(df[["example_id", "market", "label"]])
     test = pd.concat([pd.DataFrame(generate_market(m, 100, np.random.default_rng([8, i]))) for i, m in enumerate(MARKETS)])
+    # Labelled valid rows recorded as the run's data: registration measures each market's bf16 parity on
+    # them, so `auto` decides as in production (without them every market would score in fp32).
+    parity_raw = work / "parity-raw"
+    for i, m in enumerate(MARKETS):
+        (parity_raw / f"market={m}").mkdir(parents=True)
+        pd.DataFrame(generate_market(m, 100 if quick else 500, np.random.default_rng([10, i]))).to_parquet(
+            parity_raw / f"market={m}" / "part-0.parquet", index=False)
+    ingest(str(parity_raw), work / "parity-data", (0.2, 0.6, 0.2), seed=0, progress=False)
     run = write_synthetic_run(work / "runs" / "mtl", base, "mtl-lora", MARKETS, test=test, seed=3, scale=scale,
-                              max_length=max_length)
+                              max_length=max_length, data=work / "parity-data")
     cfg: dict = {"workdir": str(work), "raw": str(raw), "max_length": max_length, "base_model": base,
                  "markets": list(MARKETS)}
     scoring_workloads.register_champions(work, run, None, cfg)

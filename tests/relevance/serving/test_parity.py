@@ -23,7 +23,7 @@ def test_compare_passes_equal_rankings_and_names_what_fails() -> None:
     assert same["ok"] and same["auc_delta"] == 0.0 and same["corr"] == pytest.approx(1.0)
     noisy = parity.compare(y, s, s + rng.normal(0, 0.3, 200))
     assert not noisy["ok"] and abs(noisy["auc_delta"]) > parity.MAX_AUC_DELTA
-    assert "> 0.001" in noisy["reason"]
+    assert "> 0.00100" in noisy["reason"] and noisy["auc_tolerance"] == parity.MAX_AUC_DELTA
     bent = parity.compare(y, s, s ** 6)  # the same ranking, other scores: a threshold would move
     assert bent["auc_delta"] == 0.0 and not bent["ok"] and "correlation" in bent["reason"]
     one_label = parity.compare(np.ones(50), s[:50], s[:50])
@@ -32,6 +32,31 @@ def test_compare_passes_equal_rankings_and_names_what_fails() -> None:
     assert not few["ok"] and "fewer than" in few["reason"]
     tags = parity.parity_tags(noisy)
     assert tags["bf16_ok"] == "false" and float(tags["bf16_parity_auc_delta"]) == noisy["auc_delta"]
+
+
+def test_the_auc_bar_is_one_swapped_pair_where_auc_is_coarser_than_0_001() -> None:
+    """20 positives × 40 negatives (a 60-row valid split): AUC moves in steps of 1/800 = 0.00125."""
+    rng = np.random.default_rng(1)
+    y = np.array([1] * 20 + [0] * 40)
+    fp32 = 0.5 * y + rng.random(60)  # a good, imperfect ranking
+    order = np.argsort(fp32)
+    # adjacent positive-above-negative pairs in fp32's order: swapping one pair's scores moves AUC by one step
+    flips = [(order[i], order[i + 1]) for i in range(59) if y[order[i]] == 0 and y[order[i + 1]] == 1]
+    assert len(flips) >= 2
+
+    def swapped(pairs):
+        s = fp32.copy()
+        for a, b in pairs:
+            s[a], s[b] = s[b], s[a]
+        return s
+
+    one = parity.compare(y, fp32, swapped(flips[:1]))
+    assert one["auc_tolerance"] == pytest.approx(1 / 800)
+    assert abs(one["auc_delta"]) == pytest.approx(1 / 800) and one["corr"] >= parity.MIN_CORR and one["ok"]
+    two = parity.compare(y, fp32, swapped(flips[:2]))
+    assert abs(two["auc_delta"]) == pytest.approx(2 / 800) and not two["ok"] and "> 0.00125" in two["reason"]
+    big = np.repeat(y, 10)  # 200 × 400 pairs: the 0.001 bar itself is finer than one pair, so it holds
+    assert parity.auc_tolerance(big) == parity.MAX_AUC_DELTA
 
 
 def test_parity_rows_keep_whole_queries(tmp_path) -> None:
