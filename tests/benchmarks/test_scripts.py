@@ -1,6 +1,7 @@
 """The benchmark entry points that need no training: gpu.sh's fail-fast and the results collector."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -55,3 +56,41 @@ def test_quick_runs_never_write_into_results(tmp_path):
         with pytest.raises(SystemExit, match="never go there"):
             output_path(inside, "x.json", quick=True)
 
+
+
+def _squad(n_articles: int = 3) -> dict:
+    """A SQuAD-format file: articles of two paragraphs, one question each."""
+    return {"data": [{"title": f"Article {a}", "paragraphs": [
+        {"context": f"Paragraph {p} of article {a} tells about river number {a * 2 + p} and its bridges.",
+         "qas": [{"id": f"q{a}-{p}", "question": f"Which river does paragraph {p} of article {a} name?"}]}
+        for p in range(2)]} for a in range(n_articles)]}
+
+
+def test_gpu_speed_times_every_contender_and_its_floor_on_a_random_architecture(tmp_path):
+    from relevance.model.tiny import build_tiny_model
+
+    arch, xquad = build_tiny_model(tmp_path / "arch"), tmp_path / "xquad"
+    xquad.mkdir()
+    for market in ("de", "en"):
+        (xquad / f"xquad.{market}.json").write_text(json.dumps(_squad()))
+    out = tmp_path / "gpu_speed.json"
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_speed.py"), "--quick", "--device", "cpu",
+                          "--arch", str(arch), "--xquad", str(xquad), "--out", str(out)],
+                         capture_output=True, text=True, timeout=300, env={**os.environ,
+                                                                           "HF_HUB_OFFLINE": "1"})
+    assert run.returncode == 0, run.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert report["mode"] == "quick" and "random weights" in report["what"]
+    assert {r["contender"] for r in report["results"]} == {"crossencoder", "engine-fp32", "engine-bf16"}
+    assert all(r["pairs"] == 64 and r["pairs_per_s"] > 0 and r["of_floor"] > 0 for r in report["results"])
+    assert 0 < report["mean_tokens"] <= 128 and report["floor_pairs_per_s"]["fp32"] > 0
+    assert -1 <= report["bf16_vs_fp32_pearson_random_weights"] <= 1
+
+
+def test_gpu_speed_script_fails_fast_without_a_gpu(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA GPU: gpu_speed.sh would really run")
+    out = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_speed.sh"), "a", "x", str(tmp_path / "out")],
+                         capture_output=True, text=True, timeout=60, env={"PATH": "/usr/bin:/bin",
+                                                                          "PYTHON": sys.executable})
+    assert out.returncode == 3 and "GPU_SPEED_SMOKE=1" in out.stderr
