@@ -65,7 +65,7 @@ bench-quick: setup
 	$(PY) benchmarks/per_market_lr.py --quick --shared-starts 0,0.5 --workdir $(QUICK)/pml-work --out $(QUICK)/per_market_lr_demo
 	GPU_SH_SMOKE=1 benchmarks/gpu.sh $(QUICK)/gpu
 	$(PY) -c "from relevance.model.tiny import build_tiny_model; build_tiny_model('$(QUICK)/tiny-arch')"
-	GPU_SPEED_SMOKE=1 PYTHON=$(PY) benchmarks/gpu_speed.sh $(QUICK)/tiny-arch $(CURDIR)/../shared/data/xquad $(QUICK)/gpu_speed
+	GPU_SPEED_SMOKE=1 PYTHON=$(PY) benchmarks/gpu_speed.sh $(QUICK)/tiny-arch benchmarks/fixtures $(QUICK)/gpu_speed
 	$(PY) benchmarks/collect.py --results $(QUICK) --out $(QUICK)/RESULTS.md
 
 clean:

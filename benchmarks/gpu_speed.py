@@ -33,7 +33,7 @@ import scoring_workloads  # noqa: E402  (benchmarks/ is sys.path[0] when a scrip
 from _env import output_path  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-MARKETS = ("de", "en")  # the long workload's markets (scoring_workloads.LONG_MARKETS)
+MARKETS = "de,en"  # the long workload's markets (scoring_workloads.LONG_MARKETS)
 
 
 def random_model_dir(arch: Path, out: Path, seed: int = 0) -> Path:
@@ -48,15 +48,18 @@ def random_model_dir(arch: Path, out: Path, seed: int = 0) -> Path:
     return out
 
 
-def long_pairs(xquad: Path, n_pairs: int):
+def long_pairs(xquad: Path, markets: list[str], n_pairs: int):
     """Every row kind (own, same-article and other-article paragraph) of the markets' XQuAD questions,
     repeated as whole copies up to ``n_pairs`` rows."""
     import pandas as pd
 
     from relevance.data.qa_benchmark import build_rows
 
+    missing = [str(xquad / f"xquad.{m}.json") for m in markets if not (xquad / f"xquad.{m}.json").is_file()]
+    if missing:
+        raise SystemExit(f"--xquad {xquad} lacks {', '.join(missing)}: pass the folder that holds them, or --markets")
     frames = [pd.DataFrame(build_rows(json.loads((xquad / f"xquad.{m}.json").read_text(encoding="utf-8")), m))
-              for m in MARKETS]
+              for m in markets]
     rows = pd.concat(frames, ignore_index=True)
     return scoring_workloads.tile(rows, max(1, -(-n_pairs // len(rows)))).iloc[:n_pairs].reset_index(drop=True)
 
@@ -99,7 +102,8 @@ def format_table(report: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--arch", type=Path, required=True, help="folder with config.json and the tokenizer files")
-    p.add_argument("--xquad", type=Path, required=True, help="folder with xquad.de.json and xquad.en.json")
+    p.add_argument("--xquad", type=Path, required=True, help="folder with xquad.<market>.json files")
+    p.add_argument("--markets", default=MARKETS, help=f"XQuAD languages to score (default {MARKETS})")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--pairs", type=int, default=8192, help="pairs per timed pass (quick: 64)")
     p.add_argument("--batches", default="32,128,512", help="batch sizes (rows per forward at 128 tokens)")
@@ -122,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
                                                               args.repeats)
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = random_model_dir(args.arch, Path(tmp) / "model")
-        rows = long_pairs(args.xquad, pairs)
+        rows = long_pairs(args.xquad, args.markets.split(","), pairs)
         scorer = engine(model_dir, args.max_length)
         queries, ads = pair_texts(rows, None, False)
         counts = [len(ids) for ids in encode(scorer.tokenizer, queries, ads, args.max_length)["input_ids"]]

@@ -94,3 +94,10 @@ def test_gpu_speed_script_fails_fast_without_a_gpu(tmp_path):
                          capture_output=True, text=True, timeout=60, env={"PATH": "/usr/bin:/bin",
                                                                           "PYTHON": sys.executable})
     assert out.returncode == 3 and "GPU_SPEED_SMOKE=1" in out.stderr
+
+
+def test_gpu_speed_names_the_xquad_file_it_lacks(tmp_path):
+    from gpu_speed import long_pairs
+
+    with pytest.raises(SystemExit, match=r"lacks .*xquad\.de\.json.*--markets"):
+        long_pairs(tmp_path, ["de"], 10)
