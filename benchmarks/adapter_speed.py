@@ -170,7 +170,8 @@ def _train_step_fn(model: Any, method: str, batch: dict[str, Any], bf16: bool = 
     import torch
 
     model.train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    # foreach, as `train`'s optimizer (relevance.training.optim): PyTorch picks it by itself only on CUDA
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, foreach=True)
     loss_fn = torch.nn.BCEWithLogitsLoss()
 
     def step() -> None:

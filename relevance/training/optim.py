@@ -61,8 +61,13 @@ def param_groups(
 
 
 def make_optimizer(model: nn.Module, lr: float, weight_decay: float, own_lr_scale: float = 1.0) -> torch.optim.AdamW:
-    """AdamW over ``param_groups``; the LR schedule multiplies every group's own lr alike."""
-    return torch.optim.AdamW(param_groups(model.named_parameters(), lr, weight_decay, own_lr_scale))
+    """AdamW over ``param_groups``; the LR schedule multiplies every group's own lr alike.
+
+    ``foreach``: PyTorch picks its multi-tensor AdamW only for CUDA tensors, and MTL-LoRA has two small
+    tensors per market and adapted layer (672 for 7 markets on e5-small), which the per-tensor loop
+    steps one by one in Python: 23 -> 14 ms per step on a 2-core CPU, with the same bits (tested).
+    """
+    return torch.optim.AdamW(param_groups(model.named_parameters(), lr, weight_decay, own_lr_scale), foreach=True)
 
 
 def linear_schedule(warmup: int, total: int) -> Callable[[int], float]:

@@ -88,6 +88,26 @@ def test_one_adam_step_moves_lambda_at_the_scaled_rate() -> None:
     assert LR < a_step <= LR * (1 + 0.5 * before_a.abs().max().item()) + 1e-7  # A: lr, plus its decay
 
 
+def test_the_multi_tensor_step_is_the_per_tensor_step() -> None:
+    """make_optimizer's foreach AdamW moves every parameter to the same bits as the per-tensor loop."""
+    models = [tiny("mtl-lora"), tiny("mtl-lora")]
+    opts = [make_optimizer(models[0], LR, weight_decay=0.1, own_lr_scale=3.0),
+            torch.optim.AdamW(param_groups(models[1].named_parameters(), LR, 0.1, 3.0), foreach=False)]
+    assert opts[0].defaults["foreach"] is True
+    g = torch.Generator().manual_seed(5)
+    for step in range(3):
+        ids, tasks = torch.randint(5, 50, (4, 8), generator=g), torch.randint(0, 2, (4,), generator=g)
+        for model, opt in zip(models, opts):
+            torch.manual_seed(step)  # the same dropout masks for both
+            with use_tasks(model, tasks):
+                model(input_ids=ids).logits.pow(2).sum().backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    moved = [(n, p) for n, p in models[0].named_parameters() if p.requires_grad]
+    assert all(torch.equal(p, dict(models[1].named_parameters())[n]) for n, p in moved)
+    assert any(not torch.equal(p, dict(tiny("mtl-lora").named_parameters())[n]) for n, p in moved)
+
+
 def test_linear_schedule_warms_up_then_decays_to_zero() -> None:
     f = linear_schedule(warmup=4, total=20)
     assert [f(s) for s in range(4)] == pytest.approx([0.2, 0.4, 0.6, 0.8])  # never 0: step 0 trains
