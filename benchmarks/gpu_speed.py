@@ -148,11 +148,8 @@ def main(argv: list[str] | None = None) -> int:
                 results.append({"contender": kind, "batch_size": bs, "seconds": seconds, "pairs": len(rows),
                                 "pairs_per_s": len(rows) / seconds})
                 print(f"{kind:>13} batch {bs:>4}: {len(rows) / seconds:9.1f} pairs/s", flush=True)
-        gemm_rows = 4096 if device == "cpu" else 65536  # a GPU needs a product that fills it
-        config = json.loads((model_dir / "config.json").read_text())
-        per_pair = sum(scoring_workloads.flops_per_pair(config, n) for n in counts) / len(counts)
-        rates = {d: scoring_workloads.gemm_rate(d, device, rows=gemm_rows) for d in ("bf16", "fp32")}
-    floor = {d: r * 1e9 / per_pair for d, r in rates.items()}
+        measured = scoring_workloads.floor(str(model_dir), counts, device, rows=4096 if device == "cpu" else 65536)
+    floor = measured["floor_pairs_per_s"]
     for r in results:
         base = next(x for x in results if x["contender"] == "crossencoder" and x["batch_size"] == r["batch_size"])
         r["vs_crossencoder_same_batch"] = r["pairs_per_s"] / base["pairs_per_s"]
@@ -163,8 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         "mode": "quick" if args.quick else "full", "device": device,
         "gpu": torch.cuda.get_device_name() if device.startswith("cuda") else None,
         "torch": torch.__version__, "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
-        "pairs": len(rows), "mean_tokens": float(np.mean(counts)), "gflop_per_pair": per_pair / 1e9,
-        "gemm_gflop_s": rates, "floor_pairs_per_s": floor, "results": results,
+        "pairs": len(rows), **measured, "results": results,
         "bf16_vs_fp32_pearson_random_weights": float(np.corrcoef(bf, fp)[0, 1]),
     }
     print(format_table(report))

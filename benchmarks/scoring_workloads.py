@@ -54,11 +54,12 @@ def flops_per_pair(config: dict[str, Any], tokens: float) -> float:
     return float(linear + attention + 2 * d * d)  # + the pooler; the 1-logit head is negligible
 
 
-def floor(model_dir: str, token_counts: list[int], device: str = "cpu") -> dict[str, Any]:
-    """The compute floor of this machine for pairs of these token counts (module docstring)."""
+def floor(model_dir: str, token_counts: list[int], device: str = "cpu", rows: int = 4096) -> dict[str, Any]:
+    """The compute floor of this machine for pairs of these token counts (module docstring); ``rows``: the
+    GEMMs' row count (a GPU needs more than a CPU to be filled)."""
     config = json.loads((Path(model_dir) / "config.json").read_text())
     per_pair = sum(flops_per_pair(config, n) for n in token_counts) / len(token_counts)
-    rates = {p: gemm_rate(p, device) for p in ("bf16", "fp32")}
+    rates = {p: gemm_rate(p, device, rows=rows) for p in ("bf16", "fp32")}
     return {"gflop_per_pair": per_pair / 1e9, "mean_tokens": sum(token_counts) / len(token_counts),
             "gemm_gflop_s": rates, "floor_pairs_per_s": {p: r * 1e9 / per_pair for p, r in rates.items()}}
 
