@@ -44,7 +44,7 @@ SAVED = ("classifier",)  # modules trained in full beside the adapter (--real: a
 TARGETS = ("query", "key", "value", "attention.output.dense")
 LIMITS = {"mtl-lora": 1.10, "lora": 1.05, "mtl-lora-unmerged": 1.15, "mtl-lora-merged": 1.02}
 REAL_LIMIT = 1 / 0.98  # --real: MTL-LoRA's step time over shared LoRA's (≥ 0.98× its examples/s)
-from _env import output_path  # noqa: E402  (benchmarks/ is sys.path[0] when a script runs)
+from _env import commit, cpu_model, output_path  # noqa: E402  (benchmarks/ is sys.path[0] when a script runs)
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -281,7 +281,7 @@ def _table(result: dict[str, Any]) -> str:
             mem_s = f"{mem:12.1f}" if mem is not None else f"{'-':>12}"
             lines.append(f"{kind:<6} {method:<18} {sec:9.4f} {ratio:7.3f} {target:>7} {met:>4} {mem_s}")
     lines.append(f"{result['model']}, batch {result['batch']}, {result.get('precision', 'fp32')} on "
-                 f"{result.get('gpu') or result.get('device', 'cpu')}, {result['threads']} thread(s) on "
+                 f"{result.get('gpu') or result.get('cpu') or result.get('device', 'cpu')}, {result['threads']} thread(s) on "
                  f"{result['cpus']} CPU(s), load avg {result['load_avg_1min']}, median of {result['steps']} "
                  f"interleaved steps after {result['warmup']} warm-up")
     lines.append(f"peak memory: {result['memory_method']}")
@@ -350,6 +350,7 @@ def main(argv: list[str] | None = None) -> int:
         "device": args.device, "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
         "precision": "bf16" if args.bf16 else "fp32", "precision_asked": args.precision if args.real else None,
         "torch": torch.__version__, "threads": torch.get_num_threads(), "cpus": len(os.sched_getaffinity(0)),
+        "cpu": cpu_model(), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "commit": commit(),
         "load_avg_1min": {"start": round(load_before, 2), "end": round(os.getloadavg()[0], 2)},
         "train_step_s": train, "infer_s": infer, "ratios": ratios,
         "targets_met": None if args.quick else {m: ratios[m] <= lim for m, lim in LIMITS.items()},

@@ -7,7 +7,9 @@ in a *fresh* process, so its peak RSS (VmHWM) is its own:
 
 ``--workload long`` (``scoring_speed_long.json``): real XQuAD question + paragraph pairs scored by the
 trained multilingual-e5-small models of a quality-benchmark run, against the machine's bf16 compute
-floor (:mod:`scoring_workloads`).
+floor (:mod:`scoring_workloads`). Both report where the bf16 forward's time goes on a CPU (torch.profiler
+self time: attention, GEMMs, GELU/LayerNorm/softmax, casts, the rest; and the GFLOP/s the GEMMs and
+attention reach), so a gap to the floor names its cause.
 
 - ``engine fp32`` / ``engine auto`` / ``engine bf16``: ``score_dataset(engine="local")`` end to end (model download and
   load, streaming read, contract validation, length-sorted batches, Parquet writing, rename; only
@@ -46,7 +48,7 @@ import time
 from pathlib import Path
 
 import scoring_workloads  # noqa: E402  (benchmarks/ is sys.path[0] when a script runs)
-from _env import output_path  # noqa: E402
+from _env import cpu_model, output_path  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 MARKETS = ("us", "de")
@@ -284,6 +286,8 @@ def main() -> None:
         model_dir = cfg["merged"][cfg["markets"][0]]
         counts = scoring_workloads.token_counts(model_dir, Path(cfg["raw"]), tuple(cfg["markets"]), cfg["max_length"])
         compute_floor = scoring_workloads.floor(model_dir, counts, args.device)
+        breakdown = (scoring_workloads.time_breakdown(model_dir, counts, args.batch_size, cfg["max_length"])
+                     if args.device == "cpu" else None)  # CPU self times; a GPU's kernels run asynchronously
     ce, fp32 = results["crossencoder"]["pairs_per_s"], results["engine-fp32"]["pairs_per_s"]
     ratios = {f"{k.replace('-', '_')}_vs_crossencoder": results[k]["pairs_per_s"] / ce for k in kinds if k != "crossencoder"}
     ratios["engine_fp32_vs_pyfunc"] = fp32 / results["pyfunc"]["pairs_per_s"]
@@ -305,7 +309,8 @@ def main() -> None:
               "markets": cfg["markets"], "batch_size": args.batch_size, "max_length": cfg["max_length"],
               "setup_s": setup_s, "results": results, "ratios": ratios, "quality": checks,
               "parity_at_registration": cfg.get("parity", {}), "floor": compute_floor,
-              "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
+              "bf16_time_breakdown": breakdown,
+              "machine": {"cpu": cpu_model(), "cpus": os.cpu_count(), "python": platform.python_version(),
                           "loadavg_before": load_before, "loadavg_after": os.getloadavg()}}
     for r in report["results"].values():
         r.pop("scores", None)
@@ -342,7 +347,13 @@ def format_table(report: dict) -> str:
         lines.append(f"\nfloor: {fl['gflop_per_pair']:.2f} GFLOP/pair ({fl['mean_tokens']:.0f} tokens); GEMM bf16 "
                      f"{fl['gemm_gflop_s']['bf16']:.0f}, fp32 {fl['gemm_gflop_s']['fp32']:.0f} GFLOP/s → "
                      f"{fl['floor_pairs_per_s']['bf16']:.1f} / {fl['floor_pairs_per_s']['fp32']:.1f} pairs/s")
-    lines.append(f"\nload average before {lb[0]:.2f}, after {la[0]:.2f} on {report['machine']['cpus']} CPUs")
+    bd = report.get("bf16_time_breakdown")
+    if bd:
+        rate = {k: f" ({v:,.0f} GFLOP/s)" if v else "" for k, v in bd["gflop_s"].items()}
+        lines.append(f"bf16 forward time ({bd['pairs']} pairs, {bd['attention_implementation']} attention): "
+                     + ", ".join(f"{g} {share:.0%}{rate.get(g, '')}" for g, share in bd["shares"].items()))
+    lines.append(f"\nload average before {lb[0]:.2f}, after {la[0]:.2f} on {report['machine']['cpus']} CPUs"
+                 + (f" ({report['machine']['cpu']})" if report["machine"].get("cpu") else ""))
     return "\n".join(lines)
 
 

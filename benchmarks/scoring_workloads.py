@@ -50,8 +50,12 @@ def flops_per_pair(config: dict[str, Any], tokens: float) -> float:
     """FLOPs of one forward of a BERT-style encoder on a pair of ``tokens`` tokens (linears + attention)."""
     d, ff, layers = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
     linear = 2 * tokens * layers * (4 * d * d + 2 * d * ff)
-    attention = 2 * layers * 2 * tokens * tokens * d  # Q·Kᵀ and P·V
-    return float(linear + attention + 2 * d * d)  # + the pooler; the 1-logit head is negligible
+    return float(linear + attention_flops(config, tokens) + 2 * d * d)  # + the pooler; the 1-logit head is negligible
+
+
+def attention_flops(config: dict[str, Any], tokens: float) -> float:
+    """FLOPs of attention's two products (Q·Kᵀ and P·V) over all layers for a pair of ``tokens`` tokens."""
+    return float(2 * config["num_hidden_layers"] * 2 * tokens * tokens * config["hidden_size"])
 
 
 def floor(model_dir: str, token_counts: list[int], device: str = "cpu", rows: int = 4096) -> dict[str, Any]:
@@ -62,6 +66,64 @@ def floor(model_dir: str, token_counts: list[int], device: str = "cpu", rows: in
     rates = {p: gemm_rate(p, device, rows=rows) for p in ("bf16", "fp32")}
     return {"gflop_per_pair": per_pair / 1e9, "mean_tokens": sum(token_counts) / len(token_counts),
             "gemm_gflop_s": rates, "floor_pairs_per_s": {p: r * 1e9 / per_pair for p, r in rates.items()}}
+
+
+# torch.profiler op names (substrings) → the groups a forward's time is reported in; the rest is "other".
+OP_GROUPS = {
+    "attention": ("scaled_dot_product", "flash_attention"),
+    "gemm": ("aten::addmm", "aten::mm", "aten::bmm", "aten::baddbmm"),
+    "gelu_norm_softmax": ("gelu", "layer_norm", "softmax", "tanh"),
+    "casts_copies": ("aten::copy_", "aten::_to_copy", "aten::clone"),
+}
+
+
+def op_group(name: str) -> str:
+    return next((g for g, keys in OP_GROUPS.items() if any(k in name for k in keys)), "other")
+
+
+def time_breakdown(model_dir: str, token_counts: list[int], batch_size: int, max_length: int,
+                   batches: int = 4) -> dict[str, Any]:
+    """Where the bf16 model's forward time goes on the CPU, and the GFLOP/s its GEMMs and attention reach.
+
+    "% of the floor" says how much is left; this says where: torch.profiler's self time per op group
+    (:data:`OP_GROUPS`) over ``batches`` forwards of the engine's own batches (its token budget, rows
+    sorted by length, taken evenly across this workload's token counts), the model in the engine's bf16
+    form (:func:`relevance.serving.pyfunc_model.bf16_copy`). Token ids are random: speed does not depend on them.
+    """
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    from transformers import AutoModelForSequenceClassification
+
+    from relevance.serving.pyfunc_model import BATCH_GROWTH, bf16_copy, token_batches
+
+    model = bf16_copy(AutoModelForSequenceClassification.from_pretrained(model_dir, use_safetensors=True).eval())
+    all_batches = token_batches(token_counts, batch_size * BATCH_GROWTH, batch_size * max_length)
+    picked = [all_batches[i] for i in sorted({round(k * (len(all_batches) - 1) / max(1, batches - 1))
+                                              for k in range(batches)})]
+    generator = torch.Generator().manual_seed(0)
+    inputs = []
+    for idx in picked:
+        lengths = torch.tensor([token_counts[i] for i in idx])
+        ids = torch.randint(5, model.config.vocab_size, (len(idx), int(lengths.max())), generator=generator)
+        inputs.append({"input_ids": ids, "attention_mask": (torch.arange(ids.shape[1]) < lengths[:, None]).long()})
+    with torch.inference_mode():
+        model(**inputs[0])  # warm-up: first-call allocations and kernel selection
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for batch in inputs:
+                model(**batch)
+    seconds: dict[str, float] = {g: 0.0 for g in (*OP_GROUPS, "other")}
+    for event in prof.key_averages():
+        seconds[op_group(event.key)] += event.self_cpu_time_total / 1e6
+    total = sum(seconds.values())
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    linear = sum(len(b["input_ids"]) * (flops_per_pair(config, b["input_ids"].shape[1])
+                                        - attention_flops(config, b["input_ids"].shape[1])) for b in inputs)
+    attention = sum(len(b["input_ids"]) * attention_flops(config, b["input_ids"].shape[1]) for b in inputs)
+    return {"precision": "bf16", "batches": len(inputs), "pairs": sum(len(b["input_ids"]) for b in inputs),
+            "attention_implementation": getattr(model.config, "_attn_implementation", None),
+            "seconds": seconds, "shares": {g: s / total for g, s in seconds.items()},
+            "gflop_s": {"gemm": linear / seconds["gemm"] / 1e9 if seconds["gemm"] else None,
+                        "attention": attention / seconds["attention"] / 1e9 if seconds["attention"] else None}}
 
 
 def token_counts(model_dir: str, raw: Path, markets: tuple[str, ...], max_length: int) -> list[int]:

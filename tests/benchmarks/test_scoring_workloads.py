@@ -24,3 +24,33 @@ def test_tile_repeats_whole_copies_with_unique_ids_and_keeps_auc() -> None:
     assert tiled["example_id"].iloc[40] == "e0~1"
     assert roc_auc_score(tiled["label"], tiled["score"]) == roc_auc_score(rows["label"], rows["score"])
     assert scoring_workloads.tile(rows, 1).equals(rows)
+
+
+def test_op_groups_name_the_kernels_a_bert_forward_runs() -> None:
+    assert scoring_workloads.op_group("aten::_scaled_dot_product_flash_attention_for_cpu") == "attention"
+    assert scoring_workloads.op_group("aten::addmm") == "gemm"
+    assert scoring_workloads.op_group("aten::native_layer_norm") == "gelu_norm_softmax"
+    assert scoring_workloads.op_group("aten::copy_") == "casts_copies"
+    assert scoring_workloads.op_group("aten::embedding") == "other"
+
+
+def test_time_breakdown_accounts_for_the_whole_bf16_forward(tmp_path) -> None:
+    from relevance.model.tiny import build_tiny_model
+
+    model_dir = build_tiny_model(tmp_path / "tiny", hidden=64, layers=2, heads=2)
+    counts = [9, 30, 12, 64, 64, 40, 17, 50] * 8  # 64 pairs: batches of 8 rows within 8 × 64 tokens
+    report = scoring_workloads.time_breakdown(str(model_dir), counts, batch_size=8, max_length=64, batches=3)
+    assert report["batches"] == 3 and 3 <= report["pairs"] <= 3 * 8 * 4
+    assert abs(sum(report["shares"].values()) - 1) < 1e-9
+    assert abs(sum(report["seconds"].values()) - report["seconds"]["gemm"] / report["shares"]["gemm"]) < 1e-6
+    # a BERT forward spends time in its GEMMs and its attention, and both reach a plausible rate
+    assert report["shares"]["gemm"] > 0 and report["shares"]["attention"] > 0
+    assert all(0 < rate < 1e6 for rate in report["gflop_s"].values())
+
+
+def test_attention_flops_are_the_quadratic_part_of_a_pair() -> None:
+    config = {"hidden_size": 384, "intermediate_size": 1536, "num_hidden_layers": 12}
+    # doubling the tokens doubles the linear FLOPs and quadruples attention's
+    linear = lambda n: scoring_workloads.flops_per_pair(config, n) - scoring_workloads.attention_flops(config, n)  # noqa: E731
+    assert abs(linear(200) - 2 * linear(100)) < 2 * 384 * 384 + 1  # the pooler is per pair, not per token
+    assert scoring_workloads.attention_flops(config, 200) == 4 * scoring_workloads.attention_flops(config, 100)

@@ -101,3 +101,16 @@ def test_gpu_speed_names_the_xquad_file_it_lacks(tmp_path):
 
     with pytest.raises(SystemExit, match=r"lacks .*xquad\.de\.json.*--markets"):
         long_pairs(tmp_path, ["de"], 10)
+
+
+def test_results_name_the_cpu_and_its_bf16_instructions(tmp_path):
+    from _env import cpu_model
+
+    def info(flags: str) -> Path:
+        path = tmp_path / f"cpuinfo-{len(flags)}"
+        path.write_text(f"processor\t: 0\nmodel name\t: Intel(R) Xeon(R) Processor\nflags\t\t: fpu sse2 {flags}\n\n")
+        return path
+
+    assert cpu_model(info("avx512f avx512_bf16 amx_tile amx_bf16")) == "Intel(R) Xeon(R) Processor (amx_bf16, avx512_bf16)"
+    assert cpu_model(info("avx512f avx512_bf16")) == "Intel(R) Xeon(R) Processor (avx512_bf16)"
+    assert cpu_model(info("avx2")) == "Intel(R) Xeon(R) Processor (no native bf16)"
