@@ -29,6 +29,7 @@ import math
 from concurrent.futures import ThreadPoolExecutor
 import os
 import platform
+import threading
 from typing import Any
 
 import mlflow
@@ -42,6 +43,7 @@ BATCH_GROWTH = 4  # short pairs may fill up to 4 × batch_size rows within the t
 PRECISIONS = ("auto", "fp32", "bf16")
 _CPU_BF16_FLAGS = {"amx_bf16"}  # native on any vendor (relevance.model.precision)
 _AMD_BF16_FLAGS = {"avx512_bf16"}  # native on AMD only; slower than fp32 on an Intel VM without AMX
+_TOKENIZE_LOCK = threading.Lock()  # encode(); MLflow loads every model as its own module, so one per model
 
 
 def native_bf16(device: Any) -> bool:
@@ -136,10 +138,17 @@ def clip_queries(tokenizer: Any, queries: list[str], max_tokens: int) -> list[st
 
 
 def encode(tokenizer: Any, queries: list[str], ads: list[str], max_length: int) -> dict[str, list[list[int]]]:
-    """Unpadded token ids of the pairs; only the ad side is truncated to ``max_length``."""
-    queries = clip_queries(tokenizer, queries, max_length // 2)
-    enc = tokenizer(queries, ads, truncation="only_second", max_length=max_length, padding=False,
-                    return_attention_mask=False)
+    """Unpadded token ids of the pairs; only the ad side is truncated to ``max_length``.
+
+    Under a lock: a transformers tokenizer call first sets truncation on the shared Rust backend, then
+    encodes, and ``mlflow models serve`` runs concurrent requests in threads on one model. Unlocked, one
+    request's query clipping (truncation off) could land between another's setting and encoding: an ad
+    left untruncated (805 tokens seen with e5's tokenizer, past its 512 positions) or a failed request.
+    """
+    with _TOKENIZE_LOCK:
+        queries = clip_queries(tokenizer, queries, max_length // 2)
+        enc = tokenizer(queries, ads, truncation="only_second", max_length=max_length, padding=False,
+                        return_attention_mask=False)
     return {k: list(v) for k, v in enc.items()}
 
 

@@ -42,3 +42,40 @@ def test_chunked_scoring_equals_scoring_row_by_row(tmp_path, monkeypatch) -> Non
     monkeypatch.setattr(pyfunc_model, "CHUNK_ROWS", 16)  # 6 chunks, the producer thread runs ahead
     chunked = model.score_frame(df, batch_size=4, precision="fp32")
     np.testing.assert_allclose(chunked, one_by_one, atol=1e-6)
+
+
+def test_concurrent_requests_keep_their_truncation(tmp_path, monkeypatch) -> None:
+    """``mlflow models serve`` scores concurrent requests in threads on one model: one request's query
+    clipping (a tokenizer call without truncation) must not slip between another's truncation setting
+    and its encoding. The window is widened (a sleep after transformers sets truncation) so that, without
+    the lock in ``encode``, the threads interleave on every try."""
+    import threading
+    import time
+
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(build_tiny_model(tmp_path / "m"))
+    setting = tokenizer.set_truncation_and_padding
+
+    def slow_setting(*args, **kwargs):
+        setting(*args, **kwargs)
+        time.sleep(0.005)
+
+    monkeypatch.setattr(tokenizer, "set_truncation_and_padding", slow_setting)
+    long_ad, errors, lengths = " ".join(["shoes"] * 300), [], []
+
+    def request(queries: list[str], ads: list[str]) -> None:
+        try:
+            for _ in range(15):
+                lengths.extend(len(ids) for ids in pyfunc_model.encode(tokenizer, queries, ads, 32)["input_ids"])
+        except Exception as exc:  # noqa: BLE001 - a failed request is what the test looks for
+            errors.append(repr(exc))
+
+    threads = [threading.Thread(target=request, args=(["shoes"] * 4, [long_ad] * 4)),  # truncated ads
+               threading.Thread(target=request, args=(["running shoes for men, waterproof " * 4] * 4, ["x"] * 4))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and len(lengths) == 2 * 15 * 4
+    assert max(lengths) <= 32
