@@ -33,7 +33,7 @@ import scoring_workloads  # noqa: E402  (benchmarks/ is sys.path[0] when a scrip
 from _env import output_path  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-MARKETS = "de,en"  # the long workload's markets (scoring_workloads.LONG_MARKETS)
+MARKETS = ",".join(scoring_workloads.LONG_MARKETS)  # the long workload's markets
 
 
 def random_model_dir(arch: Path, out: Path, seed: int = 0) -> Path:
