@@ -25,6 +25,7 @@ copy per market and one-market batches, so each market trains as if alone).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import sys
@@ -50,6 +51,7 @@ from relevance.model.cross_encoder import (
 )
 from relevance.data.curated import data_fingerprint, read_training_splits
 from relevance.model.batching import collate
+from relevance.model.cpu_dropout import cpu_dropout
 from relevance.model.precision import autocast, resolve_precision
 from relevance.training.batches import MultiMarketSampler
 from relevance.training.distributed import Dist, init_distributed
@@ -308,8 +310,21 @@ class Run:
         pad_id = self.tok.pad_token_id if self.tok.pad_token_id is not None else 0
         bar = tqdm(total=self.total, initial=prog.step, desc=f"train {config.method}", unit="step",
                    disable=not (self.main and config.progress), file=sys.stderr, dynamic_ncols=True)
-        start, before, ema = time.perf_counter(), prog.train_time_s, None
+        start, before = time.perf_counter(), prog.train_time_s
         self.model.train()
+        # CPU dropout from ~p·n random numbers instead of n (model/cpu_dropout.py); GPUs keep their own
+        fast_dropout = cpu_dropout(self.model) if d.device.type == "cpu" else contextlib.nullcontext()
+        with fast_dropout:
+            self._loop(net, pad_id, bar, on_step, (start, before))
+        bar.close()
+        prog.train_time_s = before + time.perf_counter() - start
+        return self._finish()
+
+    def _loop(self, net: torch.nn.Module, pad_id: int, bar: Any, on_step: Callable[[int], None] | None,
+              clock: tuple[float, float]) -> None:
+        """Steps until the budget or patience ends: evaluations, checkpoints, progress on the way."""
+        config, prog = self.config, self.prog
+        (start, before), ema = clock, None
         while prog.step < self.total and not prog.stopped:
             t0 = time.perf_counter()
             loss = self._step(net, pad_id)
@@ -328,9 +343,6 @@ class Run:
                 self._checkpoint()
             if on_step is not None:
                 on_step(prog.step)
-        bar.close()
-        prog.train_time_s = before + time.perf_counter() - start
-        return self._finish()
 
     def _finish(self) -> TrainResult:
         """Best weights back in, predictions, degenerate markets (warned), run_info.json, final metrics, artifacts."""
