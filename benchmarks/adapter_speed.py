@@ -15,6 +15,9 @@ the hardware has it natively; ``--precision`` forces one), the seven language ma
 classifier and pooler trained, batches of 16 pairs × 128 tokens; target MTL-LoRA ≥ 0.98× shared LoRA's
 examples/s.
 
+A training step is ``train``'s: its optimizer (``make_optimizer``: fused AdamW) and, on CPU, its dropout
+(``cpu_dropout``: masks from geometric gaps instead of one ``bernoulli_`` draw per element).
+
 Targets (issue 3): train MTL-LoRA/PEFT ≤ 1.10, LoRA/PEFT ≤ 1.05; inference unmerged MTL-LoRA/base
 ≤ 1.15, merged/base ≤ 1.02. Peak memory: RSS delta over the post-setup baseline, sampled by psutil
 in a fresh subprocess per method (tracemalloc does not see torch's allocations).
@@ -167,14 +170,21 @@ def _forward(model: Any, method: str, batch: dict[str, Any]) -> Any:
 
 
 def _train_step_fn(model: Any, method: str, batch: dict[str, Any], bf16: bool = False) -> Callable[[], None]:
+    """``train``'s step: its optimizer (fused AdamW) and, on CPU, its dropout (model/cpu_dropout.py)."""
+    import contextlib
+
     import torch
+    from relevance.model.cpu_dropout import cpu_dropout
+    from relevance.training.optim import make_optimizer
 
     model.train()
-    # foreach, as `train`'s optimizer (relevance.training.optim): PyTorch picks it by itself only on CUDA
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, foreach=True)
+    opt = make_optimizer(model, lr=1e-4, weight_decay=0.01)
     loss_fn = torch.nn.BCEWithLogitsLoss()
+    swapped = contextlib.ExitStack()  # held by the closure: the model's dropouts stay swapped while it lives
+    if batch["labels"].device.type == "cpu":
+        swapped.enter_context(cpu_dropout(model))
 
-    def step() -> None:
+    def step(_keep: contextlib.ExitStack = swapped) -> None:
         with _autocast(batch, bf16):
             logits = _forward(model, method, batch).squeeze(-1)
         loss = loss_fn(logits.float(), batch["labels"])
