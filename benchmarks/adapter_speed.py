@@ -15,7 +15,7 @@ the hardware has it natively; ``--precision`` forces one), the seven language ma
 classifier and pooler trained, batches of 16 pairs × 128 tokens; target MTL-LoRA ≥ 0.98× shared LoRA's
 examples/s.
 
-A training step is ``train``'s: its optimizer (``make_optimizer``: fused AdamW) and, on CPU, its dropout
+A training step is ``train``'s: its optimizer (``make_optimizer``: AdamW, foreach) and, on CPU, its dropout
 (``cpu_dropout``: masks from geometric gaps instead of one ``bernoulli_`` draw per element).
 
 Targets (issue 3): train MTL-LoRA/PEFT ≤ 1.10, LoRA/PEFT ≤ 1.05; inference unmerged MTL-LoRA/base
@@ -170,7 +170,7 @@ def _forward(model: Any, method: str, batch: dict[str, Any]) -> Any:
 
 
 def _train_step_fn(model: Any, method: str, batch: dict[str, Any], bf16: bool = False) -> Callable[[], None]:
-    """``train``'s step: its optimizer (fused AdamW) and, on CPU, its dropout (model/cpu_dropout.py)."""
+    """``train``'s step: its optimizer (AdamW, foreach) and, on CPU, its dropout (model/cpu_dropout.py)."""
     import contextlib
 
     import torch

@@ -27,6 +27,7 @@ from .config import (
 from .baselines import MoELoRALinear, MultiLoRALinear
 from .heads import MarketHeads, find_modules, name_matches, set_module
 from .layers import AdapterLayer, LoRALinear, MTLLoRALinear, PerTaskLoRALinear
+from .task_batch import task_matrix_batches
 
 CONFIG_ATTR = "adapter_config"
 
@@ -192,11 +193,26 @@ def use_tasks(model: nn.Module, task_ids: torch.Tensor | None) -> Iterator[None]
     previous = [m._task_ids for m in routed]
     for m in routed:
         m._task_ids = ids
+    batches = task_matrix_batches(routed) if ids is not None else []  # MTL-LoRA training (task_batch.py)
+    batched = [(layer, i, batch) for batch in batches for i, layer in enumerate(batch.layers)]
+    before = [layer._task_batch for layer, _, _ in batched]
+    for layer, i, batch in batched:
+        layer._task_batch = (batch, i)
+
+    def refresh(*_: object) -> None:  # a pre-hook's return value would replace the forward's arguments
+        for batch in batches:
+            batch.prepare() if torch.is_grad_enabled() else batch.clear()
+
+    hook = model.register_forward_pre_hook(refresh) if batches else None
     try:
         yield
     finally:
         for m, prev in zip(routed, previous):
             m._task_ids = prev
+        if hook is not None:
+            hook.remove()
+        for (layer, _, _), prev_batch in zip(batched, before):
+            layer._task_batch = prev_batch
 
 
 def trainable_parameters(model: nn.Module) -> int:

@@ -247,6 +247,7 @@ class MTLLoRALinear(AdapterLayer):
     Kaiming-uniform on (T, n), near one-hot at τ = 0.1; s = 0, or ``uniform_mixing_init``, is p_t
     uniform, where the B_i stay identical and w_t gets no gradient). Vectorised as M_t = (α/r)(Σ_i p_t,i B_i) Λ_t, computed
     once per forward for all tasks, then one batched product per example: h = W x + M_{t(b)} (A x).
+    In training, ``use_tasks`` computes M for all layers of one shape in one pass (``task_batch.py``).
     """
 
     def __init__(
@@ -273,6 +274,7 @@ class MTLLoRALinear(AdapterLayer):
         )  # (n, d_out, r)
         self.lam = nn.ParameterList()  # T × (r, r)
         self.mix_logits = nn.ParameterList()  # T × (n,)
+        self._task_batch: tuple[object, int] | None = None  # (TaskMatrixBatch, index), set by use_tasks
         for _ in range(num_tasks):
             self._append_task(neutral=uniform_mixing_init)
 
@@ -322,7 +324,12 @@ class MTLLoRALinear(AdapterLayer):
         ids = self._ids_for(x)
         b = x.shape[0]
         z = F.linear(x, self.lora_A).reshape(b, -1, self.r)  # (B, L, r)
-        (m_all,) = self._per_task(lambda: (self.task_matrices(),), z.dtype)  # (T, d_out, r)
+        if self._task_batch is not None and torch.is_grad_enabled():  # training: every layer's at once
+            self._cache = None  # as _per_task does under grad: a training step drops the scoring cache
+            batch, index = self._task_batch
+            m_all = batch.matrices(index, z.dtype)  # type: ignore[attr-defined]  # (T, d_out, r)
+        else:
+            (m_all,) = self._per_task(lambda: (self.task_matrices(),), z.dtype)  # (T, d_out, r)
         m = m_all.index_select(0, ids)  # (B, d_out, r)
         fused = torch.baddbmm(out.reshape(b, -1, self.out_features), z, m.transpose(1, 2))
         return fused.view(out.shape)  # (B, L, d_out)
