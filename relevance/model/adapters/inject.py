@@ -193,7 +193,8 @@ def use_tasks(model: nn.Module, task_ids: torch.Tensor | None) -> Iterator[None]
     previous = [m._task_ids for m in routed]
     for m in routed:
         m._task_ids = ids
-    batches = task_matrix_batches(routed) if ids is not None else []  # MTL-LoRA training (task_batch.py)
+    # MTL-LoRA training (task_batch.py); a context entered without gradients (scoring) skips the setup
+    batches = task_matrix_batches(routed) if ids is not None and torch.is_grad_enabled() else []
     batched = [(layer, i, batch) for batch in batches for i, layer in enumerate(batch.layers)]
     before = [layer._task_batch for layer, _, _ in batched]
     for layer, i, batch in batched:
