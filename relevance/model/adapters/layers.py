@@ -315,10 +315,7 @@ class MTLLoRALinear(AdapterLayer):
         forward and backward, in fp32 and bf16 autocast, so earlier results stand; ``test_adapter_layers``
         holds it to the loop within rounding, since another CPU's kernels may round differently.
         """
-        p = self.mixing_weights()  # (T, n)
-        b_mix = (p[:, :, None, None] * self.lora_B.unsqueeze(0)).sum(1)  # (T, d_out, r)
-        m = torch.bmm(b_mix, torch.stack(tuple(self.lam)))  # (T, d_out, r) @ (T, r, r)
-        return m * self.scaling
+        return stacked_task_matrices([self])[0]
 
     def _update(self, x: Tensor, out: Tensor) -> Tensor:
         ids = self._ids_for(x)
@@ -337,3 +334,18 @@ class MTLLoRALinear(AdapterLayer):
     def delta_weight(self, task: int | None = None) -> Tensor:
         t = self._check_task(task)
         return self.task_matrices()[t] @ self.lora_A  # (d_out, d_in)
+
+
+def stacked_task_matrices(layers: list[MTLLoRALinear]) -> Tensor:
+    """(G, T, d_out, r): layer g's M_t (``MTLLoRALinear.task_matrices``), for G layers of one shape and
+    temperature, rank and scaling (``task_batch``'s grouping); G = 1 is one layer's own computation."""
+    first = layers[0]
+    g, t, n = len(layers), first.num_tasks, first.n_up
+    d_out, r = first.out_features, first.r
+    logits = torch.stack([w for layer in layers for w in layer.mix_logits]).view(g, t, n)
+    p = torch.softmax(logits / first.temperature, dim=-1)  # (G, T, n)
+    b = torch.stack([layer.lora_B for layer in layers])  # (G, n, d_out, r)
+    b_mix = (p[..., None, None] * b.unsqueeze(1)).sum(2)  # (G, T, d_out, r)
+    lam = torch.stack([x for layer in layers for x in layer.lam])  # (G·T, r, r)
+    m = torch.bmm(b_mix.reshape(g * t, d_out, r), lam)  # (G·T, d_out, r)
+    return (m * first.scaling).view(g, t, d_out, r)

@@ -18,27 +18,13 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor
 
-from .layers import MTLLoRALinear
+from .layers import MTLLoRALinear, stacked_task_matrices
 
 
 def _shape_key(layer: MTLLoRALinear) -> tuple[object, ...]:
-    w = layer.lora_B
+    w = layer.lora_B  # the shapes and constants stacked_task_matrices assumes alike
     return (layer.out_features, layer.r, layer.n_up, layer.num_tasks, layer.temperature, layer.scaling,
             w.device, w.dtype)
-
-
-def stacked_task_matrices(layers: list[MTLLoRALinear]) -> Tensor:
-    """(G, T, d_out, r): layer g's ``task_matrices()``, for G layers of one shape (``_shape_key``)."""
-    first = layers[0]
-    g, t, n = len(layers), first.num_tasks, first.n_up
-    d_out, r = first.out_features, first.r
-    logits = torch.stack([w for layer in layers for w in layer.mix_logits]).view(g, t, n)
-    p = torch.softmax(logits / first.temperature, dim=-1)  # (G, T, n)
-    b = torch.stack([layer.lora_B for layer in layers])  # (G, n, d_out, r)
-    b_mix = (p[..., None, None] * b.unsqueeze(1)).sum(2)  # (G, T, d_out, r)
-    lam = torch.stack([x for layer in layers for x in layer.lam])  # (G·T, r, r)
-    m = torch.bmm(b_mix.reshape(g * t, d_out, r), lam)  # (G·T, d_out, r)
-    return (m * first.scaling).view(g, t, d_out, r)
 
 
 class TaskMatrixBatch:
