@@ -48,7 +48,7 @@ def _gpu_scoring(data: dict) -> str:
     return format_table(data)
 
 
-SPEED = (
+_SPEED_HERE = (
     ("Ingest speed", "ingest_speed.json", _ingest, "benchmarks/ingest_speed.py"),
     ("Adapter speed (default threads)", "adapter_speed.json", _adapter, "benchmarks/adapter_speed.py"),
     ("Adapter speed (1 thread)", "adapter_speed_1thread.json", _adapter, "benchmarks/adapter_speed.py --threads 1"),
@@ -68,8 +68,19 @@ SPEED = (
     ("Scoring speed on an H200, long pairs, e5-small's architecture with random weights",
      "gpu_h200/gpu_speed.json", _gpu_scoring, "benchmarks/gpu_speed.sh"),
 )
+# The CPU benchmarks rerun on a second machine: the same section, its file named NAME_zen5.json. The
+# machines differ in what bf16 costs (AMX multiplies bf16 ~9x faster than fp32; AVX512-BF16 far less), so
+# the ratios they give do too: both are kept.
+ZEN5 = ("adapter_speed_real.json", "adapter_speed_real_fp32.json", "scoring_speed.json", "scoring_speed_long.json",
+        "ingest_speed.json")
+SPEED = (*_SPEED_HERE, *((f"{title}, on an AMD EPYC (Zen 5: AVX512-BF16, no AMX)", name.replace(".json", "_zen5.json"),
+                          render, command) for title, name, render, command in _SPEED_HERE if name in ZEN5))
 QUALITY = (("Quality (CPU)", "quality.md"), ("Quality on GPU", "quality_gpu.md"),
            ("Training precision: auto (bf16) against fp32, seed 0 (issue 16)", "quality_precision.md"),
+           ("Training precision on an AMD EPYC (2026-12-03; CPU family not recorded), before cpu_dropout.py (issue 16)",
+            "quality_precision_zen4.md"),
+           ("Training precision on an AMD EPYC (Zen 5: AVX512-BF16, no AMX), seed 0 (issue 16)",
+            "quality_precision_zen5.md"),
            ("Collapse search (MTL-LoRA, issue 15)", "collapse_search.md"),
            ("Collapse search before the fix (issue 15)", "collapse_search_before_fix.md"),
            ("Policy markets, nested (issue 15)", "policy_nested.md"),
