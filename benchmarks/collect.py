@@ -69,7 +69,7 @@ _SPEED_HERE = (
      "gpu_h200/gpu_speed.json", _gpu_scoring, "benchmarks/gpu_speed.sh"),
 )
 # The CPU benchmarks rerun on a second machine: the same section, its file named NAME_zen5.json. The
-# machines differ in what bf16 costs (AMX multiplies bf16 ~9x faster than fp32; AVX512-BF16 far less), so
+# machines differ in what bf16 costs (bf16 GEMMs ran 9x fp32's rate with AMX, 4.6x on the Zen 5), so
 # the ratios they give do too: both are kept.
 ZEN5 = ("adapter_speed_real.json", "adapter_speed_real_fp32.json", "scoring_speed.json", "scoring_speed_long.json",
         "ingest_speed.json")
