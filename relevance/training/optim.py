@@ -12,6 +12,20 @@ gradient only from that market's ~1/T share of every batch, a noisier gradient w
 follows less often, so a small market's adapter barely leaves its start. They can get the scaled
 rate too (their neutral value is B_t = 0, so weight decay stays). The factor is
 ``TrainConfig.task_lr_multiplier``.
+
+LoRA+ (``b_lr_ratio``, Hayou et al., "LoRA+: Efficient Low Rank Adaptation of Large Models", ICML 2024):
+every method's up-projections B learn at a multiple of their group's rate. B starts at 0 and A at full
+Kaiming scale, so at one rate the update (α/r)·B·A·x grows only as fast as B does; on multilingual-e5-small
+(whose [CLS] carries little signal before training) every run of the issue-15 policy recipe sits at valid
+loss ≈ ln 2 for its first 50-125 of 200 steps, and a seed that leaves late ends under-trained (crossing
+seed 2: MTL-LoRA missed a twin's win and lost es by 0.068). At 4× the crossing clause (both twins ≥ +0.05
+over shared LoRA, intervals excluding 0, es ≥ -0.005) held in seeds 0-4 and 6 where one rate held it in 4
+of those 6, both methods' macro AUC rose in every crossing seed, and where policies nest MTL-LoRA stayed
+level with shared LoRA or above (3 markets, Λ_t/w_t at 3×). On the 9-market quality benchmark (seed 0,
+Λ_t/w_t at 9×) 4× cost MTL-LoRA de, en, hi and jp (-0.021 to -0.034 against shared LoRA, significant; at one
+rate -0.001 to -0.016), so the default stays 1. 8× and 16× were unstable at lr 5e-4 (crossing seed 2: es's
+valid AUC fell to 0.45 under MTL-LoRA at 8×, shared LoRA never left AUC 0.5 at 16×).
+Figures: ``benchmarks/results/policy_{crossing,nested}.md`` (label ``lora-plus-4``), ``quality_lora_plus_zen5.md``.
 """
 
 from __future__ import annotations
@@ -37,30 +51,39 @@ def is_market_lora_parameter(name: str) -> bool:
     return any(a in ("lora_A", "lora_B") and b.isdigit() for a, b in zip(parts, parts[1:]))
 
 
+def is_up_projection(name: str) -> bool:
+    """True for an adapter's up-projection B (shared, stacked or per market), e.g. ``…query.lora_B``."""
+    return "lora_B" in name.split(".")
+
+
 def param_groups(
     named: Iterable[tuple[str, nn.Parameter]], lr: float, weight_decay: float, own_lr_scale: float = 1.0,
+    b_lr_ratio: float = 1.0,
 ) -> list[dict[str, Any]]:
     """AdamW groups over the trainable parameters: the shared rest (lr, decay); MTL-LoRA's Λ_t/w_t
     (``own_lr_scale`` × lr, no decay); per-market LoRA's A_t/B_t (``own_lr_scale`` × lr, decay).
 
-    One scale serves both kinds: a model has only one of them. Empty groups are left out.
+    One scale serves both kinds: a model has only one of them. ``b_lr_ratio`` ≠ 1 (LoRA+) moves the
+    up-projections B of every method into groups of their own at ``b_lr_ratio`` × their group's lr, same
+    decay; at 1 the groups are exactly the ones above, so older checkpoints' optimizer states still load.
+    Empty groups are left out, except the first.
     """
-    shared, task, market = [], [], []
+    kinds: dict[str, list[nn.Parameter]] = {k: [] for k in ("shared", "task", "market", "shared_b", "market_b")}
     for name, param in named:
         if param.requires_grad:
-            if is_task_parameter(name):
-                task.append(param)
-            else:
-                (market if is_market_lora_parameter(name) else shared).append(param)
-    groups = [{"params": shared, "lr": lr, "weight_decay": weight_decay}]
-    if task:
-        groups.append({"params": task, "lr": lr * own_lr_scale, "weight_decay": 0.0})
-    if market:
-        groups.append({"params": market, "lr": lr * own_lr_scale, "weight_decay": weight_decay})
-    return groups
+            kind = "task" if is_task_parameter(name) else "market" if is_market_lora_parameter(name) else "shared"
+            if b_lr_ratio != 1.0 and kind != "task" and is_up_projection(name):
+                kind += "_b"
+            kinds[kind].append(param)
+    settings = {"shared": (lr, weight_decay), "task": (lr * own_lr_scale, 0.0),
+                "market": (lr * own_lr_scale, weight_decay), "shared_b": (lr * b_lr_ratio, weight_decay),
+                "market_b": (lr * own_lr_scale * b_lr_ratio, weight_decay)}
+    return [{"params": kinds[k], "lr": settings[k][0], "weight_decay": settings[k][1]}
+            for k in kinds if k == "shared" or kinds[k]]
 
 
-def make_optimizer(model: nn.Module, lr: float, weight_decay: float, own_lr_scale: float = 1.0) -> torch.optim.AdamW:
+def make_optimizer(model: nn.Module, lr: float, weight_decay: float, own_lr_scale: float = 1.0,
+                   b_lr_ratio: float = 1.0) -> torch.optim.AdamW:
     """AdamW over ``param_groups``; the LR schedule multiplies every group's own lr alike.
 
     ``foreach``: PyTorch picks its multi-tensor AdamW only for CUDA tensors, and MTL-LoRA has two small
@@ -69,7 +92,8 @@ def make_optimizer(model: nn.Module, lr: float, weight_decay: float, own_lr_scal
     Not ``fused`` (4 ms): on CPU (torch 2.13) the fused kernel leaves the parameters' version counters
     unchanged, and the adapters' scoring cache (``AdapterLayer._per_task``) relies on them to notice a step.
     """
-    return torch.optim.AdamW(param_groups(model.named_parameters(), lr, weight_decay, own_lr_scale), foreach=True)
+    groups = param_groups(model.named_parameters(), lr, weight_decay, own_lr_scale, b_lr_ratio)
+    return torch.optim.AdamW(groups, foreach=True)
 
 
 def linear_schedule(warmup: int, total: int) -> Callable[[int], float]:

@@ -40,15 +40,30 @@ def test_an_mtl_lora_run_kept_from_another_default_task_lr_is_stale(tmp_path) ->
     run = Path(mtl.out)
     run.mkdir(parents=True)
     (run / "run_info.json").write_text('{"method": "mtl-lora"}')  # recorded before the multiplier was
-    assert quality.stale_task_lr(run, mtl)
+    assert quality.stale_rates(run, mtl)
     (run / "run_info.json").write_text('{"task_lr_multiplier": 3.0}')  # the old default, 3x
-    assert quality.stale_task_lr(run, mtl)
+    assert quality.stale_rates(run, mtl)
     (run / "run_info.json").write_text('{"task_lr_multiplier": 9.0}')  # max(3, 9 markets)
-    assert not quality.stale_task_lr(run, mtl)
-    assert not quality.stale_task_lr(run, quality.train_config(args, tmp_path, markets, "lora", 0))
+    assert not quality.stale_rates(run, mtl)
+    assert not quality.stale_rates(run, quality.train_config(args, tmp_path, markets, "lora", 0))
     (run / "run_info.json").write_text('{"method": "mtl-lora"}')  # an explicit multiple: train_config says it
     explicit = quality.train_config(quality.parse_args(["--task-lr-scale", "9"]), tmp_path, markets, "mtl-lora", 0)
-    assert not quality.stale_task_lr(run, explicit)
+    assert not quality.stale_rates(run, explicit)
+
+
+def test_the_lora_plus_ratio_reaches_every_method_and_a_run_at_another_ratio_is_stale(tmp_path) -> None:
+    args = quality.parse_args(["--b-lr-ratio", "4", "--workdir", str(tmp_path)])
+    markets = ["en", "jp"]
+    for method in ("mtl-lora", "lora", "per-market-lora"):
+        config = quality.train_config(args, tmp_path, markets, method, 0)
+        assert config.b_lr_multiplier == 4.0 and Path(config.out).name == f"{method}-blr4-seed0"
+    lora = quality.train_config(quality.parse_args(["--workdir", str(tmp_path)]), tmp_path, markets, "lora", 0)
+    run = Path(lora.out)
+    run.mkdir(parents=True)
+    (run / "run_info.json").write_text('{"method": "lora"}')  # recorded before LoRA+: one rate
+    assert not quality.stale_rates(run, lora)
+    (run / "run_info.json").write_text('{"method": "lora", "b_lr_ratio": 4.0}')  # trained when 4 was a default
+    assert quality.stale_rates(run, lora)
 
 
 def test_win_tie_loss_counts_intervals_per_market_and_seed() -> None:

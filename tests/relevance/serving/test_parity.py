@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from types import SimpleNamespace
 
 import numpy as np
@@ -12,7 +13,7 @@ import torch
 from relevance.data.demo_data import generate_market
 from relevance.model.tiny import build_tiny_model
 from relevance.serving import parity
-from relevance.serving.pyfunc_model import RelevanceModel
+from relevance.serving.pyfunc_model import RelevanceModel, bf16_copy
 
 
 def test_compare_passes_equal_rankings_and_names_what_fails() -> None:
@@ -93,6 +94,20 @@ def test_bf16_copy_casts_the_weights_and_keeps_the_head_and_the_fp32_model(serve
     np.testing.assert_array_equal(served.score_frame(rows, precision="fp32"), fp32)
     measured = parity.measure(served, rows.assign(query_id=rows["query"]))
     assert measured["n"] == 120 and measured["corr"] > 0.999 and measured["auc_fp32"] is not None
+
+
+def test_bf16_copy_equals_copying_then_casting_and_shares_no_storage(served) -> None:
+    """The memo-based copy gives the bits of the plain form (deepcopy the fp32 model, cast, head back to fp32)."""
+    quick = bf16_copy(served.model)
+    plain = copy.deepcopy(served.model).to(torch.bfloat16)
+    plain.classifier.float()
+    want, got = plain.state_dict(), quick.state_dict()
+    assert want.keys() == got.keys()
+    for key, value in want.items():
+        assert got[key].dtype == value.dtype and torch.equal(got[key], value), key
+    originals = {p.data_ptr() for p in served.model.parameters()}
+    assert not originals & {p.data_ptr() for p in quick.parameters()}, "the copy owns its weights"
+    assert all(p.dtype == torch.float32 for p in served.model.parameters()), "the fp32 model is untouched"
 
 
 @pytest.mark.parametrize("native, recorded, expected", [

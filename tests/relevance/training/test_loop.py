@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parents[3]
 RUN_INFO_KEYS = {"method", "run_name", "base_model", "trainable_params", "train_time_s", "examples_per_s",
                  "mlflow_run_id", "data_fingerprint", "best_step", "markets", "task_map", "degenerate",
                  "market_prior_offsets", "prior_logit", "models_to_serve", "precision", "task_lr_multiplier",
-                 "shared_steps"}
+                 "shared_steps", "b_lr_ratio"}
 
 
 @pytest.fixture(scope="module")
@@ -71,6 +71,7 @@ def _config(env: dict[str, Path], out: Path, **kw) -> TrainConfig:
     ("adapter_dropout", 1.0, "TrainConfig.adapter_dropout=1.0"),
     ("patience", 0, "TrainConfig.patience=0"),
     ("task_lr_scale", 0.0, "TrainConfig.task_lr_scale=0.0"),
+    ("b_lr_ratio", -4.0, "TrainConfig.b_lr_ratio=-4.0"),
     ("mixing_init_scale", -1.0, "TrainConfig.mixing_init_scale=-1.0"),
     ("uniform_mixing_init", "yes", "TrainConfig.uniform_mixing_init='yes'"),
     ("shared_start", 1.0, "TrainConfig.shared_start=1.0"),
@@ -238,6 +239,25 @@ def test_existing_run_needs_resume_and_resume_checks_hyper_parameters(env, tmp_p
     # Runtime fields (progress, tracking) may change on resume; a finished run resumes to the same end.
     again = train(_config(env, out, max_steps=2, eval_every=2, resume=True, progress=True))
     assert again.run_info["best_step"] == 2
+
+
+def test_a_run_resumes_at_the_lora_plus_ratio_it_started_with(env, tmp_path: Path, monkeypatch) -> None:
+    """A checkpoint written before LoRA+ (one rate, no ratio in its state) resumes at one rate under a new default."""
+    import json
+
+    import relevance.training.config as config_module
+
+    default = 4.0  # a default other than one rate, as a later release may choose
+    out, kw = tmp_path / "run", dict(max_steps=2, eval_every=2, checkpoint_every=2, keep_checkpoints=1)
+    monkeypatch.setattr(config_module, "DEFAULT_B_LR_RATIO", 1.0)  # the code before LoRA+
+    assert train(_config(env, out, **kw)).run_info["b_lr_ratio"] == 1.0
+    (state_file,) = out.glob("checkpoints/step-*/state.json")
+    state = json.loads(state_file.read_text())
+    state.pop("b_lr_ratio")  # as that code wrote it
+    state_file.write_text(json.dumps(state))
+    monkeypatch.setattr(config_module, "DEFAULT_B_LR_RATIO", default)  # upgraded, then resumed
+    assert train(_config(env, out, resume=True, **kw)).run_info["b_lr_ratio"] == 1.0
+    assert train(_config(env, tmp_path / "fresh", **kw)).run_info["b_lr_ratio"] == default  # a new run: the new one
 
 
 def test_missing_base_model_and_empty_split_are_clear_errors(env, tmp_path: Path) -> None:
@@ -427,7 +447,7 @@ def test_cli_help_and_errors_and_a_run(env, tmp_path: Path) -> None:
     shown = runner.invoke(app, ["train", "--help"], env={"COLUMNS": "200", "NO_COLOR": "1"})
     assert shown.exit_code == 0
     for option in ("--data", "--method", "--base-model", "--out", "--resume", "--tracking-uri", "--max-steps",
-                   "--patience", "--sampling", "mtl-lora", "lora-market-token", "--task-lr-scale",
+                   "--patience", "--sampling", "mtl-lora", "lora-market-token", "--task-lr-scale", "--b-lr-ratio",
                    "--uniform-mixing-init", "--mixing-init-scale", "--n-up", "--mtl-temperature"):
         assert option in shown.output
     common = ["train", "--data", str(env["data"]), "--method", "lora", "--out", str(tmp_path / "run"),

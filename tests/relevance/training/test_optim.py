@@ -11,6 +11,7 @@ from relevance.model.adapters import AdapterConfig, inject, use_tasks
 from relevance.training.optim import (
     is_market_lora_parameter,
     is_task_parameter,
+    is_up_projection,
     linear_schedule,
     make_optimizer,
     param_groups,
@@ -67,6 +68,39 @@ def test_per_market_lora_pairs_get_their_scaled_lr_and_keep_decay() -> None:
     assert {id(p) for p in groups[1]["params"]} == {id(p) for p in market}
     assert groups[1]["lr"] == pytest.approx(4 * LR) and groups[1]["weight_decay"] == 0.01
     assert len(groups[0]["params"]) + len(market) == len(trainable)
+
+
+@pytest.mark.parametrize("method, expected", [
+    # per group: (lr in units of LR, weight decay, number of B tensors or None for the shared rest);
+    # 4 adapted modules, 2 markets, own_lr_scale 3, ratio 4
+    ("lora", [(1, 0.01, None), (4, 0.01, 4)]),
+    ("mtl-lora", [(1, 0.01, None), (3, 0.0, None), (4, 0.01, 4)]),
+    ("per-market-lora", [(1, 0.01, None), (3, 0.01, None), (12, 0.01, 4 * 2)]),
+    ("moelora", [(1, 0.01, None), (4, 0.01, 4)]),
+])
+def test_lora_plus_puts_every_up_projection_in_its_own_group(method: str, expected: list) -> None:
+    """b_lr_ratio (LoRA+): B of every method at ratio × its group's rate, A and the rest unchanged."""
+    model = tiny(method)
+    groups = param_groups(model.named_parameters(), LR, 0.01, own_lr_scale=3.0, b_lr_ratio=4.0)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert [(pytest.approx(g["lr"] / LR), g["weight_decay"]) for g in groups] == [(e[0], e[1]) for e in expected]
+    for group, (_, _, n_b) in zip(groups, expected):
+        is_b = [is_up_projection(names[id(p)]) for p in group["params"]]
+        assert all(is_b) and len(is_b) == n_b if n_b is not None else not any(is_b)
+    assert sum(len(g["params"]) for g in groups) == sum(p.requires_grad for p in model.parameters())
+    same = param_groups(model.named_parameters(), LR, 0.01, own_lr_scale=3.0, b_lr_ratio=1.0)
+    assert len(same) == len(expected) - 1, "ratio 1: the groups of a run without LoRA+ (its checkpoints load)"
+
+
+def test_one_adam_step_moves_b_at_the_lora_plus_rate() -> None:
+    model = tiny("lora")
+    layer = model.bert.encoder.layer[0].attention.self.query
+    before_b, before_a = layer.lora_B.detach().clone(), layer.lora_A.detach().clone()
+    opt = make_optimizer(model, LR, weight_decay=0.0, b_lr_ratio=8.0)
+    model(input_ids=torch.randint(5, 50, (4, 8))).logits.sum().backward()
+    opt.step()
+    assert (layer.lora_B.detach() - before_b).abs().max().item() == pytest.approx(8 * LR, rel=0.01)
+    assert (layer.lora_A.detach() - before_a).abs().max().item() == 0.0  # B was 0: A had no gradient yet
 
 
 def test_one_adam_step_moves_lambda_at_the_scaled_rate() -> None:
