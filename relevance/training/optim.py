@@ -23,9 +23,10 @@ over shared LoRA, intervals excluding 0, es ≥ -0.005) held in seeds 0-4 and 6 
 of those 6, both methods' macro AUC rose in every crossing seed, and where policies nest MTL-LoRA stayed
 level with shared LoRA or above (3 markets, Λ_t/w_t at 3×). On the 9-market quality benchmark (seed 0,
 Λ_t/w_t at 9×) 4× cost MTL-LoRA de, en, hi and jp (-0.021 to -0.034 against shared LoRA, significant; at one
-rate -0.001 to -0.016), so the default stays 1. 8× and 16× were unstable at lr 5e-4 (crossing seed 2: es's
-valid AUC fell to 0.45 under MTL-LoRA at 8×, shared LoRA never left AUC 0.5 at 16×).
-Figures: ``benchmarks/results/policy_{crossing,nested}.md`` (label ``lora-plus-4``), ``quality_lora_plus_zen5.md``.
+rate -0.001 to -0.016; with Λ_t/w_t at 3× instead they held but the topical twin's win was gone), so the
+default stays 1. 8× and 16× were unstable at lr 5e-4 (crossing seed 2: es's valid AUC fell to 0.45 under
+MTL-LoRA at 8×, shared LoRA never left AUC 0.5 at 16×). Figures: ``benchmarks/results/policy_{crossing,nested}.md``
+(label ``lora-plus-4``), ``quality_lora_plus_zen5.md``, ``quality_lora_plus_tlr3_zen5.md``.
 """
 
 from __future__ import annotations
