@@ -26,7 +26,8 @@ level with shared LoRA or above (3 markets, Λ_t/w_t at 3×). On the 9-market qu
 rate -0.001 to -0.016; with Λ_t/w_t at 3× instead they held but the topical twin's win was gone), so the
 default stays 1; 2× (seed 0 there) kept every agreeing market within noise and raised MTL-LoRA's macro from
 0.927 to 0.942 — the candidate to validate on the policy seeds and the demo. 8× and 16× were unstable at
-lr 5e-4 (crossing seed 2: es's valid AUC fell to 0.45 under MTL-LoRA at 8×, shared LoRA never left AUC 0.5 at 16×). Figures: ``benchmarks/results/policy_{crossing,nested}.md``
+lr 5e-4 (crossing seed 2: es's valid AUC fell to 0.45 under MTL-LoRA at 8×, shared LoRA never left AUC 0.5 at
+16×). Figures: ``benchmarks/results/policy_{crossing,nested}.md``
 (label ``lora-plus-4``), ``quality_lora_plus{,2,_tlr3}_zen5.md``.
 """
 
