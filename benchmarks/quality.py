@@ -255,7 +255,7 @@ def train_config(args: argparse.Namespace, base: Path, markets: list[str], metho
     if method == "mtl-lora":
         knobs = {k: v for k, v in (("task_lr_scale", args.task_lr_scale),
                                    ("mixing_init_scale", args.mixing_init_scale)) if v is not None}
-    if getattr(args, "b_lr_ratio", None) is not None:  # every method: the baselines train with it too
+    if args.b_lr_ratio is not None:  # every method: the baselines train with it too
         knobs["b_lr_ratio"] = args.b_lr_ratio
     suffix = "".join(f"-{KNOB_TAGS[k]}{v:g}" for k, v in knobs.items()) + (f"-{precision}" if precision else "")
     return TrainConfig(
