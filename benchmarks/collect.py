@@ -87,6 +87,8 @@ QUALITY = (("Quality (CPU)", "quality.md"), ("Quality on GPU", "quality_gpu.md")
             "quality_lora_plus_tlr3_zen5.md"),
            ("LoRA+ at 2x (every method) on the quality benchmark, seed 0, bf16, Zen 5 (issue 15)",
             "quality_lora_plus2_zen5.md"),
+           ("LoRA+ at the default 12 / max(3, T) (1.33x for these 9 markets), seeds 0-2, bf16, Zen 5 (issue 15)",
+            "quality_lora_plus_rule_zen5.md"),
            ("Collapse search (MTL-LoRA, issue 15)", "collapse_search.md"),
            ("Collapse search before the fix (issue 15)", "collapse_search_before_fix.md"),
            ("Policy markets, nested (issue 15)", "policy_nested.md"),

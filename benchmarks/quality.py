@@ -294,7 +294,8 @@ def stale_rates(run_dir: Path, config) -> bool:
     The same for ``b_lr_ratio`` None, whose default may change; a run recorded without one trained at one rate.
     """
     info = json.loads((run_dir / "run_info.json").read_text()) if (run_dir / "run_info.json").is_file() else {}
-    if info.get("b_lr_ratio", 1.0) != config.b_lr_multiplier:  # LoRA+'s ratio (none recorded: one rate)
+    n_markets = len(config.markets or info.get("markets", ()))  # LoRA+'s default ratio depends on it
+    if info.get("b_lr_ratio", 1.0) != config.b_lr_multiplier(n_markets):  # none recorded: one rate
         return True
     if config.method != "mtl-lora" or config.task_lr_scale is not None:
         return False  # an explicit multiple is in train_config.json, which must match already

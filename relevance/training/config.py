@@ -54,11 +54,13 @@ PER_MARKET_LORA_LR_SCALE = 1.0
 # does not close it, and moves the per-market wins (demo de +0.204 -> +0.066; crossing, 3 seeds: de +0.101 ->
 # +0.177, de-any +0.102 -> +0.059); benchmarks/results/per_market_lr_shared_start_*.md.
 DEFAULT_SHARED_START = 0.0
-# LoRA+ (Hayou et al., 2024): every method's up-projections B learn at this multiple of their group's learning
-# rate (relevance.training.optim, whose docstring has the measurements). 4 held the crossing clause in 6 of 6
-# seeds (4 of the same 6 at 1) and kept nested markets level, but on the 9-market quality benchmark it cost
-# MTL-LoRA four agreeing markets (seed 0): the default stays 1 (issue 15).
-DEFAULT_B_LR_RATIO = 1.0
+# LoRA+ (Hayou et al., 2024): every method's up-projections B learn at a multiple of their group's learning
+# rate (relevance.training.optim, whose docstring has the measurements): by default B_LR_BUDGET / max(3, T)
+# for T markets in training, never below 1 — 4× for 3 markets, 2.4× for 5, 1.33× for 9. MTL-LoRA's Λ_t / w_t
+# already learn at max(3, T)×, so B's multiple shrinks as theirs grows: with 3 markets 4× held the crossing
+# clause in 8 of 8 seeds (6 of 8 at 1×; 2× and 3× missed seeds 1-2) and kept nested markets level; with 9,
+# 4× (next to Λ_t at 9×) cost MTL-LoRA four agreeing markets while 2× and 1× held them (issue 15).
+B_LR_BUDGET = 12.0
 # Training logits carry each market's prior log-odds offset unless told otherwise (issue 15).
 DEFAULT_MARKET_PRIOR = True
 
@@ -183,10 +185,12 @@ class TrainConfig:
             return PER_MARKET_LORA_LR_SCALE
         return max(DEFAULT_TASK_LR_SCALE, float(n_markets))
 
-    @property
-    def b_lr_multiplier(self) -> float:
-        """LoRA+'s η_B / η_A for every method's up-projections B (``b_lr_ratio``, else DEFAULT_B_LR_RATIO)."""
-        return DEFAULT_B_LR_RATIO if self.b_lr_ratio is None else float(self.b_lr_ratio)
+    def b_lr_multiplier(self, n_markets: int) -> float:
+        """LoRA+'s η_B / η_A for every method's up-projections B when ``n_markets`` markets train:
+        ``b_lr_ratio`` if given, else max(1, B_LR_BUDGET / max(3, n_markets)), the same for every method."""
+        if self.b_lr_ratio is not None:
+            return float(self.b_lr_ratio)
+        return max(1.0, B_LR_BUDGET / max(DEFAULT_TASK_LR_SCALE, float(n_markets)))
 
     @property
     def shared_start_fraction(self) -> float:

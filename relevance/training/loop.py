@@ -142,7 +142,7 @@ class Run:
         # markets with rows in the batches (add_market: the added ones only, the others are frozen)
         self.task_lr_multiplier = config.task_lr_multiplier(train_df["market"].nunique())
         self.shared_steps = shared_steps(config.shared_start_fraction, self.total)
-        self._make_optimizer(config.b_lr_multiplier)
+        self._make_optimizer(config.b_lr_multiplier(train_df["market"].nunique()))
         torch.manual_seed(config.seed * 1009 + d.rank)  # the dropout stream, distinct per rank
         self.prog, self.best = ckpt.Progress(), None
         self._last_eval: tuple[int | None, pd.DataFrame | None] = (None, None)  # (step, valid predictions)

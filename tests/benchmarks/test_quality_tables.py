@@ -43,10 +43,11 @@ def test_an_mtl_lora_run_kept_from_another_default_task_lr_is_stale(tmp_path) ->
     assert quality.stale_rates(run, mtl)
     (run / "run_info.json").write_text('{"task_lr_multiplier": 3.0}')  # the old default, 3x
     assert quality.stale_rates(run, mtl)
-    (run / "run_info.json").write_text('{"task_lr_multiplier": 9.0}')  # max(3, 9 markets)
+    nine = f'"b_lr_ratio": {12 / 9!r}'  # LoRA+'s default for 9 markets: 12 / 9
+    (run / "run_info.json").write_text(f'{{"task_lr_multiplier": 9.0, {nine}}}')  # max(3, 9 markets)
     assert not quality.stale_rates(run, mtl)
     assert not quality.stale_rates(run, quality.train_config(args, tmp_path, markets, "lora", 0))
-    (run / "run_info.json").write_text('{"method": "mtl-lora"}')  # an explicit multiple: train_config says it
+    (run / "run_info.json").write_text(f'{{"method": "mtl-lora", {nine}}}')  # an explicit multiple: train_config says it
     explicit = quality.train_config(quality.parse_args(["--task-lr-scale", "9"]), tmp_path, markets, "mtl-lora", 0)
     assert not quality.stale_rates(run, explicit)
 
@@ -56,14 +57,16 @@ def test_the_lora_plus_ratio_reaches_every_method_and_a_run_at_another_ratio_is_
     markets = ["en", "jp"]
     for method in ("mtl-lora", "lora", "per-market-lora"):
         config = quality.train_config(args, tmp_path, markets, method, 0)
-        assert config.b_lr_multiplier == 4.0 and Path(config.out).name == f"{method}-blr4-seed0"
+        assert config.b_lr_multiplier(len(markets)) == 4.0 and Path(config.out).name == f"{method}-blr4-seed0"
     lora = quality.train_config(quality.parse_args(["--workdir", str(tmp_path)]), tmp_path, markets, "lora", 0)
     run = Path(lora.out)
     run.mkdir(parents=True)
-    (run / "run_info.json").write_text('{"method": "lora"}')  # recorded before LoRA+: one rate
-    assert not quality.stale_rates(run, lora)
-    (run / "run_info.json").write_text('{"method": "lora", "b_lr_ratio": 4.0}')  # trained when 4 was a default
+    (run / "run_info.json").write_text('{"method": "lora"}')  # recorded before LoRA+: one rate, not today's 4x
     assert quality.stale_rates(run, lora)
+    (run / "run_info.json").write_text('{"method": "lora", "b_lr_ratio": 4.0}')  # today's default for 2 markets
+    assert not quality.stale_rates(run, lora)
+    nine = quality.train_config(quality.parse_args(["--workdir", str(tmp_path)]), tmp_path, markets * 5, "lora", 0)
+    assert quality.stale_rates(run, nine)  # 9+ markets: B at 12/9 (or 1x), so the 4x run is retrained
 
 
 def test_win_tie_loss_counts_intervals_per_market_and_seed() -> None:
@@ -116,7 +119,8 @@ def test_keep_runs_restores_a_finished_run_into_a_wiped_workdir_and_never_retrai
     run_dir, keep = tmp_path / "work" / "runs" / "lora-seed0", tmp_path / "kept"
     saved = Config(run_dir).to_dict()
     del saved["shared_start"]  # made before that field existed: still the same run (its default)
-    for name, text in {"train_config.json": json.dumps(saved), "run_info.json": "{}",
+    info = {"markets": ["de"], "b_lr_ratio": 4.0}  # LoRA+'s default for 1-3 markets
+    for name, text in {"train_config.json": json.dumps(saved), "run_info.json": json.dumps(info),
                        "metrics.json": json.dumps({"markets": {"de": {"auc": 0.9}}}),
                        "predictions/test.parquet": "p", "adapter.safetensors": "weights"}.items():
         (run_dir / name).parent.mkdir(parents=True, exist_ok=True)

@@ -99,6 +99,11 @@ def test_train_config_round_trip_and_adapter_config() -> None:
     default = TrainConfig(data="ds", method="mtl-lora", base_model="m", out="run")
     # the default grows with the markets (each market's Λ_t / w_t see ~1/T of a batch), never below 3×
     assert [default.task_lr_multiplier(t) for t in (1, 3, 5, 9)] == [3.0, 3.0, 5.0, 9.0]
+    # LoRA+: B at 12 / max(3, T), never below 1, for every method; an explicit ratio wins
+    for method in ("mtl-lora", "lora", "per-market-lora"):
+        cfg = TrainConfig(data="ds", method=method, base_model="m", out="run")
+        assert [cfg.b_lr_multiplier(t) for t in (1, 3, 5, 9, 12, 20)] == [4.0, 4.0, 2.4, 12 / 9, 1.0, 1.0]
+        assert dataclasses.replace(cfg, b_lr_ratio=1.0).b_lr_multiplier(3) == 1.0
     # per-market LoRA's A_t / B_t: 1× unless told (5× / 10× collapsed markets on the demo data); none elsewhere
     pml = TrainConfig(data="ds", method="per-market-lora", base_model="m", out="run")
     assert [pml.task_lr_multiplier(t) for t in (3, 9)] == [1.0, 1.0]
@@ -247,17 +252,17 @@ def test_a_run_resumes_at_the_lora_plus_ratio_it_started_with(env, tmp_path: Pat
 
     import relevance.training.config as config_module
 
-    default = 4.0  # a default other than one rate, as a later release may choose
+    budget = config_module.B_LR_BUDGET  # today's default: 12 / 3 = 4x for this data's 3 markets
     out, kw = tmp_path / "run", dict(max_steps=2, eval_every=2, checkpoint_every=2, keep_checkpoints=1)
-    monkeypatch.setattr(config_module, "DEFAULT_B_LR_RATIO", 1.0)  # the code before LoRA+
+    monkeypatch.setattr(config_module, "B_LR_BUDGET", 3.0)  # one rate for 3 markets: the code before LoRA+
     assert train(_config(env, out, **kw)).run_info["b_lr_ratio"] == 1.0
     (state_file,) = out.glob("checkpoints/step-*/state.json")
     state = json.loads(state_file.read_text())
     state.pop("b_lr_ratio")  # as that code wrote it
     state_file.write_text(json.dumps(state))
-    monkeypatch.setattr(config_module, "DEFAULT_B_LR_RATIO", default)  # upgraded, then resumed
+    monkeypatch.setattr(config_module, "B_LR_BUDGET", budget)  # upgraded, then resumed
     assert train(_config(env, out, resume=True, **kw)).run_info["b_lr_ratio"] == 1.0
-    assert train(_config(env, tmp_path / "fresh", **kw)).run_info["b_lr_ratio"] == default  # a new run: the new one
+    assert train(_config(env, tmp_path / "fresh", **kw)).run_info["b_lr_ratio"] == 4.0  # a new run: the new one
 
 
 def test_missing_base_model_and_empty_split_are_clear_errors(env, tmp_path: Path) -> None:
