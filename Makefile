@@ -62,7 +62,7 @@ bench-quick: setup
 	$(PY) benchmarks/add_market.py --quick --workdir $(QUICK)/quality-work --out $(QUICK)/add_market
 	$(PY) benchmarks/collapse_search.py --quick --workdir $(QUICK)/collapse-work --out $(QUICK)/collapse_search
 	$(PY) benchmarks/mtl_knobs.py --quick --workdir $(QUICK)/knobs-work --out $(QUICK)/mtl_knobs
-	$(PY) benchmarks/per_market_lr.py --quick --shared-starts 0,0.5 --workdir $(QUICK)/pml-work --out $(QUICK)/per_market_lr_demo
+	$(PY) benchmarks/per_market_lr.py --quick --shared-starts 0,0.5 --mtl-lora --b-lr-ratio 2 --workdir $(QUICK)/pml-work --out $(QUICK)/per_market_lr_demo
 	GPU_SH_SMOKE=1 benchmarks/gpu.sh $(QUICK)/gpu
 	$(PY) -c "from relevance.model.tiny import build_tiny_model; build_tiny_model('$(QUICK)/tiny-arch')"
 	GPU_SPEED_SMOKE=1 PYTHON=$(PY) benchmarks/gpu_speed.sh $(QUICK)/tiny-arch benchmarks/fixtures $(QUICK)/gpu_speed

@@ -48,6 +48,7 @@ RECIPES = {  # TrainConfig fields of each setting's budget
 }
 RECIPES["crossing"] = RECIPES["nested"]  # the policy scripts' shared recipe
 POLICY_SETTINGS = ("nested", "crossing")  # built by ../shared/tools/<setting>_policy.sh
+MTL_ROW = "mtl-lora"  # the results key (and table row) of --mtl-lora's runs
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -61,6 +62,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "comma-separated; each is trained at every multiple")
     p.add_argument("--seeds", default="0,1,2,3")
     p.add_argument("--precision", default="fp32", choices=("auto", "fp32", "bf16"))
+    p.add_argument("--b-lr-ratio", type=float, default=None,
+                   help="LoRA+ ratio for every run (train --b-lr-ratio; default: the library's); own run dirs")
+    p.add_argument("--mtl-lora", action="store_true",
+                   help="also train MTL-LoRA (library defaults) per seed and report it against shared LoRA")
     p.add_argument("--workdir", type=Path, default=None, help="default: /tmp/ads-relevance-per-market-lr-<setting>")
     p.add_argument("--out", type=Path, default=None, help="writes OUT.md and OUT.json")
     p.add_argument("--quick", action="store_true", help="tiny in-code model, 300 rows, 1 seed, 6 steps")
@@ -133,29 +138,37 @@ def main(argv: list[str] | None = None) -> int:
 
     train_s: dict[str, float] = {}  # each run's own training time (a reused run keeps the one it was made in)
 
+    ratio = {} if args.b_lr_ratio is None else {"b_lr_ratio": args.b_lr_ratio}
+
     def run(name: str, method: str, seed: int, **extra) -> pd.DataFrame:
+        name += f"-blr{args.b_lr_ratio:g}" if ratio else ""
         print(f"[seed {seed}] {name}", flush=True)
         config = TrainConfig(data=str(data), method=method, base_model=base, out=str(args.workdir / "runs" /
                              f"{name}-seed{seed}"), seed=seed, precision=args.precision, track=False,
-                             progress=False, **recipe, **extra)
+                             progress=False, **recipe, **ratio, **extra)
         out = train_once(config)
         train_s[out.name] = json.loads((out / "run_info.json").read_text())["train_time_s"]
         return pd.read_parquet(out / "predictions" / "test.parquet")
 
     results: dict[str, dict] = {}
+
+    def compare(key: str, seed: int, shared: pd.DataFrame, preds: pd.DataFrame) -> None:
+        comp = paired_comparison(shared, preds, n_boot=1000, seed=0)
+        results.setdefault(key, {})[seed] = {
+            m: {k: e[k] for k in ("auc_a", "auc_b", "diff", "ci_low", "ci_high", "significant")}
+            for m, e in {**comp["markets"], "macro": comp["macro"]}.items()}
+
     for seed in seeds:
         shared = run("lora", "lora", seed)
+        if args.mtl_lora:
+            compare(MTL_ROW, seed, shared, run("mtl-lora", "mtl-lora", seed))
         for scale, start in [(scale, start) for scale in scales for start in starts]:
             key = f"{scale:g}" + (f", shared start {start:g}" if start else "")
             extra = {"task_lr_scale": scale, **({"shared_start": start} if start else {})}
             name = f"per-market-lora-x{scale:g}" + (f"-shared{start:g}" if start else "")
-            preds = run(name, "per-market-lora", seed, **extra)
-            comp = paired_comparison(shared, preds, n_boot=1000, seed=0)
-            results.setdefault(key, {})[seed] = {
-                m: {k: e[k] for k in ("auc_a", "auc_b", "diff", "ci_low", "ci_high", "significant")}
-                for m, e in {**comp["markets"], "macro": comp["macro"]}.items()}
+            compare(key, seed, shared, run(name, "per-market-lora", seed, **extra))
     out = {"benchmark": "per_market_lr", "setting": args.setting, "recipe": recipe, "base_model": base,
-           "data": str(data), "scales": scales, "shared_starts": starts, "seeds": seeds, "precision": args.precision,
+           "data": str(data), "b_lr_ratio": args.b_lr_ratio, "scales": scales, "shared_starts": starts, "seeds": seeds, "precision": args.precision,
            "environment": env, "results": results, "wall_time_s": round(time.perf_counter() - started, 1),
            "train_time_s": train_s}
     write(out, args.out)
@@ -181,9 +194,10 @@ def render(r: dict) -> str:
                 "runs are reused, so the wall time can be that of the comparison alone). " if r.get("train_time_s")
                 else ". ")
              + f"`{'/'.join(Path(r['base_model']).parts[-2:])}`, {rec['max_steps']} steps × {rec['batch_size']}, {rec['max_length']} "
-             f"tokens, lr {rec['learning_rate']}, {r['precision']}; seeds {', '.join(map(str, r['seeds']))}. "
+             f"tokens, lr {rec['learning_rate']}, {r['precision']}; seeds {', '.join(map(str, r['seeds']))}; "
+             f"LoRA+ ratio {r['b_lr_ratio'] if r.get('b_lr_ratio') is not None else 'the default'} (every run). "
              "Row: per-market LoRA with its A_t/B_t at the multiple × lr (with a shared start: that fraction "
-             "of the steps trained as one shared adapter first, `train --shared-start`). Cell: per-market-lora − shared LoRA "
+             "of the steps trained as one shared adapter first, `train --shared-start`; MTL-LoRA (defaults): `--mtl-lora`). Cell: the row's method − shared LoRA "
              "test AUC, mean over seeds, then per seed (✱: paired 95% cluster-bootstrap interval excludes 0); "
              "last line: shared LoRA's mean AUC.", "",
              "| multiple | " + " | ".join(keys) + " |", "|---|" + "---:|" * len(keys)]
@@ -194,7 +208,8 @@ def render(r: dict) -> str:
             per = [by_seed[s][k] for s in sorted(by_seed, key=int)]
             cells.append(f"**{statistics.fmean(p['diff'] for p in per):+.3f}** (" + ", ".join(
                 f"{p['diff']:+.3f}{'✱' if p['significant'] else ''}" for p in per) + ")")
-        label = scale.split(",")[0] + "×" + "".join("," + part for part in scale.split(",")[1:])
+        label = "MTL-LoRA (defaults)" if scale == MTL_ROW else (
+            scale.split(",")[0] + "×" + "".join("," + part for part in scale.split(",")[1:]))
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     first = next(iter(by_scale.values()))
     lines.append("| shared LoRA AUC | " + " | ".join(
