@@ -187,7 +187,8 @@ def render(r: dict) -> str:
     """Per multiple: each market's per-market-lora − shared LoRA difference, mean and per seed."""
     env, rec = r["environment"], r["recipe"]
     keys = list(next(iter(next(iter(r["results"].values())).values())))
-    lines = [f"# Per-market LoRA's learning-rate multiple and shared start: {r['setting']}", "",
+    mtl = " (and MTL-LoRA)" if MTL_ROW in r["results"] else ""
+    lines = [f"# Per-market LoRA's learning-rate multiple and shared start{mtl}: {r['setting']}", "",
              f"{env['date']}, commit {env['commit']}, {env['machine']['cpu']} (load "
              f"{env['machine']['load_avg_1min_at_start']} at start); wall {r['wall_time_s']} s"
              + (f", training {sum(r['train_time_s'].values()):.0f} s over {len(r['train_time_s'])} runs (finished "
