@@ -168,7 +168,8 @@ def main(argv: list[str] | None = None) -> int:
             name = f"per-market-lora-x{scale:g}" + (f"-shared{start:g}" if start else "")
             compare(key, seed, shared, run(name, "per-market-lora", seed, **extra))
     out = {"benchmark": "per_market_lr", "setting": args.setting, "recipe": recipe, "base_model": base,
-           "data": str(data), "b_lr_ratio": args.b_lr_ratio, "scales": scales, "shared_starts": starts, "seeds": seeds, "precision": args.precision,
+           "data": str(data), "b_lr_ratio": args.b_lr_ratio, "scales": scales, "shared_starts": starts,
+           "seeds": seeds, "precision": args.precision,
            "environment": env, "results": results, "wall_time_s": round(time.perf_counter() - started, 1),
            "train_time_s": train_s}
     write(out, args.out)
@@ -198,7 +199,8 @@ def render(r: dict) -> str:
              f"tokens, lr {rec['learning_rate']}, {r['precision']}; seeds {', '.join(map(str, r['seeds']))}; "
              f"LoRA+ ratio {r['b_lr_ratio'] if r.get('b_lr_ratio') is not None else 'the default'} (every run). "
              "Row: per-market LoRA with its A_t/B_t at the multiple × lr (with a shared start: that fraction "
-             "of the steps trained as one shared adapter first, `train --shared-start`; MTL-LoRA (defaults): `--mtl-lora`). Cell: the row's method − shared LoRA "
+             "of the steps trained as one shared adapter first, `train --shared-start`; MTL-LoRA (defaults): "
+             "`--mtl-lora`). Cell: the row's method − shared LoRA "
              "test AUC, mean over seeds, then per seed (✱: paired 95% cluster-bootstrap interval excludes 0); "
              "last line: shared LoRA's mean AUC.", "",
              "| multiple | " + " | ".join(keys) + " |", "|---|" + "---:|" * len(keys)]
