@@ -140,9 +140,10 @@ class Run:
         self.total = config.max_steps or config.epochs * self.sampler.batches_per_epoch
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         # markets with rows in the batches (add_market: the added ones only, the others are frozen)
-        self.task_lr_multiplier = config.task_lr_multiplier(train_df["market"].nunique())
+        n_markets = train_df["market"].nunique()
+        self.task_lr_multiplier = config.task_lr_multiplier(n_markets)
         self.shared_steps = shared_steps(config.shared_start_fraction, self.total)
-        self._make_optimizer(config.b_lr_multiplier(train_df["market"].nunique()))
+        self._make_optimizer(config.b_lr_multiplier(n_markets))
         torch.manual_seed(config.seed * 1009 + d.rank)  # the dropout stream, distinct per rank
         self.prog, self.best = ckpt.Progress(), None
         self._last_eval: tuple[int | None, pd.DataFrame | None] = (None, None)  # (step, valid predictions)
