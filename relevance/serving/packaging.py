@@ -4,12 +4,17 @@ requirements. Kept apart from the registry so that what a served model *is* read
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
+from urllib.parse import urlparse
+from urllib.request import url2pathname
 
 from relevance.training.runs import TrainingRun
 
 PYFUNC_FILE = Path(__file__).with_name("pyfunc_model.py")
 _REQUIREMENTS = ("mlflow", "torch", "transformers", "tokenizers", "safetensors", "numpy", "pandas")
+WEIGHT_SUFFIXES = (".safetensors",)  # the only weights a packaged model holds (merged models are safetensors)
 
 
 def pip_requirements() -> list[str]:
@@ -54,3 +59,31 @@ def package_model(merged_dir: Path, out_dir: Path, market: str, run: TrainingRun
                              model_config=config, signature=signature(), input_example=example,
                              pip_requirements=pip_requirements())
     return out_dir
+
+
+def local_artifact_dir(artifact_uri: str) -> Path | None:
+    """The directory a ``file:`` URI or plain path names, when it exists on this machine; else None."""
+    parsed = urlparse(artifact_uri)
+    if parsed.scheme not in ("", "file") or parsed.netloc not in ("", "localhost"):
+        return None
+    path = Path(url2pathname(parsed.path))
+    return path if path.is_absolute() and path.is_dir() else None
+
+
+def stage_local_model(src: Path, dst: Path) -> Path:
+    """``dst/<src.name>``: a copy of the model directory ``src`` whose weight files are symbolic links.
+
+    Why: a scoring job stages every market's model before loading it, and copying multilingual-e5-small's
+    470 MB of weights took ~1.5 s per market on a 2-core CPU; safetensors only reads (memory-maps) them, so
+    a link serves as well. Everything else (code, config, tokenizer) is copied, so nothing that loading
+    writes (e.g. Python's bytecode cache) lands in the registry's store. Removing ``dst`` removes the links,
+    never the store's files.
+    """
+    def copy_or_link(source: str, target: str) -> str:
+        if source.endswith(WEIGHT_SUFFIXES):
+            os.symlink(os.path.abspath(source), target)
+            return target
+        return shutil.copy2(source, target)
+
+    dst.mkdir(parents=True, exist_ok=True)
+    return Path(shutil.copytree(src, dst / src.name, copy_function=copy_or_link, dirs_exist_ok=True))

@@ -25,12 +25,17 @@ fp32. The hardware test repeats :func:`relevance.model.precision.native_bf16` (t
 from __future__ import annotations
 
 import copy
+import hashlib
 import math
 from concurrent.futures import ThreadPoolExecutor
 import os
+from pathlib import Path
 import platform
+import sys
 import threading
+import types
 from typing import Any
+import weakref
 
 import mlflow
 import numpy as np
@@ -43,7 +48,9 @@ BATCH_GROWTH = 4  # short pairs may fill up to 4 × batch_size rows within the t
 PRECISIONS = ("auto", "fp32", "bf16")
 _CPU_BF16_FLAGS = {"amx_bf16"}  # native on any vendor (relevance.model.precision)
 _AMD_BF16_FLAGS = {"avx512_bf16"}  # native on AMD only; slower than fp32 on an Intel VM without AMX
-_TOKENIZE_LOCK = threading.Lock()  # encode(); MLflow loads every model as its own module, so one per model
+_TOKENIZE_LOCK = threading.Lock()  # encode()'s default; models share theirs with their tokenizer (shared_tokenizer)
+_SHARED_TOKENIZERS = "_ads_relevance_shared_tokenizers"  # the process-wide registry's name in sys.modules
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack")
 
 
 def native_bf16(device: Any) -> bool:
@@ -142,15 +149,57 @@ def clip_queries(tokenizer: Any, queries: list[str], max_tokens: int) -> list[st
     return out
 
 
-def encode(tokenizer: Any, queries: list[str], ads: list[str], max_length: int) -> dict[str, list[list[int]]]:
+class SharedTokenizer:
+    """A tokenizer and the lock that every use of it holds (:func:`encode`)."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer, self.lock = tokenizer, threading.Lock()
+
+
+def tokenizer_digest(path: str | os.PathLike) -> str:
+    """SHA-256 of the files in a model directory other than its weights: what ``AutoTokenizer`` reads."""
+    h = hashlib.sha256()
+    for f in sorted(Path(path).iterdir()):
+        if f.is_file() and not f.name.endswith(_WEIGHT_SUFFIXES):
+            h.update(f.name.encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+def shared_tokenizer(path: str | os.PathLike) -> SharedTokenizer:
+    """The tokenizer in ``path``, loaded once per process for every model whose tokenizer files are identical.
+
+    Why: transformers takes 2-4 s to load multilingual-e5's tokenizer (it parses its 17 MB tokenizer.json
+    twice), and a scoring job loads one model per market, usually all trained from one base. Why a module
+    in ``sys.modules`` holds the cache: MLflow executes this file as a fresh module for every model it
+    loads, so a module-level dict would serve one model only. Entries are weak: a tokenizer is freed with
+    the last model that holds it. Models that share a tokenizer share its lock (see :func:`encode`).
+    """
+    registry = sys.modules.get(_SHARED_TOKENIZERS)
+    if registry is None:
+        fresh = types.ModuleType(_SHARED_TOKENIZERS, "tokenizers shared by ads-relevance models (pyfunc_model.py)")
+        fresh.lock, fresh.entries = threading.Lock(), weakref.WeakValueDictionary()
+        registry = sys.modules.setdefault(_SHARED_TOKENIZERS, fresh)
+    key = tokenizer_digest(path)
+    with registry.lock:
+        entry = registry.entries.get(key)
+        if entry is None:
+            from transformers import AutoTokenizer
+
+            entry = registry.entries[key] = SharedTokenizer(AutoTokenizer.from_pretrained(path))
+    return entry
+
+
+def encode(tokenizer: Any, queries: list[str], ads: list[str], max_length: int,
+           lock: threading.Lock = _TOKENIZE_LOCK) -> dict[str, list[list[int]]]:
     """Unpadded token ids of the pairs; only the ad side is truncated to ``max_length``.
 
     Under a lock: a transformers tokenizer call first sets truncation on the shared Rust backend, then
-    encodes, and ``mlflow models serve`` runs concurrent requests in threads on one model. Unlocked, one
-    request's query clipping (truncation off) could land between another's setting and encoding: an ad
-    left untruncated (805 tokens seen with e5's tokenizer, past its 512 positions) or a failed request.
+    encodes, and ``mlflow models serve`` runs concurrent requests in threads on one model (and models may
+    share a tokenizer: ``lock`` is then the shared one, :func:`shared_tokenizer`). Unlocked, one request's
+    query clipping (truncation off) could land between another's setting and encoding: an ad left
+    untruncated (805 tokens seen with e5's tokenizer, past its 512 positions) or a failed request.
     """
-    with _TOKENIZE_LOCK:
+    with lock:
         queries = clip_queries(tokenizer, queries, max_length // 2)
         enc = tokenizer(queries, ads, truncation="only_second", max_length=max_length, padding=False,
                         return_attention_mask=False)
@@ -195,7 +244,7 @@ class RelevanceModel(mlflow.pyfunc.PythonModel):
     """One market's merged cross-encoder; ``predict`` returns one probability per input row."""
 
     def load_context(self, context: Any) -> None:
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+        from transformers import AutoModelForSequenceClassification
 
         self.config = dict(context.model_config or {})
         path = context.artifacts["model"]
@@ -203,7 +252,8 @@ class RelevanceModel(mlflow.pyfunc.PythonModel):
         self.market_token = bool(self.config.get("market_token", False))
         self.max_length = int(self.config.get("max_length", 128))
         self.batch_size = int(self.config.get("batch_size", DEFAULT_BATCH_SIZE))
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self._shared = shared_tokenizer(path)  # held: the registry's entry lives as long as a model uses it
+        self.tokenizer = self._shared.tokenizer
         # use_safetensors: a model directory holding only pickled weights fails instead of unpickling.
         model = AutoModelForSequenceClassification.from_pretrained(path, use_safetensors=True).eval()
         self.model = model.to(scoring_device())
@@ -272,7 +322,7 @@ class RelevanceModel(mlflow.pyfunc.PythonModel):
 
         def tokenize(rows: np.ndarray) -> dict[str, list[list[int]]]:
             queries, ads = pair_texts(df.iloc[rows], self.market, self.market_token)
-            return encode(self.tokenizer, queries, ads, self.max_length)
+            return encode(self.tokenizer, queries, ads, self.max_length, self._shared.lock)
 
         # A producer thread tokenizes chunk k+1 while chunk k runs (torch releases the GIL in its kernels).
         with ThreadPoolExecutor(max_workers=1) as producer, torch.inference_mode():

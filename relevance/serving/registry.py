@@ -37,7 +37,7 @@ from typing import Any
 
 from data_contracts.markets import is_valid_market, validate_market
 from relevance import settings
-from relevance.serving.packaging import package_model
+from relevance.serving.packaging import local_artifact_dir, package_model, stage_local_model
 from relevance.serving.parity import measure_merged, parity_tags
 from relevance.training.runs import TrainingRun, find_baseline_run, read_training_run
 
@@ -131,10 +131,18 @@ def _quiet_downloads():
             os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = old
 
 
-def download_model(client, artifact_uri: str, dst: str | Path) -> Path:
-    """Copy a logged model (artifact URI of a version's source) to a local directory; return it."""
+def download_model(client, artifact_uri: str, dst: str | Path, link_weights: bool = True) -> Path:
+    """A logged model (artifact URI of a version's source) staged under ``dst``; returns its directory.
+
+    From a local artifact store (the SQLite default) its weights are linked, not copied, unless
+    ``link_weights`` is off (:func:`relevance.serving.packaging.stage_local_model`; Spark's model UDF
+    refuses links that leave the model's directory); from any other store MLflow downloads it.
+    """
     from mlflow.artifacts import download_artifacts
 
+    local = local_artifact_dir(artifact_uri) if link_weights else None
+    if local is not None:
+        return stage_local_model(local, Path(dst))
     Path(dst).mkdir(parents=True, exist_ok=True)
     with _quiet_downloads():
         return Path(download_artifacts(artifact_uri=artifact_uri, dst_path=str(dst), tracking_uri=client.tracking_uri))

@@ -164,9 +164,9 @@ class ScoringJob:
                 total += pq.ParquetFile(fh).metadata.num_rows
         return total
 
-    def download_models(self, dst: Path) -> dict[str, Path]:
-        """Local copies of the pinned models (one directory per market)."""
-        return {m: download_model(self.client, r.uri, dst / m) for m, r in self.models.items()}
+    def download_models(self, dst: Path, link_weights: bool = True) -> dict[str, Path]:
+        """Local copies of the pinned models (one directory per market; ``registry.download_model``)."""
+        return {m: download_model(self.client, r.uri, dst / m, link_weights) for m, r in self.models.items()}
 
     def commit(self, index: int, counts: FileCounts) -> None:
         """Record a finished input file (its parts are already renamed into place)."""

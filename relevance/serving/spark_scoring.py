@@ -130,7 +130,7 @@ def score_with_spark(source: str, output: str | os.PathLike, *, tracking_uri: st
         _stage_valid(job, window)
         expected = {m: n for m in job.models if (n := _staged_rows(job, m))}
         if expected:
-            model_dirs = job.download_models(tmp)
+            model_dirs = job.download_models(tmp, link_weights=False)  # spark_udf refuses linked weights
             spark = spark_session(spark_master)
             threads = max(1, (os.cpu_count() or 1) // max(1, _cores(spark_master)))
             try:

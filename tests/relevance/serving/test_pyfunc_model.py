@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -79,3 +81,65 @@ def test_concurrent_requests_keep_their_truncation(tmp_path, monkeypatch) -> Non
         t.join()
     assert errors == [] and len(lengths) == 2 * 15 * 4
     assert max(lengths) <= 32
+
+
+def _save_pyfunc(src, out) -> str:
+    """``src`` packaged as the pyfunc (as ``packaging.package_model`` does, without a training run)."""
+    import mlflow
+
+    from relevance.serving.packaging import PYFUNC_FILE
+
+    mlflow.pyfunc.save_model(str(out), python_model=str(PYFUNC_FILE), artifacts={"model": str(src)},
+                             model_config={"market": "de", "max_length": 48}, pip_requirements=["mlflow"])
+    return str(out)
+
+
+def test_models_with_identical_tokenizer_files_share_one_tokenizer(tmp_path) -> None:
+    """MLflow runs the pyfunc file as a fresh module for every model it loads; two markets' models with
+    byte-identical tokenizer files still load the tokenizer once and share its lock, a model whose
+    tokenizer files differ gets its own, and sharing changes no score."""
+    import json
+    import shutil
+
+    import mlflow
+    from transformers import AutoTokenizer
+
+    a = build_tiny_model(tmp_path / "a", seed=1, initializer_range=0.2)
+    b = build_tiny_model(tmp_path / "b", seed=2, initializer_range=0.2)  # other weights, same tokenizer files
+    c = Path(shutil.copytree(a, tmp_path / "c"))
+    config = json.loads((c / "tokenizer_config.json").read_text())
+    (c / "tokenizer_config.json").write_text(json.dumps({**config, "model_max_length": 64}))
+    models = [mlflow.pyfunc.load_model(_save_pyfunc(src, tmp_path / f"pyfunc-{src.name}")).unwrap_python_model()
+              for src in (a, b, c)]
+    assert type(models[0]).__module__ != type(models[1]).__module__, "each model runs its own module copy"
+    assert models[0].tokenizer is models[1].tokenizer and models[0]._shared.lock is models[1]._shared.lock
+    assert models[2].tokenizer is not models[0].tokenizer and models[2]._shared.lock is not models[0]._shared.lock
+
+    df = pd.DataFrame(generate_market("de", 40, np.random.default_rng(3)))
+    shared = models[1].score_frame(df, precision="fp32")
+    models[1].tokenizer = AutoTokenizer.from_pretrained(b)  # as it was loaded before tokenizers were shared
+    np.testing.assert_array_equal(models[1].score_frame(df, precision="fp32"), shared)
+    assert not np.allclose(models[0].score_frame(df, precision="fp32"), shared), "the weights are each model's"
+
+
+def test_a_shared_tokenizer_is_freed_with_its_last_model(tmp_path) -> None:
+    import gc
+
+    from relevance.serving.pyfunc_model import shared_tokenizer, tokenizer_digest
+
+    path = build_tiny_model(tmp_path / "m")
+    def load() -> RelevanceModel:
+        model = RelevanceModel()
+        model.load_context(SimpleNamespace(model_config={"market": "de"}, artifacts={"model": str(path)}))
+        return model
+
+    models = [load(), load()]
+    entries = sys.modules[pyfunc_model._SHARED_TOKENIZERS].entries
+    assert models[0].tokenizer is models[1].tokenizer is shared_tokenizer(path).tokenizer
+    key = tokenizer_digest(path)
+    del models[0]
+    gc.collect()
+    assert key in entries, "still used by the second model"
+    del models
+    gc.collect()
+    assert key not in entries

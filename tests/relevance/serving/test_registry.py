@@ -12,6 +12,7 @@ import typer
 from typer.testing import CliRunner
 
 from relevance.serving import parity, registry
+from relevance.serving.packaging import local_artifact_dir
 from relevance.data.demo_data import generate_market
 from relevance.serving.promotion import gate_checks, promote, promote_all
 from relevance.training.runs import find_baseline_run, read_training_run, write_synthetic_run
@@ -162,6 +163,35 @@ def test_merged_pyfunc_scores_equal_the_adapted_model(world, run, tmp_path):
     assert not list(local.rglob("*.pkl")) and not list(local.rglob("*.bin")), "safetensors and code only"
     with pytest.raises(ValueError, match="scores market 'de' only"):
         model.score_frame(world["test"])
+
+
+def test_a_model_in_a_local_store_is_staged_with_its_weights_linked(world, tmp_path):
+    """Scoring stages each market's model before loading it; from a local store (the SQLite default) the
+    weights are linked, not copied, everything else is copied, and removing the stage leaves the store whole."""
+    import shutil
+
+    (r,) = registry.register(world["runs"]["lora"], markets=["de"], tracking_uri=world["uri"])
+    client = registry.client_for(world["uri"])
+    uri = client.get_model_version_download_uri(r["name"], r["version"])
+    store = local_artifact_dir(uri)
+    assert store is not None and store.is_dir()
+    staged = registry.download_model(client, uri, tmp_path / "stage")
+    files = sorted(p.relative_to(staged) for p in staged.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(store) for p in store.rglob("*") if p.is_file())
+    weights = [staged / f for f in files if f.suffix == ".safetensors"]
+    assert weights and all(w.is_symlink() and w.resolve().is_relative_to(store.resolve()) for w in weights)
+    assert not any((staged / f).is_symlink() for f in files if f.suffix != ".safetensors")
+    rows = world["test"][world["test"]["market"] == "de"]
+    assert registry.load_local(staged).score_frame(rows).shape == (len(rows),)
+    shutil.rmtree(staged)
+    assert all((store / f).is_file() for f in files)
+
+
+def test_only_an_existing_local_directory_counts_as_a_local_artifact_store(tmp_path):
+    assert local_artifact_dir(tmp_path.as_uri()) == tmp_path and local_artifact_dir(str(tmp_path)) == tmp_path
+    for uri in ((tmp_path / "missing").as_uri(), "mlflow-artifacts:/1/abc/artifacts", "s3://bucket/1/artifacts",
+                "http://127.0.0.1:5000/artifacts", "file://otherhost/x", "relative/dir"):
+        assert local_artifact_dir(uri) is None, uri
 
 
 def test_register_measures_bf16_parity_on_the_valid_rows(world, tmp_path):
