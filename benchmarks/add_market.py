@@ -36,6 +36,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--add-steps", type=int, default=None, help="steps of the add step (default: max_steps / markets)")
     p.add_argument("--head", action="store_true", help="also train the new market's own head copy")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--provenance", default="", metavar="TEXT",
+                   help="how reused runs were made (e.g. by an earlier quality run in the same --workdir): printed "
+                        "under the report's header, since its wall time is then this invocation's alone")
     args = quality.finish_args(p, p.parse_args(argv), "add_market")
     if args.quick and args.holdout == p.get_default("holdout"):
         args.holdout = "jp"  # the quick run's markets are en, jp
@@ -120,6 +123,8 @@ def render(r: dict) -> str:
              f"Markets {', '.join(r['markets'])}; add step {r['add_steps']} steps"
              f"{' with its own head copy' if r['head'] else ''}. Test AUC of {r['holdout']} "
              "[95% cluster-bootstrap interval over queries].", "",
+             *([f"Precision {r['settings'].get('precision')}. How the runs were made: {r['settings']['provenance']}", ""]
+               if r["settings"].get("provenance") else []),
              "| approach | test AUC | steps | train time (s) | trainable params |", "|---|---|---:|---:|---:|"]
     for row in r["rows"]:
         lines.append(f"| {row['approach']} | {row['auc']:.3f} [{row['ci_low']:.3f}, {row['ci_high']:.3f}] | "
@@ -128,7 +133,8 @@ def render(r: dict) -> str:
     for peer, d in r["deltas"].items():
         lines.append(f"| vs {peer} | {d['diff']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}] |")
     lines += ["", f"The other markets' test scores in the grown run differ from the partial run's by at most "
-              f"{r['old_markets_max_score_change']:.1e} (batch padding; their merged models are bit-identical). "
+              f"{r['old_markets_max_score_change']:.1e} (batch padding, and in bf16 its rounding; their merged models are "
+              "bit-identical). "
               f"The partial run (without "
               f"{r['holdout']}) trained in {r['partial_run_train_time_s']} s; the whole add step (load, train, predict every market) took "
               f"{r['add_wall_s']} s of wall time. Train times are the training loop's own.", ""]
