@@ -121,10 +121,9 @@ def render(r: dict) -> str:
     lines = [f"# Add a market without retraining: {r['holdout']} held out", "",
              f"{env['date']}, commit {env['commit']}, {env['machine']['cpu']} (load {env['machine']['load_avg_1min_at_start']}); wall {r['wall_time_s']} s. "
              f"Markets {', '.join(r['markets'])}; add step {r['add_steps']} steps"
-             f"{' with its own head copy' if r['head'] else ''}. Test AUC of {r['holdout']} "
-             "[95% cluster-bootstrap interval over queries].", "",
-             *([f"Precision {r['settings'].get('precision')}. How the runs were made: {r['settings']['provenance']}", ""]
-               if r["settings"].get("provenance") else []),
+             f"{' with its own head copy' if r['head'] else ''}; precision {r['settings'].get('precision')}. "
+             f"Test AUC of {r['holdout']} [95% cluster-bootstrap interval over queries].", "",
+             *([f"How the runs were made: {r['settings']['provenance']}", ""] if r["settings"].get("provenance") else []),
              "| approach | test AUC | steps | train time (s) | trainable params |", "|---|---|---:|---:|---:|"]
     for row in r["rows"]:
         lines.append(f"| {row['approach']} | {row['auc']:.3f} [{row['ci_low']:.3f}, {row['ci_high']:.3f}] | "

@@ -50,7 +50,7 @@ _CPU_BF16_FLAGS = {"amx_bf16"}  # native on any vendor (relevance.model.precisio
 _AMD_BF16_FLAGS = {"avx512_bf16"}  # native on AMD only; slower than fp32 on an Intel VM without AMX
 _TOKENIZE_LOCK = threading.Lock()  # encode()'s default; models share theirs with their tokenizer (shared_tokenizer)
 _SHARED_TOKENIZERS = "_ads_relevance_shared_tokenizers"  # the process-wide registry's name in sys.modules
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack")
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack")  # not hashed by tokenizer_digest
 
 
 def native_bf16(device: Any) -> bool:
