@@ -146,6 +146,16 @@ def cpu_bf16_attention(module: Any, query: Any, key: Any, value: Any, attention_
             or bias is False):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
+    with torch.profiler.record_function(CPU_ATTENTION):  # profiles count its GEMMs as attention, not as layers
+        return _chunked_attention(query, key, value, bias, scaling), None
+
+
+def _chunked_attention(query: Any, key: Any, value: Any, bias: Any, scaling: float | None) -> Any:
+    """:func:`cpu_bf16_attention`'s arithmetic: (B, H, L, D) bf16 inputs, bias (B|1, 1, Lk) or None → (B, L, H, D)."""
+    import torch
+
+    b, h, lq, d = query.shape
+    lk = key.shape[2]
     q = query * (scaling if scaling is not None else d ** -0.5)
     out = torch.empty(b, lq, h, d, dtype=query.dtype, device=query.device)  # (B, L, H, D)
     step = max(1, CPU_ATTENTION_SCORES // (h * lq * lk))
@@ -160,7 +170,7 @@ def cpu_bf16_attention(module: Any, query: Any, key: Any, value: Any, attention_
             scores = torch.baddbmm(rows_bias, qs, kt)
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
         out[rows] = torch.bmm(probs, value[rows].reshape(n * h, lk, d)).view(n, h, lq, d).transpose(1, 2)
-    return out, None
+    return out
 
 
 def _key_padding_bias(mask: Any, lk: int, dtype: Any) -> Any:

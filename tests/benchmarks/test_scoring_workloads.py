@@ -34,6 +34,21 @@ def test_op_groups_name_the_kernels_a_bert_forward_runs() -> None:
     assert scoring_workloads.op_group("aten::embedding") == "other"
 
 
+def test_ops_inside_the_engines_attention_count_as_attention() -> None:
+    """The engine's CPU attention runs bmm/softmax inside a ``record_function`` range named for it."""
+    from types import SimpleNamespace
+
+    from relevance.serving.pyfunc_model import CPU_ATTENTION
+
+    layer = SimpleNamespace(name="aten::linear", cpu_parent=None)
+    attention = SimpleNamespace(name=CPU_ATTENTION, cpu_parent=layer)
+    softmax = SimpleNamespace(name="aten::_softmax", cpu_parent=SimpleNamespace(name="aten::softmax", cpu_parent=attention))
+    assert scoring_workloads.event_group(attention) == "attention"
+    assert scoring_workloads.event_group(SimpleNamespace(name="aten::bmm", cpu_parent=attention)) == "attention"
+    assert scoring_workloads.event_group(softmax) == "attention"
+    assert scoring_workloads.event_group(SimpleNamespace(name="aten::addmm", cpu_parent=layer)) == "gemm"
+
+
 def test_time_breakdown_accounts_for_the_whole_bf16_forward(tmp_path) -> None:
     from relevance.model.tiny import build_tiny_model
 
