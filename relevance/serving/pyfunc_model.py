@@ -156,18 +156,17 @@ def _chunked_attention(query: Any, key: Any, value: Any, bias: Any, scaling: flo
 
     b, h, lq, d = query.shape
     lk = key.shape[2]
-    q = query * (scaling if scaling is not None else d ** -0.5)
+    scale = scaling if scaling is not None else d ** -0.5  # applied inside the GEMM: q is not rounded to bf16 again
+    if bias is None:
+        bias = query.new_zeros(1, 1, lk)
     out = torch.empty(b, lq, h, d, dtype=query.dtype, device=query.device)  # (B, L, H, D)
     step = max(1, CPU_ATTENTION_SCORES // (h * lq * lk))
     for s in range(0, b, step):
         rows = slice(s, s + step)
         n = min(step, b - s)
-        qs, kt = q[rows].reshape(n * h, lq, d), key[rows].reshape(n * h, lk, d).transpose(1, 2)
-        if bias is None:
-            scores = torch.bmm(qs, kt)  # (n·H, L, L)
-        else:
-            rows_bias = (bias if bias.shape[0] == 1 else bias[rows]).expand(n, h, lk).reshape(n * h, 1, lk)
-            scores = torch.baddbmm(rows_bias, qs, kt)
+        qs, kt = query[rows].reshape(n * h, lq, d), key[rows].reshape(n * h, lk, d).transpose(1, 2)
+        rows_bias = (bias if bias.shape[0] == 1 else bias[rows]).expand(n, h, lk).reshape(n * h, 1, lk)
+        scores = torch.baddbmm(rows_bias, qs, kt, alpha=scale)  # (n·H, L, L)
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
         out[rows] = torch.bmm(probs, value[rows].reshape(n * h, lk, d)).view(n, h, lq, d).transpose(1, 2)
     return out
