@@ -95,12 +95,12 @@ def scoring_device() -> Any:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def bf16_copy(model: Any) -> Any:
+def bf16_copy(model: Any, cpu_attention: bool = True) -> Any:
     """A bf16 copy of ``model`` whose classification head (``classifier`` / ``score``) stays fp32.
 
     Why the head: the logit is a sum over the hidden size; in fp32 it keeps the resolution that ranks
     close pairs apart (a bf16 logit has 8 significant bits, and ties cost AUC). On a CPU the copy's
-    attention is :func:`cpu_bf16_attention`; the fp32 model keeps sdpa.
+    attention is :func:`cpu_bf16_attention` unless ``cpu_attention`` is False; the fp32 model keeps sdpa.
     """
     import torch
 
@@ -115,7 +115,7 @@ def bf16_copy(model: Any) -> Any:
     if head is not None:
         head.float()
         head.register_forward_pre_hook(lambda _m, args: tuple(a.float() if torch.is_tensor(a) else a for a in args))
-    if next(out.parameters()).device.type == "cpu":
+    if cpu_attention and next(out.parameters()).device.type == "cpu":
         use_cpu_attention(out)
     return out.eval()
 
@@ -126,11 +126,13 @@ def cpu_bf16_attention(module: Any, query: Any, key: Any, value: Any, attention_
 
     Why: sdpa's CPU flash kernel cuts every (example, head) into 32-query blocks and runs two tiny GEMMs per
     block; at BERT-sized heads (d = 32, ~128 tokens) their call overhead makes attention ~35% of the
-    forward at ~80 GFLOP/s (multilingual-e5-small, 2-core Zen 5). Here each chunk of examples is one
-    ``baddbmm`` for Q·Kᵀ plus the key-padding bias, an fp32 softmax, and one ``bmm`` for P·V: ~1.5-2x
-    faster at 40-250 tokens. A chunk holds ≤ :data:`CPU_ATTENTION_SCORES` scores, so the softmax works in
-    cache. Rounding: the scores leave the GEMM in bf16 (sdpa keeps them fp32) and P is bf16 as in sdpa;
-    the registration's fp32/bf16 parity check measures the result. Anything else (dropout, a mask that
+    forward at ~80 GFLOP/s (multilingual-e5-small, 2-core Zen 5). Here each chunk of examples is one fp32
+    ``baddbmm`` for Q·Kᵀ plus the key-padding bias, an fp32 softmax, and one bf16 ``bmm`` for P·V: ~1.3x
+    faster than flash at 126 tokens. A chunk holds ≤ :data:`CPU_ATTENTION_SCORES` scores, so the softmax
+    works in cache. Rounding as in flash: fp32 scores (from bf16 q and k, exact in fp32), P in bf16. Scores
+    rounded to bf16 (a bf16 Q·Kᵀ, ~1.7x faster than flash) were tried: 4x flash's error per attention output,
+    and a trained e5 market then failed the registration's parity bar (two swapped pairs on 60 valid rows)
+    and scored in fp32. Anything else (dropout, a mask that
     differs between queries or heads, grouped-query attention, > :data:`CPU_ATTENTION_MAX_KEYS` keys,
     another dtype or device) is sdpa's. q, k, v: (B, H, L, D); ``attention_mask``: bool (True = attend)
     or additive, (B|1, 1, L, L), or None. Returns (B, L, H, D) like transformers' sdpa function.
@@ -140,7 +142,7 @@ def cpu_bf16_attention(module: Any, query: Any, key: Any, value: Any, attention_
 
     b, h, lq, d = query.shape
     lk = key.shape[2]
-    bias = _key_padding_bias(attention_mask, lk, query.dtype)
+    bias = _key_padding_bias(attention_mask, lk)
     if (dropout or query.device.type != "cpu" or query.dtype != torch.bfloat16 or key.shape[1] != h
             or lk > CPU_ATTENTION_MAX_KEYS or getattr(module, "is_causal", False) or kwargs.get("is_causal")
             or bias is False):
@@ -156,24 +158,26 @@ def _chunked_attention(query: Any, key: Any, value: Any, bias: Any, scaling: flo
 
     b, h, lq, d = query.shape
     lk = key.shape[2]
-    scale = scaling if scaling is not None else d ** -0.5  # applied inside the GEMM: q is not rounded to bf16 again
+    scale = scaling if scaling is not None else d ** -0.5
     if bias is None:
-        bias = query.new_zeros(1, 1, lk)
+        bias = torch.zeros(1, 1, lk, device=query.device)
     out = torch.empty(b, lq, h, d, dtype=query.dtype, device=query.device)  # (B, L, H, D)
     step = max(1, CPU_ATTENTION_SCORES // (h * lq * lk))
     for s in range(0, b, step):
         rows = slice(s, s + step)
         n = min(step, b - s)
-        qs, kt = query[rows].reshape(n * h, lq, d), key[rows].reshape(n * h, lk, d).transpose(1, 2)
+        # Q·Kᵀ in fp32 from the bf16 q and k (exact in fp32): fp32 scores, as sdpa's flash kernel keeps them
+        qs = query[rows].reshape(n * h, lq, d).float()
+        kt = key[rows].reshape(n * h, lk, d).transpose(1, 2).float()
         rows_bias = (bias if bias.shape[0] == 1 else bias[rows]).expand(n, h, lk).reshape(n * h, 1, lk)
-        scores = torch.baddbmm(rows_bias, qs, kt, alpha=scale)  # (n·H, L, L)
-        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+        scores = torch.baddbmm(rows_bias, qs, kt, alpha=scale)  # (n·H, L, L) fp32
+        probs = torch.softmax(scores, dim=-1).to(query.dtype)  # P in bf16 for P·V, as in flash
         out[rows] = torch.bmm(probs, value[rows].reshape(n * h, lk, d)).view(n, h, lq, d).transpose(1, 2)
     return out
 
 
-def _key_padding_bias(mask: Any, lk: int, dtype: Any) -> Any:
-    """(B|1, 1, Lk) additive bias of a mask that is the same for every query and head; None without a
+def _key_padding_bias(mask: Any, lk: int) -> Any:
+    """(B|1, 1, Lk) additive fp32 bias of a mask that is the same for every query and head; None without a
     mask; False for any other mask. transformers hands encoders a materialised (B, 1, L, L) bool mask."""
     import torch
 
@@ -186,8 +190,8 @@ def _key_padding_bias(mask: Any, lk: int, dtype: Any) -> Any:
         return False
     first = first.reshape(first.shape[0], 1, lk)
     if first.dtype == torch.bool:
-        return torch.zeros(first.shape, dtype=dtype, device=first.device).masked_fill_(~first, float("-inf"))
-    return first.to(dtype)
+        return torch.zeros(first.shape, device=first.device).masked_fill_(~first, float("-inf"))
+    return first.float()
 
 
 def use_cpu_attention(model: Any) -> None:
@@ -365,6 +369,8 @@ class RelevanceModel(mlflow.pyfunc.PythonModel):
         self.market_token = bool(self.config.get("market_token", False))
         self.max_length = int(self.config.get("max_length", 128))
         self.batch_size = int(self.config.get("batch_size", DEFAULT_BATCH_SIZE))
+        # the attention kernel whose bf16 parity held at registration (relevance.serving.parity.measure)
+        self.cpu_attention = bool((self.config.get("bf16_parity") or {}).get("cpu_attention", True))
         self._shared = shared_tokenizer(path)  # held: the registry's entry lives as long as a model uses it
         self.tokenizer = self._shared.tokenizer
         # use_safetensors: a model directory holding only pickled weights fails instead of unpickling.
@@ -393,8 +399,13 @@ class RelevanceModel(mlflow.pyfunc.PythonModel):
         if precision != "bf16":
             return self.model
         if getattr(self, "_bf16_model", None) is None:
-            self._bf16_model = bf16_copy(self.model)
+            self._bf16_model = bf16_copy(self.model, self.cpu_attention)
         return self._bf16_model
+
+    def set_cpu_attention(self, enabled: bool) -> None:
+        """Use :func:`cpu_bf16_attention` (True) or sdpa (False) in the bf16 copy from now on."""
+        if bool(enabled) != self.cpu_attention:
+            self.cpu_attention, self._bf16_model = bool(enabled), None
 
     def check_markets(self, df: pd.DataFrame) -> None:
         """A ``market`` column, when given, must hold this model's market only (never score fr with de)."""

@@ -129,3 +129,57 @@ def test_a_failed_parity_warns_only_where_auto_would_use_bf16(monkeypatch, caplo
     (record,) = [r for r in caplog.records if r.name == parity.__name__]
     assert record.levelname == level
     assert "de" in record.getMessage() and "0.0030" in record.getMessage()
+
+
+class _Kernels:
+    """A served model whose bf16 scores swap ``swaps[kernel]`` adjacent positive-above-negative pairs."""
+
+    def __init__(self, swaps: dict[bool, int]) -> None:
+        self.swaps, self.cpu_attention, self.calls = swaps, True, []
+        self.model = SimpleNamespace(device=torch.device("cpu"))
+        rng = np.random.default_rng(4)
+        self.labels = np.array([1] * 20 + [0] * 40)
+        self.fp32 = 0.5 * self.labels + rng.random(60)
+
+    def set_cpu_attention(self, enabled: bool) -> None:
+        self.cpu_attention = enabled
+
+    def score_frame(self, rows, batch_size: int, precision: str) -> np.ndarray:
+        self.calls.append((precision, self.cpu_attention))
+        if precision == "fp32":
+            return self.fp32
+        s, order = self.fp32.copy(), np.argsort(self.fp32)
+        flips = [(order[i], order[i + 1]) for i in range(59) if self.labels[order[i]] == 0 and self.labels[order[i + 1]] == 1]
+        for a, b in flips[: self.swaps[self.cpu_attention]]:
+            s[a], s[b] = s[b], s[a]
+        return s
+
+
+@pytest.mark.parametrize("cpu_swaps, sdpa_swaps, ok, cpu_attention", [
+    (1, 0, True, True),  # the engine's kernel holds: kept, sdpa never measured
+    (2, 1, True, False),  # it fails and sdpa holds: sdpa recorded
+    (2, 2, False, True)])  # neither: fp32 under auto whatever the kernel
+def test_parity_falls_back_to_sdpa_where_the_cpu_attention_fails(cpu_swaps, sdpa_swaps, ok, cpu_attention) -> None:
+    model = _Kernels({True: cpu_swaps, False: sdpa_swaps})
+    rows = pd.DataFrame({"label": model.labels})
+    result = parity.measure(model, rows)
+    assert result["ok"] is ok and result["cpu_attention"] is cpu_attention and model.cpu_attention is cpu_attention
+    assert ("bf16", False) in model.calls if cpu_swaps > 1 else ("bf16", False) not in model.calls
+    if not cpu_attention:
+        assert "> 0.00125" in result["cpu_attention_reason"] and result["auc_delta"] == pytest.approx(-1 / 800)
+    assert parity.parity_tags(result)["bf16_parity_cpu_attention"] == str(cpu_attention).lower()
+
+
+def test_the_recorded_kernel_is_the_one_the_bf16_copy_runs(tmp_path) -> None:
+    from relevance.serving.pyfunc_model import CPU_ATTENTION
+
+    path = build_tiny_model(tmp_path / "m", initializer_range=0.2)
+    model = RelevanceModel()
+    model.load_context(SimpleNamespace(artifacts={"model": str(path)}, model_config={
+        "market": "de", "max_length": 64, "bf16_parity": {"ok": True, "cpu_attention": False}}))
+    assert model.model_for("bf16").config._attn_implementation == "sdpa"
+    model.set_cpu_attention(True)
+    assert model.model_for("bf16").config._attn_implementation == CPU_ATTENTION, "a new copy with the other kernel"
+    unrecorded = RelevanceModel()  # a parity record without the field, or none: the engine's kernel
+    unrecorded.load_context(SimpleNamespace(artifacts={"model": str(path)}, model_config={"market": "de"}))
+    assert unrecorded.cpu_attention is True
