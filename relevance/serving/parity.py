@@ -118,8 +118,10 @@ def measure(model: Any, rows: pd.DataFrame | None, batch_size: int = 64) -> dict
 def parity_tags(parity: dict[str, Any]) -> dict[str, str]:
     """Version tags of a parity record (``none`` for what was not measured)."""
     keys = ("n", "auc_fp32", "auc_bf16", "auc_delta", "auc_tolerance", "corr", "max_abs_diff", "cpu_attention")
-    tags = {f"bf16_parity_{k}": "none" if parity.get(k) is None else str(parity[k]).lower()
-            if isinstance(parity[k], bool) else str(parity[k]) for k in keys}
+    def text(value: Any) -> str:
+        return "none" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+
+    tags = {f"bf16_parity_{k}": text(parity.get(k)) for k in keys}
     tags["bf16_ok"] = str(bool(parity.get("ok"))).lower()
     if parity.get("reason"):
         tags["bf16_parity_reason"] = str(parity["reason"])[:250]

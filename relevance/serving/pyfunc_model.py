@@ -132,20 +132,19 @@ def cpu_bf16_attention(module: Any, query: Any, key: Any, value: Any, attention_
     works in cache. Rounding as in flash: fp32 scores (from bf16 q and k, exact in fp32), P in bf16. Scores
     rounded to bf16 (a bf16 Q·Kᵀ, ~1.7x faster than flash) were tried: 4x flash's error per attention output,
     and a trained e5 market then failed the registration's parity bar (two swapped pairs on 60 valid rows)
-    and scored in fp32. Anything else (dropout, a mask that
-    differs between queries or heads, grouped-query attention, > :data:`CPU_ATTENTION_MAX_KEYS` keys,
-    another dtype or device) is sdpa's. q, k, v: (B, H, L, D); ``attention_mask``: bool (True = attend)
+    and scored in fp32. Anything else (dropout, a mask that differs between queries or heads, grouped-query
+    attention, > :data:`CPU_ATTENTION_MAX_KEYS` keys, another dtype or device) is sdpa's. q, k, v: (B, H, L, D); ``attention_mask``: bool (True = attend)
     or additive, (B|1, 1, L, L), or None. Returns (B, L, H, D) like transformers' sdpa function.
     """
     import torch
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    b, h, lq, d = query.shape
     lk = key.shape[2]
-    bias = _key_padding_bias(attention_mask, lk)
-    if (dropout or query.device.type != "cpu" or query.dtype != torch.bfloat16 or key.shape[1] != h
-            or lk > CPU_ATTENTION_MAX_KEYS or getattr(module, "is_causal", False) or kwargs.get("is_causal")
-            or bias is False):
+    covered = not (dropout or query.device.type != "cpu" or query.dtype != torch.bfloat16
+                   or key.shape[1] != query.shape[1] or lk > CPU_ATTENTION_MAX_KEYS
+                   or getattr(module, "is_causal", False) or kwargs.get("is_causal"))
+    bias = _key_padding_bias(attention_mask, lk) if covered else False  # the mask is read only when it can be used
+    if bias is False:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     with torch.profiler.record_function(CPU_ATTENTION):  # profiles count its GEMMs as attention, not as layers
