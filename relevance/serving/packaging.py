@@ -37,24 +37,28 @@ def signature():
     return ModelSignature(inputs=inputs, outputs=Schema([ColSpec("double", "score")]), params=params)
 
 
-def model_config(market: str, run: TrainingRun, batch_size: int = 64, parity: dict | None = None) -> dict:
-    """The pyfunc's ``model_config`` (:mod:`relevance.serving.pyfunc_model`); ``parity`` from :mod:`relevance.serving.parity`."""
+def model_config(market: str, run: TrainingRun, batch_size: int = 64, parity: dict | None = None,
+                 generic_tokenizer: dict | None = None) -> dict:
+    """The pyfunc's ``model_config`` (:mod:`relevance.serving.pyfunc_model`); ``parity`` from :mod:`relevance.serving.parity`,
+    ``generic_tokenizer`` from :mod:`relevance.serving.tokenizer_check`."""
     config = {"market": market, "market_token": run.market_token, "max_length": run.max_length,
               "batch_size": batch_size, "method": run.method}
     if parity is not None:
         config["bf16_parity"] = parity
+    if generic_tokenizer is not None:
+        config["generic_tokenizer"] = generic_tokenizer
     return config
 
 
 def package_model(merged_dir: Path, out_dir: Path, market: str, run: TrainingRun, batch_size: int = 64,
-                  parity: dict | None = None) -> Path:
+                  parity: dict | None = None, generic_tokenizer: dict | None = None) -> Path:
     """Save ``merged_dir`` (a transformers directory) as the market's pyfunc model in ``out_dir``."""
     import mlflow
     import pandas as pd
 
     example = pd.DataFrame({"query": ["apex red bike", "tent"], "ad_title": ["Apex Bike – Red", "Nordic Tent"],
                             "ad_description": ["Free delivery.", None]})
-    config = model_config(market, run, batch_size, parity)
+    config = model_config(market, run, batch_size, parity, generic_tokenizer)
     mlflow.pyfunc.save_model(str(out_dir), python_model=str(PYFUNC_FILE), artifacts={"model": str(merged_dir)},
                              model_config=config, signature=signature(), input_example=example,
                              pip_requirements=pip_requirements())

@@ -128,19 +128,24 @@ def parity_tags(parity: dict[str, Any]) -> dict[str, str]:
     return tags
 
 
-def measure_merged(merged_dir: Path, market: str, run: Any) -> dict[str, Any]:
-    """Parity of a run's merged model (a transformers directory) on the market's valid rows of the run's data."""
+def measure_merged(merged_dir: Path, market: str, run: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Parity of a run's merged model (a transformers directory) on the market's valid rows of the run's data,
+    and whether its tokenizer may load as a plain fast tokenizer (:mod:`relevance.serving.tokenizer_check`),
+    checked on the same rows with the tokenizer the model loaded: (parity, tokenizer check)."""
     from types import SimpleNamespace
 
     from relevance.serving.packaging import model_config
     from relevance.serving.pyfunc_model import RelevanceModel
+    from relevance.serving.tokenizer_check import check_generic_tokenizer
 
     model = RelevanceModel()
     model.load_context(SimpleNamespace(model_config=model_config(market, run), artifacts={"model": str(merged_dir)}))
-    result = measure(model, parity_rows(run.train_config.get("data"), market))
+    rows = parity_rows(run.train_config.get("data"), market)
+    result = measure(model, rows)
     if not result["ok"]:
         report_failed(market, run.path, result)
-    return result
+    tokenizer = check_generic_tokenizer(merged_dir, model.tokenizer, rows, market, model.market_token, model.max_length)
+    return result, tokenizer
 
 
 def report_failed(market: str, where: Any, result: dict[str, Any]) -> None:

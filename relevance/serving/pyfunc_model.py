@@ -13,7 +13,8 @@ both encodings and both scores agree.
 
 ``model_config`` (written by :mod:`relevance.serving.registry`): ``market``, ``market_token``, ``max_length``,
 ``batch_size``, ``method``, ``bf16_parity`` (fp32 vs bf16 agreement on the market's valid rows, measured at
-registration by :mod:`relevance.serving.parity`; ``ok`` when |ΔAUC| ≤ 0.001). Predict ``params``:
+registration by :mod:`relevance.serving.parity`; ``ok`` when |ΔAUC| ≤ 0.001), ``generic_tokenizer`` (arguments to load the
+tokenizer as ``PreTrainedTokenizerFast``, where registration found it identical: :func:`load_tokenizer`). Predict ``params``:
 ``batch_size``; ``precision`` (``auto``: bf16 where the hardware computes it natively *and* this version's
 parity held, fp32 otherwise; ``fp32`` / ``bf16`` force it); ``bf16`` (legacy: true forces bf16); ``threads``
 (torch intra-op threads, 0 = leave as is; Spark sets it so parallel tasks do not oversubscribe cores).
@@ -281,8 +282,35 @@ def tokenizer_digest(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def shared_tokenizer(path: str | os.PathLike) -> SharedTokenizer:
-    """The tokenizer in ``path``, loaded once per process for every model whose tokenizer files are identical.
+def load_tokenizer(path: str | os.PathLike, generic: dict[str, Any] | None = None) -> Any:
+    """``AutoTokenizer`` of ``path``, or given ``generic`` (keyword arguments, e.g. ``model_input_names``) the
+    plain fast tokenizer over its ``tokenizer.json``.
+
+    Why ``generic``: ``AutoTokenizer`` builds the class named in ``tokenizer_config.json``, and classes with
+    their own ``__init__`` (``XLMRobertaTokenizer``, ``BertTokenizer``) parse the 17 MB ``tokenizer.json`` of
+    multilingual-e5 in Python and rebuild the backend from its vocabulary: 1.7 s on a 2-core Zen 5, where
+    ``PreTrainedTokenizerFast`` reads the same file in Rust in 0.6 s. The two are the same tokenizer only
+    when the saved ``tokenizer.json`` is the rebuilt backend (``save_pretrained`` writes it so) and the class's
+    input names are passed on (BERT's include ``token_type_ids``), which registration checks per version
+    (:mod:`relevance.serving.tokenizer_check`; config ``generic_tokenizer`` holds the arguments).
+    """
+    if generic is not None:
+        from transformers import PreTrainedTokenizerFast
+
+        return PreTrainedTokenizerFast.from_pretrained(path, **generic)
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
+
+
+def tokenizer_key(path: str | os.PathLike, generic: dict[str, Any] | None = None) -> tuple[str, str | None]:
+    """:func:`shared_tokenizer`'s cache key: the files' digest and how they are loaded (:func:`load_tokenizer`)."""
+    return tokenizer_digest(path), None if generic is None else repr(sorted(generic.items()))
+
+
+def shared_tokenizer(path: str | os.PathLike, generic: dict[str, Any] | None = None) -> SharedTokenizer:
+    """The tokenizer in ``path`` (:func:`load_tokenizer`), loaded once per process for every model whose
+    tokenizer files are identical.
 
     Why: transformers takes 2-4 s to load multilingual-e5's tokenizer (it parses its 17 MB tokenizer.json
     twice), and a scoring job loads one model per market, usually all trained from one base. Why a module
@@ -295,13 +323,11 @@ def shared_tokenizer(path: str | os.PathLike) -> SharedTokenizer:
         fresh = types.ModuleType(_SHARED_TOKENIZERS, "tokenizers shared by ads-relevance models (pyfunc_model.py)")
         fresh.lock, fresh.entries = threading.Lock(), weakref.WeakValueDictionary()
         registry = sys.modules.setdefault(_SHARED_TOKENIZERS, fresh)
-    key = tokenizer_digest(path)
+    key = tokenizer_key(path, generic)
     with registry.lock:
         entry = registry.entries.get(key)
         if entry is None:
-            from transformers import AutoTokenizer
-
-            entry = registry.entries[key] = SharedTokenizer(AutoTokenizer.from_pretrained(path))
+            entry = registry.entries[key] = SharedTokenizer(load_tokenizer(path, generic))
     return entry
 
 
@@ -370,7 +396,9 @@ class RelevanceModel(mlflow.pyfunc.PythonModel):
         self.batch_size = int(self.config.get("batch_size", DEFAULT_BATCH_SIZE))
         # the attention kernel whose bf16 parity held at registration (relevance.serving.parity.measure)
         self.cpu_attention = bool((self.config.get("bf16_parity") or {}).get("cpu_attention", True))
-        self._shared = shared_tokenizer(path)  # held: the registry's entry lives as long as a model uses it
+        # Held: the registry's entry lives as long as a model uses it. ``generic_tokenizer``: the plain fast
+        # tokenizer, where registration found it identical to AutoTokenizer's (load_tokenizer).
+        self._shared = shared_tokenizer(path, self.config.get("generic_tokenizer"))
         self.tokenizer = self._shared.tokenizer
         # use_safetensors: a model directory holding only pickled weights fails instead of unpickling.
         model = AutoModelForSequenceClassification.from_pretrained(path, use_safetensors=True).eval()

@@ -39,6 +39,7 @@ from data_contracts.markets import is_valid_market, validate_market
 from relevance import settings
 from relevance.serving.packaging import local_artifact_dir, package_model, stage_local_model
 from relevance.serving.parity import measure_merged, parity_tags
+from relevance.serving.tokenizer_check import tokenizer_tags
 from relevance.training.runs import TrainingRun, find_baseline_run, read_training_run
 
 logger = logging.getLogger(__name__)
@@ -287,10 +288,11 @@ def _register_new(client, run: TrainingRun, baseline: TrainingRun | None, market
             with_base = [m for m in sources if baseline is not None and m in baseline.markets]
             base_uris = _baseline_uris(client, run, baseline, with_base, names, work, run_id, artifact_uri, sources)
             for m in markets:
-                parity = measure_merged(merged[m], m, run)
-                package_model(merged[m], work / f"model-{m}", m, run, parity=parity)
+                parity, tokenizer = measure_merged(merged[m], m, run)
+                package_model(merged[m], work / f"model-{m}", m, run, parity=parity, generic_tokenizer=tokenizer["arguments"])
                 client.log_artifacts(run_id, str(work / f"model-{m}"), f"model-{m}")
-                tags = {**_run_tags(run, m), **_baseline_tags(baseline, m, base_uris.get(m)), **parity_tags(parity)}
+                tags = {**_run_tags(run, m), **_baseline_tags(baseline, m, base_uris.get(m)), **parity_tags(parity),
+                        **tokenizer_tags(tokenizer)}
                 out[m] = client.create_model_version(names[m], sources[m], run_id=run_id, tags=tags,
                                                      description=f"{run.method} run {run.path.name}, market {m}")
             for m, mv in fill.items():

@@ -125,7 +125,7 @@ def test_models_with_identical_tokenizer_files_share_one_tokenizer(tmp_path) -> 
 def test_a_shared_tokenizer_is_freed_with_its_last_model(tmp_path) -> None:
     import gc
 
-    from relevance.serving.pyfunc_model import shared_tokenizer, tokenizer_digest
+    from relevance.serving.pyfunc_model import shared_tokenizer, tokenizer_key
 
     path = build_tiny_model(tmp_path / "m")
     def load() -> RelevanceModel:
@@ -136,7 +136,7 @@ def test_a_shared_tokenizer_is_freed_with_its_last_model(tmp_path) -> None:
     models = [load(), load()]
     entries = sys.modules[pyfunc_model._SHARED_TOKENIZERS].entries
     assert models[0].tokenizer is models[1].tokenizer is shared_tokenizer(path).tokenizer
-    key = tokenizer_digest(path)
+    key = tokenizer_key(path)
     del models[0]
     gc.collect()
     assert key in entries, "still used by the second model"

@@ -208,6 +208,10 @@ def test_register_measures_bf16_parity_on_the_valid_rows(world, tmp_path):
     assert recorded["auc_tolerance"] == pytest.approx(parity.auc_tolerance(world["test"].query("market == 'us'")["label"].to_numpy()))
     assert recorded["ok"] == (abs(recorded["auc_delta"]) <= recorded["auc_tolerance"] + 1e-6 and recorded["corr"] >= 0.999)
     assert recorded["corr"] > 0.99
+    # the tokenizer check ran on the same rows: the version loads its tokenizer as the plain fast one
+    assert mv.tags["generic_tokenizer"] == "true", mv.tags.get("generic_tokenizer_reason")
+    assert model.config["generic_tokenizer"] == {"model_input_names": ["input_ids", "token_type_ids", "attention_mask"]}
+    assert type(model.tokenizer).__name__ in ("PreTrainedTokenizerFast", "TokenizersBackend")
 
 
 def test_pyfunc_encoding_matches_cross_encoder(world):
