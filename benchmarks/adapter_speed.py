@@ -170,7 +170,8 @@ def _forward(model: Any, method: str, batch: dict[str, Any]) -> Any:
 
 
 def _train_step_fn(model: Any, method: str, batch: dict[str, Any], bf16: bool = False) -> Callable[[], None]:
-    """``train``'s step: its optimizer (AdamW, foreach) and, on CPU, its dropout (model/cpu_dropout.py)."""
+    """``train``'s step: its gradient clipping, its optimizer (``make_optimizer``) and, on CPU, its dropout
+    (model/cpu_dropout.py)."""
     import contextlib
 
     import torch
@@ -179,6 +180,7 @@ def _train_step_fn(model: Any, method: str, batch: dict[str, Any], bf16: bool = 
 
     model.train()
     opt = make_optimizer(model, lr=1e-4, weight_decay=0.01)
+    params = [p for p in model.parameters() if p.requires_grad]  # clipped as train's loop does (max_grad_norm 1)
     loss_fn = torch.nn.BCEWithLogitsLoss()
     swapped = contextlib.ExitStack()  # held by the closure: the model's dropouts stay swapped while it lives
     if batch["labels"].device.type == "cpu":
@@ -189,6 +191,7 @@ def _train_step_fn(model: Any, method: str, batch: dict[str, Any], bf16: bool = 
             logits = _forward(model, method, batch).squeeze(-1)
         loss = loss_fn(logits.float(), batch["labels"])
         loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
 
