@@ -92,34 +92,23 @@ def param_groups(
             for k in kinds if k == "shared" or kinds[k]]
 
 
-FUSED_DEVICES = ("cpu", "cuda")  # where torch has a fused AdamW kernel
-
-
 def make_optimizer(model: nn.Module, lr: float, weight_decay: float, own_lr_scale: float = 1.0,
                    b_lr_ratio: float = 1.0) -> torch.optim.AdamW:
     """AdamW over ``param_groups``; the LR schedule multiplies every group's own lr alike.
 
-    ``fused`` (one kernel per tensor for the whole update) where torch has it, else ``foreach``: MTL-LoRA
-    has two small tensors per market and adapted layer (672 for 7 markets on e5-small), and the step's
-    cost is per tensor. On a 2-core Zen 5 (e5-small, 7 markets, bf16) MTL-LoRA's step went from 9.5-10.5 ms
-    (foreach) to 4.5 ms, shared LoRA's from 2.5 to 1.2 ms; the per-tensor loop took 23 ms. The fused
-    kernel rounds differently from the loop (≤ 1e-7 after 5 steps, tested). It also writes through data
-    pointers without bumping the parameters' version counters, which the adapters' scoring cache
-    (``AdapterLayer._per_task``) and MTL-LoRA's per-forward matrices (``task_batch.py``) rely on to
-    notice a step: a post-step hook bumps them (``torch.autograd.graph.increment_version``, ~30 µs).
+    ``foreach``: PyTorch picks its multi-tensor AdamW only for CUDA tensors, and MTL-LoRA has two small
+    tensors per market and adapted layer (672 for 7 markets on e5-small), which the per-tensor loop
+    steps one by one in Python: 23 -> 14 ms per step on a 2-core CPU, with the same bits (tested).
+    Not ``fused`` (4 ms): on CPU (torch 2.13) the fused kernel leaves the parameters' version counters
+    unchanged, which the adapters' scoring cache (``AdapterLayer._per_task``) relies on to notice a step
+    (``torch.autograd.graph.increment_version`` in a post-step hook would fix that), and it rounds
+    differently (≤ 1e-6 after 20 steps): on the demo data, seed 0, that alone tipped MTL-LoRA's run into a
+    divergence (valid loss 0.61 at step 50, then ln 2 = constant scores in every market at 100 and 150)
+    where the loop's rounding trains to 0.47; seeds 1-3 trained alike under both. It bought ≤ 0.01 of
+    MTL-LoRA's step ratio to shared LoRA, inside that ratio's run-to-run spread: not worth it (2026-12-05).
     """
     groups = param_groups(model.named_parameters(), lr, weight_decay, own_lr_scale, b_lr_ratio)
-    params = [p for group in groups for p in group["params"]]
-    if not all(p.device.type in FUSED_DEVICES and p.dtype.is_floating_point for p in params):
-        return torch.optim.AdamW(groups, foreach=True)
-    optimizer = torch.optim.AdamW(groups, fused=True)
-    optimizer.register_step_post_hook(_mark_stepped)
-    return optimizer
-
-
-def _mark_stepped(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-    """Bump every parameter's version counter after a fused step (see :func:`make_optimizer`)."""
-    torch.autograd.graph.increment_version([p for group in optimizer.param_groups for p in group["params"]])
+    return torch.optim.AdamW(groups, foreach=True)
 
 
 def linear_schedule(warmup: int, total: int) -> Callable[[int], float]:

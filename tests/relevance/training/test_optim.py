@@ -122,14 +122,14 @@ def test_one_adam_step_moves_lambda_at_the_scaled_rate() -> None:
     assert LR < a_step <= LR * (1 + 0.5 * before_a.abs().max().item()) + 1e-7  # A: lr, plus its decay
 
 
-def test_the_fused_step_is_the_per_tensor_step_within_rounding() -> None:
-    """make_optimizer's fused AdamW moves every parameter as the per-tensor loop does, up to float rounding."""
+def test_the_multi_tensor_step_is_the_per_tensor_step() -> None:
+    """make_optimizer's foreach AdamW moves every parameter to the same bits as the per-tensor loop."""
     models = [tiny("mtl-lora"), tiny("mtl-lora")]
     opts = [make_optimizer(models[0], LR, weight_decay=0.1, own_lr_scale=3.0),
             torch.optim.AdamW(param_groups(models[1].named_parameters(), LR, 0.1, 3.0), foreach=False)]
-    assert opts[0].defaults["fused"] is True
+    assert opts[0].defaults["foreach"] is True
     g = torch.Generator().manual_seed(5)
-    for step in range(5):
+    for step in range(3):
         ids, tasks = torch.randint(5, 50, (4, 8), generator=g), torch.randint(0, 2, (4,), generator=g)
         for model, opt in zip(models, opts):
             torch.manual_seed(step)  # the same dropout masks for both
@@ -138,10 +138,8 @@ def test_the_fused_step_is_the_per_tensor_step_within_rounding() -> None:
             opt.step()
             opt.zero_grad(set_to_none=True)
     moved = [(n, p) for n, p in models[0].named_parameters() if p.requires_grad]
-    reference = dict(models[1].named_parameters())
-    assert all(torch.allclose(p, reference[n], rtol=0, atol=1e-6) for n, p in moved)
-    start = dict(tiny("mtl-lora").named_parameters())
-    assert all(not torch.equal(p, start[n]) for n, p in moved)  # every trained tensor moved (5 steps of 1e-3)
+    assert all(torch.equal(p, dict(models[1].named_parameters())[n]) for n, p in moved)
+    assert any(not torch.equal(p, dict(tiny("mtl-lora").named_parameters())[n]) for n, p in moved)
 
 
 def test_linear_schedule_warms_up_then_decays_to_zero() -> None:
@@ -153,8 +151,8 @@ def test_linear_schedule_warms_up_then_decays_to_zero() -> None:
 
 
 def test_a_step_bumps_the_version_counters_the_scoring_cache_relies_on() -> None:
-    """AdapterLayer._per_task reuses task matrices while every parameter's version is unchanged; the fused
-    AdamW kernel (torch 2.13) updates in place without bumping it, so make_optimizer's post-step hook must."""
+    """AdapterLayer._per_task reuses task matrices while every parameter's version is unchanged; CPU's fused
+    AdamW (torch 2.13) updates in place without bumping it, so scores after a step would be stale."""
     model = tiny("mtl-lora")
     opt = make_optimizer(model, LR, weight_decay=0.1)
     with use_tasks(model, torch.tensor([0, 1])):
