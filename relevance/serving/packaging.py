@@ -39,8 +39,8 @@ def signature():
 
 def model_config(market: str, run: TrainingRun, batch_size: int = 64, parity: dict | None = None,
                  generic_tokenizer: dict | None = None) -> dict:
-    """The pyfunc's ``model_config`` (:mod:`relevance.serving.pyfunc_model`); ``parity`` from :mod:`relevance.serving.parity`,
-    ``generic_tokenizer`` from :mod:`relevance.serving.tokenizer_check`."""
+    """The pyfunc's ``model_config`` (:mod:`relevance.serving.pyfunc_model`); ``parity`` from
+    :mod:`relevance.serving.parity`, ``generic_tokenizer`` from :mod:`relevance.serving.tokenizer_check`."""
     config = {"market": market, "market_token": run.market_token, "max_length": run.max_length,
               "batch_size": batch_size, "method": run.method}
     if parity is not None:

@@ -13,11 +13,12 @@ both encodings and both scores agree.
 
 ``model_config`` (written by :mod:`relevance.serving.registry`): ``market``, ``market_token``, ``max_length``,
 ``batch_size``, ``method``, ``bf16_parity`` (fp32 vs bf16 agreement on the market's valid rows, measured at
-registration by :mod:`relevance.serving.parity`; ``ok`` when |ΔAUC| ≤ 0.001), ``generic_tokenizer`` (arguments to load the
-tokenizer as ``PreTrainedTokenizerFast``, where registration found it identical: :func:`load_tokenizer`). Predict ``params``:
-``batch_size``; ``precision`` (``auto``: bf16 where the hardware computes it natively *and* this version's
-parity held, fp32 otherwise; ``fp32`` / ``bf16`` force it); ``bf16`` (legacy: true forces bf16); ``threads``
-(torch intra-op threads, 0 = leave as is; Spark sets it so parallel tasks do not oversubscribe cores).
+registration by :mod:`relevance.serving.parity`; ``ok`` when |ΔAUC| ≤ 0.001), ``generic_tokenizer``
+(arguments to load the tokenizer as ``PreTrainedTokenizerFast``, where registration found it identical:
+:func:`load_tokenizer`). Predict ``params``: ``batch_size``; ``precision`` (``auto``: bf16 where the hardware
+computes it natively *and* this version's parity held, fp32 otherwise; ``fp32`` / ``bf16`` force it); ``bf16``
+(legacy: true forces bf16); ``threads`` (torch intra-op threads, 0 = leave as is; Spark sets it so parallel
+tasks do not oversubscribe cores).
 The model runs on ``ADS_RELEVANCE_DEVICE`` if set, else on a CUDA GPU when one is visible, else the CPU.
 bf16 scoring casts the weights (not only autocast) and keeps the classification head and the sigmoid in
 fp32. The hardware test repeats :func:`relevance.model.precision.native_bf16` (this file is self-contained).

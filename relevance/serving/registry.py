@@ -289,7 +289,8 @@ def _register_new(client, run: TrainingRun, baseline: TrainingRun | None, market
             base_uris = _baseline_uris(client, run, baseline, with_base, names, work, run_id, artifact_uri, sources)
             for m in markets:
                 parity, tokenizer = measure_merged(merged[m], m, run)
-                package_model(merged[m], work / f"model-{m}", m, run, parity=parity, generic_tokenizer=tokenizer["arguments"])
+                package_model(merged[m], work / f"model-{m}", m, run, parity=parity,
+                              generic_tokenizer=tokenizer["arguments"])
                 client.log_artifacts(run_id, str(work / f"model-{m}"), f"model-{m}")
                 tags = {**_run_tags(run, m), **_baseline_tags(baseline, m, base_uris.get(m)), **parity_tags(parity),
                         **tokenizer_tags(tokenizer)}

@@ -24,18 +24,18 @@ import pandas as pd
 
 # Text where tokenizer classes are known to differ: empty and whitespace-only text, special-token strings,
 # control and zero-width characters, compatibility characters (normalisation), long text (truncation).
-PROBES = ("", " ", "   \t\n", "<s> </s> <pad> <mask> <unk> [CLS] [SEP] [PAD] [MASK] [UNK]", "\u200b\u00a0x\u3000y",
-          "ﬁ ligature Ⅻ Å Å", "Ünïcödé  ß 日本語のテキスト 한국어 العربية हिन्दी", "emoji 😀 test", "UPPER lower MiXeD",
-          "word " * 100)
+PROBES = ("", " ", "   \t\n", "<s> </s> <pad> <mask> <unk> [CLS] [SEP] [PAD] [MASK] [UNK]",
+          "\u200b\u00a0x\u3000y", "ﬁ ligature Ⅻ Å Å", "Ünïcödé  ß 日本語のテキスト 한국어 العربية हिन्दी",
+          "emoji 😀 test", "UPPER lower MiXeD", "word " * 100)
 ATTRIBUTES = ("all_special_tokens", "all_special_ids", "model_input_names", "padding_side", "truncation_side",
               "pad_token_id")
 
 
 def _method_overrides(cls: type) -> list[str]:
     """Methods (other than ``__init__``) that ``cls`` defines itself, i.e. behaviour a plain fast tokenizer lacks."""
+    methods = (classmethod, staticmethod, property)
     return sorted(name for name, value in vars(cls).items()
-                  if name != "__init__" and (inspect.isfunction(value) or isinstance(value, (classmethod, staticmethod,
-                                                                                             property))))
+                  if name != "__init__" and (inspect.isfunction(value) or isinstance(value, methods)))
 
 
 def _backend_spec(tokenizer: Any) -> dict[str, Any]:
@@ -82,7 +82,7 @@ def check_generic_tokenizer(model_dir: str | Path, named: Any, rows: pd.DataFram
     try:
         generic = load_tokenizer(model_dir, arguments)
     except Exception as exc:  # noqa: BLE001  any failure to load means: keep AutoTokenizer
-        return {"ok": False, "reason": f"PreTrainedTokenizerFast cannot load it: {exc}"[:250], "n": len(queries),
+        return {"ok": False, "reason": f"PreTrainedTokenizerFast cannot load it: {exc}"[:250], "n": 0,
                 "arguments": None}
     reason = compare_tokenizers(named, generic, queries, ads, max_length)
     return {"ok": reason is None, "reason": reason, "n": len(queries) + 2 * len(PROBES),

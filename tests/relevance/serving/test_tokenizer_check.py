@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import json
-import shutil
 from types import SimpleNamespace
 
+import pandas as pd
 import pytest
 
 from relevance.model.tiny import build_tiny_model, build_tiny_tokenizer
@@ -30,7 +30,8 @@ def test_a_saved_tokenizer_loads_generically_with_its_input_names_and_encodes_al
     assert check["arguments"] == {"model_input_names": list(named.model_input_names)}
     assert "token_type_ids" in check["arguments"]["model_input_names"]  # BERT's pairs need their segments
     generic = load_tokenizer(saved, check["arguments"])
-    assert type(generic) is not type(named) and type(generic).__name__ in ("PreTrainedTokenizerFast", "TokenizersBackend")
+    assert type(generic) is not type(named)
+    assert type(generic).__name__ in ("PreTrainedTokenizerFast", "TokenizersBackend")
     assert encode(generic, ROWS_QUERIES, ROWS_ADS, 16) == encode(named, ROWS_QUERIES, ROWS_ADS, 16)
     assert tokenizer_tags(check) == {"generic_tokenizer": "true"}
 
@@ -47,7 +48,8 @@ def test_a_tokenizer_json_that_is_not_the_class_backend_is_refused(saved):
     named = load_tokenizer(saved)
     check = check_generic_tokenizer(saved, named, None, None, False, 32)
     assert not check["ok"] and check["arguments"] is None
-    assert "not the backend that" in check["reason"] and "not the backend" in tokenizer_tags(check)["generic_tokenizer_reason"]
+    assert "not the backend that" in check["reason"]
+    assert "not the backend" in tokenizer_tags(check)["generic_tokenizer_reason"]
 
 
 def test_a_class_with_its_own_encoding_method_is_refused(saved):
@@ -69,7 +71,7 @@ def test_a_tokenizer_with_a_token_of_its_own_is_refused(saved):
     assert "not the backend" in compare_tokenizers(named, generic, ROWS_QUERIES, ROWS_ADS, 16)
 
 
-def test_a_directory_without_tokenizer_json_keeps_auto_tokenizer(saved, tmp_path):
+def test_a_directory_without_tokenizer_json_keeps_auto_tokenizer(saved):
     (saved / "tokenizer.json").unlink()
     check = check_generic_tokenizer(saved, load_tokenizer(saved), None, None, False, 32)
     assert not check["ok"] and check["reason"] == "no tokenizer.json" and check["arguments"] is None
@@ -89,7 +91,6 @@ def test_the_pyfunc_loads_the_tokenizer_its_config_names(tmp_path):
     assert type(loaded["auto"].tokenizer) is type(named)
     assert type(loaded["generic"].tokenizer) is not type(named)
     assert loaded["generic"]._shared is not loaded["auto"]._shared  # cached apart: one per loader
-    import pandas as pd
-
     rows = pd.DataFrame({"query": ROWS_QUERIES, "ad_title": ROWS_ADS})
-    assert (loaded["generic"].score_frame(rows, precision="fp32") == loaded["auto"].score_frame(rows, precision="fp32")).all()
+    generic_scores = loaded["generic"].score_frame(rows, precision="fp32")
+    assert (generic_scores == loaded["auto"].score_frame(rows, precision="fp32")).all()
