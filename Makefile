@@ -45,6 +45,7 @@ bench: setup
 	$(PY) benchmarks/scoring_speed.py --workload long --repeats 2 --no-spark --pairs 4320
 	$(PY) benchmarks/add_market.py
 	$(PY) benchmarks/collapse_search.py
+	$(PY) benchmarks/divergence_guard.py
 	$(PY) benchmarks/mtl_knobs.py
 	$(PY) benchmarks/per_market_lr.py
 	$(PY) benchmarks/collect.py
@@ -61,6 +62,7 @@ bench-quick: setup
 	$(PY) benchmarks/quality.py --quick --workdir $(QUICK)/quality-work --out $(QUICK)/quality
 	$(PY) benchmarks/add_market.py --quick --workdir $(QUICK)/quality-work --out $(QUICK)/add_market
 	$(PY) benchmarks/collapse_search.py --quick --workdir $(QUICK)/collapse-work --out $(QUICK)/collapse_search
+	$(PY) benchmarks/divergence_guard.py --quick --workdir $(QUICK)/divergence-work --out $(QUICK)/divergence_guard
 	$(PY) benchmarks/mtl_knobs.py --quick --workdir $(QUICK)/knobs-work --out $(QUICK)/mtl_knobs
 	$(PY) benchmarks/per_market_lr.py --quick --shared-starts 0,0.5 --mtl-lora --b-lr-ratio 2 --workdir $(QUICK)/pml-work --out $(QUICK)/per_market_lr_demo
 	GPU_SH_SMOKE=1 benchmarks/gpu.sh $(QUICK)/gpu

@@ -98,6 +98,19 @@ def market_spread(run_dir: Path) -> dict[str, dict]:
     return out
 
 
+def base_model_for(args: argparse.Namespace) -> str:
+    """``--base-model`` if given; else a tiny in-code model for ``--quick``, MiniLM-L6 from its PyPI package."""
+    if args.base_model:
+        return args.base_model
+    if args.quick:
+        from relevance.model.tiny import build_tiny_model
+
+        return str(build_tiny_model(args.workdir / "tiny"))
+    from relevance.pipeline_plan import demo_base_model
+
+    return demo_base_model()
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -105,16 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     from relevance.training.config import TrainConfig
     from relevance.training.loop import train
 
-    if args.base_model:
-        base = args.base_model
-    elif args.quick:
-        from relevance.model.tiny import build_tiny_model
-
-        base = str(build_tiny_model(args.workdir / "tiny"))
-    else:
-        from relevance.pipeline_plan import demo_base_model
-
-        base = demo_base_model()
+    base = base_model_for(args)
     env, started, rows = environment(), time.perf_counter(), []
     settings = [s for s in args.settings.split(",") if s]
     unknown = [s for s in settings if s not in SETTINGS]

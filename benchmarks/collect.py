@@ -101,6 +101,7 @@ QUALITY = (("Quality (CPU)", "quality.md"), ("Quality on GPU", "quality_gpu.md")
             "lora_plus_demo_pml_shared_start.md"),
            ("Collapse search (MTL-LoRA, issue 15)", "collapse_search.md"),
            ("Collapse search before the fix (issue 15)", "collapse_search_before_fix.md"),
+           ("Divergence guard (MTL-LoRA on the demo recipe, issue 15)", "divergence_guard.md"),
            ("Policy markets, nested (issue 15)", "policy_nested.md"),
            ("Policy markets, crossing (issue 15)", "policy_crossing.md"),
            ("Add a market without retraining (issue 14)", "add_market.md"),

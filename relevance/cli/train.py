@@ -79,6 +79,7 @@ def train_command(
     keep_checkpoints: Annotated[int, typer.Option(help="Newest checkpoints kept.", rich_help_panel=_EVAL)] = 2,
     patience: Annotated[Optional[int], typer.Option(help="Stop after this many evaluations without improvement of the mean valid AUC (default: never).", rich_help_panel=_EVAL)] = None,
     min_delta: Annotated[float, typer.Option(help="Smallest mean-AUC gain that counts as an improvement.", rich_help_panel=_EVAL)] = 0.0,
+    max_rollbacks: Annotated[Optional[int], typer.Option(help="Divergence guard: when a market whose valid scores were spread at the best evaluation scores every row alike (std < 0.01), go back to the best weights with fresh AdamW moments at half the learning rate, at most this many times (default 2; 0: off, the best weights still ship).", rich_help_panel=_EVAL)] = None,
     eval_batch_size: Annotated[int, typer.Option(help="Batch size for scoring valid and test.", rich_help_panel=_EVAL)] = 128,
     resume: Annotated[bool, typer.Option(help="Continue the run in --out from its newest checkpoint (same hyper-parameters required).", rich_help_panel=_RUN)] = False,
     precision: Annotated[Precision, typer.Option(help="auto: bf16 autocast where the hardware computes bf16 natively (CUDA; CPUs with AMX, AMD CPUs with AVX512-BF16), fp32 elsewhere.", rich_help_panel=_RUN)] = Precision.auto,
@@ -109,7 +110,7 @@ def train_command(
             max_grad_norm=max_grad_norm, batch_size=batch_size, epochs=epochs, max_steps=max_steps,
             max_length=max_length, sampling=sampling.value, sampling_temperature=sampling_temperature,
             eval_every=eval_every, checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints,
-            patience=patience, min_delta=min_delta, eval_batch_size=eval_batch_size, seed=seed,
+            patience=patience, min_delta=min_delta, max_rollbacks=max_rollbacks, eval_batch_size=eval_batch_size, seed=seed,
             precision=precision.value, device=device, tracking_uri=tracking_uri, experiment=experiment,
             run_name=run_name, track=track, progress=progress, resume=resume,
         )

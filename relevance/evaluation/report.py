@@ -128,6 +128,20 @@ def degenerate_sections(metrics: Mapping[str, Mapping[str, Any]], dirs: Mapping[
     return [("h", "## Degenerate markets"), ("p", note), ("table", (["run", "market", "split", "reasons"], rows))]
 
 
+def rollback_sections(infos: Mapping[str, Mapping[str, Any]]) -> list[Section]:
+    """"Training rollbacks": each time a run's divergence guard (``relevance.training.divergence``) sent it
+    back to its best weights; nothing when no run rolled back."""
+    rows = [[label, str(r["step"]), str(r["to_step"]), ", ".join(r["markets"]), f"{r['lr_scale']:g}×"]
+            for label, info in infos.items() for r in info.get("rollbacks") or []]
+    if not rows:
+        return []
+    note = ("These runs collapsed during training: markets whose valid scores had spread scored every row alike. "
+            "Each went back to its best evaluation's weights with fresh AdamW moments at a lower learning rate "
+            "and trained on; the AUCs above are of the weights it shipped.")
+    return [("h", "## Training rollbacks"), ("p", note),
+            ("table", (["run", "collapsed at step", "back to step", "markets", "learning rate"], rows))]
+
+
 def _efficiency_rows(infos: Mapping[str, Mapping[str, Any]]) -> Table:
     def num(v: Any, f: str) -> str:
         return f.format(v) if isinstance(v, (int, float)) else "n/a"
@@ -253,6 +267,7 @@ def build_report(run_dirs: Sequence[Path | str], out_dir: Path | str, baseline_m
         ("h", "## ROC-AUC by market"), ("table", _auc_rows(metrics, markets, "auc")),
         ("img", "auc_by_market.png"),
         *degenerate_sections(metrics, dirs, infos),
+        *rollback_sections(infos),
     ]
     if base is not None and deltas:
         sections += [("h", f"## Δ ROC-AUC vs `{base}` (paired bootstrap, {n_boot} resamples)"),

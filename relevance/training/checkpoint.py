@@ -9,7 +9,7 @@ A checkpoint ``RUN/checkpoints/step-00000120/`` holds
   back with ``torch.load(weights_only=True)``, so a checkpoint can never execute code;
 - ``rng.pt``: the torch CPU (and CUDA) generator state of every rank (dropout masks);
 - ``state.json``: step, sampler position, best metric and step, patience counter, elapsed time,
-  examples seen, MLflow run id, evaluation history.
+  examples seen, MLflow run id, evaluation history, the divergence guard's rollbacks.
 
 It is written into a hidden temporary directory and renamed into place, so a SIGKILL at any moment
 leaves either the previous checkpoints or the complete new one, never a half-written one.
@@ -46,6 +46,7 @@ class Progress:
     examples_seen: int = 0
     mlflow_run_id: str | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
+    rollbacks: list[dict[str, Any]] = field(default_factory=list)  # relevance.training.divergence
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:

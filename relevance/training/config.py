@@ -69,6 +69,7 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     **dict.fromkeys(("r", "n_up", "batch_size", "epochs", "max_length", "eval_every", "eval_batch_size",
                      "keep_checkpoints"), _POS_INT),
     **dict.fromkeys(("max_steps", "checkpoint_every", "patience", "multilora_n", "n_experts"), _OPT_POS_INT),
+    "max_rollbacks": (lambda v: v is None or (_is_int(v) and v >= 0), "a non-negative integer or None"),
     **dict.fromkeys(("alpha", "mtl_temperature", "learning_rate", "max_grad_norm", "sampling_temperature"), _POS_NUM),
     **dict.fromkeys(("weight_decay", "min_delta"), _NON_NEG),
     "mixing_init_scale": (lambda v: v is None or (_is_num(v) and v >= 0), "a non-negative number or None"),
@@ -89,7 +90,8 @@ class TrainConfig:
 
     ``max_steps`` (when set) overrides ``epochs``. ``patience`` counts evaluations without an
     improvement of the mean per-market valid AUC larger than ``min_delta``; ``None`` disables early
-    stopping. ``sampling_temperature`` applies to ``sampling="temperature"`` (p_t ∝ n_t^(1/T)).
+    stopping. ``max_rollbacks`` bounds the divergence guard (``relevance.training.divergence``; ``None``:
+    its default, 0: off). ``sampling_temperature`` applies to ``sampling="temperature"`` (p_t ∝ n_t^(1/T)).
     ``multilora_n`` (MultiLoRA's parallel LoRAs) and ``n_experts`` (MOELoRA's experts, a divisor of
     ``r``) default to ``None``, meaning the adapter library's default (3 and 4): a ``None`` default
     keeps runs written before these fields existed resumable (a missing key reads as ``None``).
@@ -130,6 +132,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     patience: int | None = None
     min_delta: float = 0.0
+    max_rollbacks: int | None = None
     eval_batch_size: int = 128
     seed: int = 0
     precision: str = "auto"
@@ -191,6 +194,13 @@ class TrainConfig:
         if self.b_lr_ratio is not None:
             return float(self.b_lr_ratio)
         return max(1.0, B_LR_BUDGET / max(DEFAULT_TASK_LR_SCALE, float(n_markets)))
+
+    @property
+    def rollback_limit(self) -> int:
+        """How many times a collapsed run may go back to its best weights (``relevance.training.divergence``)."""
+        from relevance.training.divergence import DEFAULT_MAX_ROLLBACKS
+
+        return DEFAULT_MAX_ROLLBACKS if self.max_rollbacks is None else self.max_rollbacks
 
     @property
     def shared_start_fraction(self) -> float:

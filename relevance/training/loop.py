@@ -11,7 +11,8 @@ exactly:
                                    markets, task_map, degenerate ({split: {market: [reasons]}}),
                                    market_prior_offsets, prior_logit, models_to_serve,
                                    precision (what ``auto`` resolved to: bf16 or fp32),
-                                   task_lr_multiplier, shared_steps (per-market-lora's shared start)
+                                   task_lr_multiplier, shared_steps (per-market-lora's shared start),
+                                   rollbacks (the divergence guard's: step, to_step, markets, lr_scale)
     RUN/predictions/valid.parquet  example_id, market, label, score, query_id (best weights)
     RUN/predictions/test.parquet
     RUN/checkpoints/step-NNNNNNNN/ see relevance.training.checkpoint
@@ -54,6 +55,7 @@ from relevance.data.curated import data_fingerprint, read_training_splits
 from relevance.model.batching import collate
 from relevance.model.cpu_dropout import cpu_dropout
 from relevance.model.precision import autocast, resolve_precision
+from relevance.training import divergence
 from relevance.training.batches import MultiMarketSampler
 from relevance.training.distributed import Dist, init_distributed
 from relevance.training.optim import linear_schedule, make_optimizer
@@ -213,6 +215,7 @@ class Run:
             "b_lr_ratio": self.b_lr_ratio,  # LoRA+: the up-projections' multiple of the learning rate
             "shared_steps": self.shared_steps,  # per-market-lora: steps its markets trained one shared adapter
             "precision": resolve_precision(config.precision, self.d.device),
+            "rollbacks": prog.rollbacks,  # the divergence guard's (relevance.training.divergence)
         }
 
     def _resume(self, path: Path) -> None:
@@ -266,11 +269,19 @@ class Run:
         preds = self._predict(self.eval_df)
         self._last_eval = (prog.step, preds)  # _finish reuses it when this step's weights are the best
         aucs, mean, loss = market_aucs(preds)
+        spreads = divergence.market_spreads(preds)
         self.tracker.log_metrics({**{f"valid_auc_{m}": v for m, v in aucs.items()}, "valid_auc_mean": mean,
                                   "valid_loss": loss}, prog.step)
-        prog.history.append({"step": prog.step, "valid_auc": aucs, "valid_auc_mean": mean, "valid_loss": loss})
+        prog.history.append({"step": prog.step, "valid_auc": aucs, "valid_auc_mean": mean, "valid_loss": loss,
+                             "score_std": spreads})
         value = mean if mean is not None else -loss  # no market with both classes: select on loss
-        if prog.best_metric is None or value > prog.best_metric + config.min_delta:
+        # the divergence guard: a market that collapsed since the best evaluation sends the run back to it
+        rolled_back = self.best is not None and divergence.guard(prog, spreads, config.rollback_limit, self.model,
+                                                                 self.optimizer, self.scheduler, self.best)
+        if rolled_back:
+            self.tracker.log_metrics({"rollbacks": len(prog.rollbacks)}, prog.step)
+            self.tracker.set_tags({"rollbacks": json.dumps(prog.rollbacks)})
+        if not rolled_back and (prog.best_metric is None or value > prog.best_metric + config.min_delta):
             prog.best_metric, prog.best_step, prog.bad_evals = value, prog.step, 0
             self.best = ckpt.trainable_state(self.model)
             if self.main:

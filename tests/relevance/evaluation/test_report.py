@@ -218,3 +218,16 @@ def test_a_degenerate_market_is_marked_and_listed(runs: list[Path], report: dict
     page = Path(res["report_html"]).read_text(encoding="utf-8")
     assert "<h2>Degenerate markets</h2>" in page and f'<span class="warn">{DEGENERATE}</span>' in page
     assert page.count(DEGENERATE) == md.count(DEGENERATE)
+
+
+def test_training_rollbacks_are_listed(runs: list[Path], report: dict, tmp_path: Path) -> None:
+    assert "## Training rollbacks" not in Path(report["report_md"]).read_text(encoding="utf-8")
+    run = make_run(tmp_path, "r-back", "mtl-lora", _base_frame(), 5_678)
+    info = json.loads((run / "run_info.json").read_text())
+    rollback = {"step": 100, "to_step": 50, "markets": ["de", "jp"], "lr_scale": 0.5}
+    (run / "run_info.json").write_text(json.dumps({**info, "rollbacks": [rollback]}))
+    res = build_report([runs[0], run], tmp_path / "out", n_boot=N_BOOT)
+    listed = _section_rows(Path(res["report_md"]).read_text(encoding="utf-8"), "## Training rollbacks")
+    assert listed == [["run", "collapsed at step", "back to step", "markets", "learning rate"],
+                      ["mtl-lora", "100", "50", "de, jp", "0.5×"]]
+    assert "<h2>Training rollbacks</h2>" in Path(res["report_html"]).read_text(encoding="utf-8")

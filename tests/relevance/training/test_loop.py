@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parents[3]
 RUN_INFO_KEYS = {"method", "run_name", "base_model", "trainable_params", "train_time_s", "examples_per_s",
                  "mlflow_run_id", "data_fingerprint", "best_step", "markets", "task_map", "degenerate",
                  "market_prior_offsets", "prior_logit", "models_to_serve", "precision", "task_lr_multiplier",
-                 "shared_steps", "b_lr_ratio"}
+                 "shared_steps", "b_lr_ratio", "rollbacks"}
 
 
 @pytest.fixture(scope="module")
@@ -75,6 +75,7 @@ def _config(env: dict[str, Path], out: Path, **kw) -> TrainConfig:
     ("mixing_init_scale", -1.0, "TrainConfig.mixing_init_scale=-1.0"),
     ("uniform_mixing_init", "yes", "TrainConfig.uniform_mixing_init='yes'"),
     ("shared_start", 1.0, "TrainConfig.shared_start=1.0"),
+    ("max_rollbacks", -1, "TrainConfig.max_rollbacks=-1"),
     ("shared_start", 0.5, "only per-market-lora has per-market adapters"),  # method lora
 ])
 def test_train_config_rejects_bad_values(field: str, value: object, match: str) -> None:

@@ -1,0 +1,105 @@
+"""The divergence guard: a run that learned and then lost its signal goes back to its best weights.
+
+Why (issue 15): a run can learn and then *diverge*. On ``make demo``'s data and recipe (MiniLM-L6,
+lr 1e-3, 150 × 32, five markets) MTL-LoRA's seed 0 reached valid loss 0.61 / AUC 0.75 at step 50, then a
+gradient spike (norm 2.6 before clipping, at step 58) left the top layer's [CLS] state equal for every
+input within seven steps: valid loss ln 2, a constant score in every market, from step 100 to the end. A
+perturbation of 1e-7 per parameter (another AdamW kernel's rounding) decided it; seeds 1-3 trained. Best-step
+selection kept the collapsed weights from shipping, but it shipped step 50's: the rest of the budget was
+lost (macro test AUC 0.741 instead of 0.870).
+
+A market has *collapsed* at an evaluation when its valid scores were spread at the best evaluation so far
+(standard deviation ≥ :data:`relevance.evaluation.degenerate.SPREAD_FLOOR`) and are near-constant now: below
+the floor *and* below :data:`DROP` × the best evaluation's spread — the near-constant half of the
+degenerate-market check, measured against the run's own past. The drop keeps a market whose spread hovers
+at the floor (a model that has barely learned, 0.011 then 0.009) from counting; the collapses this guard is
+for lose two orders of magnitude (the demo's logit spread fell 0.73 → 0.009, issue 15's e5 market scored
+with std 0.001).
+On a collapse :func:`roll_back`
+
+1. restores the best evaluation's trainable weights,
+2. clears AdamW's moments (they hold the spike: its first moment would repeat it, its second moment would
+   shrink every step after it), so the next steps start Adam afresh,
+3. multiplies every group's learning rate by :data:`LR_FACTOR` (the schedule keeps its shape and position),
+
+and training goes on with the next batches (the data stream is not rewound, so the batches that led there
+are not replayed). At most ``TrainConfig.max_rollbacks`` times a run (:data:`DEFAULT_MAX_ROLLBACKS`; 0
+switches the guard off); after that a collapse is only logged and the best weights still ship. A run that
+never collapses is untouched, bit for bit. Every rollback is in ``run_info.json`` (``rollbacks``), the
+evaluation history and the MLflow run (metric ``rollbacks``, tag ``rollbacks``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import pandas as pd
+import torch
+
+from relevance.evaluation.degenerate import SPREAD_FLOOR, score_spread
+from relevance.training.checkpoint import Progress, load_trainable_state
+
+logger = logging.getLogger(__name__)
+DEFAULT_MAX_ROLLBACKS = 2
+LR_FACTOR = 0.5
+DROP = 0.1  # a collapsed market kept at most a tenth of the spread it had at the best evaluation
+
+
+def market_spreads(preds: pd.DataFrame) -> dict[str, float]:
+    """``{market: standard deviation of its scores}`` of a predictions frame (``market``, ``score``)."""
+    return {str(m): round(score_spread(g["score"].to_numpy()), 6) for m, g in preds.groupby("market", sort=True)}
+
+
+def collapsed_markets(best: Mapping[str, float], now: Mapping[str, float], floor: float = SPREAD_FLOOR) -> list[str]:
+    """Markets whose spread was ≥ ``floor`` at the best evaluation (``best``) and is now below both ``floor``
+    and :data:`DROP` × what it was.
+
+    A market that never spread its scores (a tiny model that learned nothing yet) has not collapsed:
+    there is nothing better to go back to.
+    """
+    return sorted(m for m, s in now.items() if best.get(m, 0.0) >= floor and s < min(floor, DROP * best[m]))
+
+
+def best_spreads(history: list[dict[str, Any]], best_step: int | None) -> dict[str, float]:
+    """The per-market spreads recorded at ``best_step``'s evaluation (empty when there is none)."""
+    for entry in history:
+        if entry["step"] == best_step:
+            return dict(entry.get("score_std") or {})
+    return {}
+
+
+def roll_back(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+              scheduler: torch.optim.lr_scheduler.LRScheduler, best: Mapping[str, torch.Tensor],
+              factor: float = LR_FACTOR) -> None:
+    """Best weights back in, AdamW's moments cleared, every learning rate × ``factor`` (module docstring)."""
+    load_trainable_state(model, best, "the best evaluation's weights")
+    optimizer.state.clear()  # AdamW re-creates each parameter's state (zero moments) at its next step
+    scheduler.base_lrs = [lr * factor for lr in scheduler.base_lrs]
+    for group in optimizer.param_groups:
+        group["lr"] *= factor
+        if "initial_lr" in group:
+            group["initial_lr"] *= factor
+
+
+def guard(prog: Progress, spreads: Mapping[str, float], limit: int, model: torch.nn.Module,
+          optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
+          best: Mapping[str, torch.Tensor]) -> bool:
+    """After an evaluation whose per-market spreads are ``spreads``: on a collapse, roll back (and record it
+    in ``prog.rollbacks``) unless ``limit`` rollbacks were spent; True when it rolled back. Logs either way."""
+    markets = collapsed_markets(best_spreads(prog.history, prog.best_step), spreads)
+    if not markets:
+        return False
+    what = (f"step {prog.step}: market(s) {', '.join(markets)} collapsed to near-constant valid scores "
+            f"(spread {', '.join(f'{m} {spreads[m]:.2g}' for m in markets)}; below {SPREAD_FLOOR})")
+    if len(prog.rollbacks) >= limit:
+        logger.warning("%s; no rollback left (--max-rollbacks %d): the best weights (step %s) will ship",
+                       what, limit, prog.best_step)
+        return False
+    roll_back(model, optimizer, scheduler, best)
+    scale = LR_FACTOR ** (len(prog.rollbacks) + 1)
+    prog.rollbacks.append({"step": prog.step, "to_step": prog.best_step, "markets": markets, "lr_scale": scale})
+    logger.warning("%s: back to step %s's weights with fresh AdamW moments at %g× the learning rate "
+                   "(rollback %d of at most %d)", what, prog.best_step, scale, len(prog.rollbacks), limit)
+    return True
