@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
-"""The divergence guard (issue 15) on ``make demo``'s data and recipe: how often MTL-LoRA collapses part-way
-through a run, and what going back to the best weights recovers.
+"""The divergence guard (issue 15) on ``make demo``'s data and recipe: how often a run (MTL-LoRA; shared LoRA)
+collapses part-way, and what going back to the best weights recovers.
 
-For each learning rate × seed, MTL-LoRA trains with the guard off (``--max-rollbacks 0``: what the code did
+For each method × learning rate × seed, the method trains with the guard off (``--max-rollbacks 0``: what the code did
 before the guard, the best evaluation's weights ship). A run whose evaluation history shows a collapse (a
 market whose valid scores were spread at the best evaluation scoring every row alike later;
 ``relevance.training.divergence.collapsed_markets``) trains again with the guard at its default. A run that
@@ -11,7 +11,8 @@ bit), so it is not trained twice. Data: ``write_demo_data(rows_per_market=2000, 
 ingested as the pipeline does; MiniLM-L6 from its PyPI package; 150 steps × 32, max length 64, evaluations
 every 25 steps (the demo evaluates every 50; more evaluations find a collapse sooner).
 
-    python benchmarks/divergence_guard.py --lrs 0.001,0.002,0.003 --seeds 0-9   # ~3.3 min a run on 2 cores
+    python benchmarks/divergence_guard.py --methods mtl-lora --lrs 0.001,0.002,0.003 --seeds 0-9
+    python benchmarks/divergence_guard.py --methods lora --lrs 0.001 --seeds 0-3   # ~3.3 min a run on 2 cores
     python benchmarks/divergence_guard.py --quick                               # tiny model, smoke test
 
 A run directory in ``--workdir`` whose ``train_config.json`` matches the one this benchmark would train (runtime
@@ -39,6 +40,7 @@ sys.path.insert(0, str(REPO))
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--methods", default="mtl-lora,lora", help="comma-separated train methods")
     p.add_argument("--lrs", default="0.001,0.002,0.003", help="comma-separated learning rates (the demo's: 0.001)")
     p.add_argument("--seeds", default="0-9", help="'0-9' or '0,3,7'")
     p.add_argument("--max-steps", type=int, default=150)
@@ -49,7 +51,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="tiny model, 300 rows a market, lr 0.03 (a tiny model collapses there, so the guard runs), 2 seeds, 16 steps")
     args = p.parse_args(argv)
     if args.quick:
-        args.lrs, args.seeds, args.max_steps, args.eval_every = "0.03", "0,1", 16, 4
+        args.methods, args.lrs, args.seeds, args.max_steps, args.eval_every = "mtl-lora", "0.03", "0,1", 16, 4
         args.workdir = args.workdir.with_name(args.workdir.name + "-quick")
     args.out = output_path(args.out, "divergence_guard", args.quick)
     return args
@@ -102,41 +104,47 @@ def test_aucs(out: Path) -> dict[str, float]:
     return {str(m): float(roc_auc_score(g["label"], g["score"])) for m, g in preds.groupby("market")}
 
 
-def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    args = parse_args(argv)
+def search_one(args: argparse.Namespace, ds: Path, base: str, method: str, lr: float, seed: int) -> dict:
+    """One method × learning rate × seed: the guard-off run, and the guard-on run when it collapsed."""
     import pandas as pd
 
     from relevance.evaluation.metrics import paired_comparison
     from relevance.training.config import TrainConfig
 
+    def config(label: str, **kw) -> TrainConfig:
+        return TrainConfig(data=str(ds), method=method, base_model=base, seed=seed, learning_rate=lr,
+                           out=str(args.workdir / "runs" / f"{method}-{label}-s{seed}-lr{lr:g}"), batch_size=32,
+                           max_steps=args.max_steps, max_length=64, eval_every=args.eval_every,
+                           track=False, progress=False, **kw)
+
+    t0 = time.perf_counter()
+    off = run(config("off", max_rollbacks=0))
+    found = collapses(history(off))
+    row = {"method": method, "lr": lr, "seed": seed, "collapses": found, "off": {
+        "best_step": json.loads((off / "run_info.json").read_text())["best_step"], "test_auc": test_aucs(off)}}
+    if found:
+        on = run(config("guard"))
+        info = json.loads((on / "run_info.json").read_text())
+        cmp = paired_comparison(pd.read_parquet(off / "predictions" / "test.parquet"),
+                                pd.read_parquet(on / "predictions" / "test.parquet"), n_boot=1000, seed=0)
+        row["guard"] = {"best_step": info["best_step"], "rollbacks": info["rollbacks"], "test_auc": test_aucs(on),
+                        "delta": {k: cmp["markets"][k] for k in cmp["macro"]["markets"]}, "delta_macro": cmp["macro"]}
+    row["seconds"] = round(time.perf_counter() - t0, 1)
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    args = parse_args(argv)
     base = base_model_for(args)
     env, started, rows = environment(), time.perf_counter(), []
     ds = demo_dataset(args.workdir, args.quick)
-    for lr in [float(v) for v in args.lrs.split(",") if v]:
-        for seed in parse_seeds(args.seeds):
-            def config(label: str, **kw) -> TrainConfig:
-                return TrainConfig(data=str(ds), method="mtl-lora", base_model=base, seed=seed, learning_rate=lr,
-                                   out=str(args.workdir / "runs" / f"{label}-s{seed}-lr{lr:g}"), batch_size=32,
-                                   max_steps=args.max_steps, max_length=64, eval_every=args.eval_every,
-                                   track=False, progress=False, **kw)
-            t0 = time.perf_counter()
-            off = run(config("off", max_rollbacks=0))
-            found = collapses(history(off))
-            row = {"lr": lr, "seed": seed, "collapses": found, "off": {
-                "best_step": json.loads((off / "run_info.json").read_text())["best_step"], "test_auc": test_aucs(off)}}
-            if found:
-                on = run(config("guard"))
-                info = json.loads((on / "run_info.json").read_text())
-                cmp = paired_comparison(pd.read_parquet(off / "predictions" / "test.parquet"),
-                                        pd.read_parquet(on / "predictions" / "test.parquet"), n_boot=1000, seed=0)
-                row["guard"] = {"best_step": info["best_step"], "rollbacks": info["rollbacks"],
-                                "test_auc": test_aucs(on), "delta": {k: cmp["markets"][k] for k in cmp["macro"]["markets"]},
-                                "delta_macro": cmp["macro"]}
-            row["seconds"] = round(time.perf_counter() - t0, 1)
-            rows.append(row)
-            print(line(row), flush=True)
+    for method in [m for m in args.methods.split(",") if m]:
+        for lr in [float(v) for v in args.lrs.split(",") if v]:
+            for seed in parse_seeds(args.seeds):
+                rows.append(search_one(args, ds, base, method, lr, seed))
+                print(line(rows[-1]), flush=True)
     result = {"environment": env, "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
               "base_model": base, "runs": rows, "wall_time_s": round(time.perf_counter() - started, 1)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -151,7 +159,7 @@ def macro(aucs: dict[str, float]) -> float:
 
 
 def line(row: dict) -> str:
-    text = f"lr {row['lr']:g} seed {row['seed']}: off macro {macro(row['off']['test_auc']):.3f} (best step " \
+    text = f"{row['method']} lr {row['lr']:g} seed {row['seed']}: off macro {macro(row['off']['test_auc']):.3f} (best step " \
            f"{row['off']['best_step']})"
     if "guard" in row:
         g, where = row["guard"], _where(row["collapses"])
@@ -169,32 +177,45 @@ def _signed(d: dict) -> str:
     return f"{d['diff']:+.3f}{star} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]"
 
 
+def summary(runs: list[dict]) -> list[str]:
+    """Per method and learning rate: runs, runs with a collapse, mean test macro AUC with the guard off and on
+    (a run without a collapse counts the same on both sides: it is the same run)."""
+    lines = ["| method | lr | runs | runs with a collapse | mean test macro, guard off | guard on | over the "
+             "collapsed runs: off → on |", "|---|---:|---:|---:|---:|---:|---|"]
+    groups: dict[tuple[str, float], list[dict]] = {}
+    for r in runs:
+        groups.setdefault((r["method"], r["lr"]), []).append(r)
+    for (method, lr), rs in groups.items():
+        off = [macro(r["off"]["test_auc"]) for r in rs]
+        on = [macro(r["guard"]["test_auc"]) if "guard" in r else o for r, o in zip(rs, off)]
+        hit = [(o, n) for r, o, n in zip(rs, off, on) if "guard" in r]
+        both = (f"{sum(o for o, _ in hit) / len(hit):.3f} → {sum(n for _, n in hit) / len(hit):.3f}" if hit else "—")
+        lines.append(f"| {method} | {lr:g} | {len(rs)} | {len(hit)} | {sum(off) / len(off):.3f} | "
+                     f"{sum(on) / len(on):.3f} | {both} |")
+    return lines
+
+
 def render(result: dict) -> str:
     runs, s, e = result["runs"], result["settings"], result["environment"]
-    hit = [r for r in runs if "guard" in r]
-    off_all = [macro(r["off"]["test_auc"]) for r in runs]
-    on_all = [macro(r["guard"]["test_auc"]) if "guard" in r else macro(r["off"]["test_auc"]) for r in runs]
     lines = ["# Divergence guard (issue 15)", "",
-             f"MTL-LoRA on `make demo`'s data, `{Path(result['base_model']).name}`, {s['max_steps']} steps × 32, max "
-             f"length 64, evaluations every {s['eval_every']} steps; learning rates {s['lrs']}, seeds {s['seeds']}. "
-             f"Commit {e['commit']}, {e['date']}, {e['machine']['cpu']}; wall {result['wall_time_s']:.0f} s (reused runs "
-             "count 0).", "",
-             f"**Runs in which a market collapsed (guard off): {len(hit)} of {len(runs)}.** Mean test macro AUC over "
-             f"all runs: guard off {sum(off_all) / len(off_all):.3f}, on {sum(on_all) / len(on_all):.3f} (runs "
-             "without a collapse are the same run either way).", "",
-             "| lr | seed | collapsed (step: markets) | off: best step, test macro | guard: rollbacks, best step, "
+             f"`make demo`'s data, `{Path(result['base_model']).name}`, {s['max_steps']} steps × 32, max length 64, "
+             f"evaluations every {s['eval_every']} steps. "
+             f"Commit {e['commit']}, {e['date']}, {e['machine']['cpu']}; wall {result['wall_time_s']:.0f} s "
+             "(runs already in the work folder with the same settings are reused, not retrained).", "",
+             *summary(runs), "",
+             "| method | lr | seed | collapsed (step: markets) | off: best step, test macro | guard: rollbacks, best step, "
              "test macro | Δ macro guard − off [95% paired interval] | Δ per market |",
-             "|---:|---:|---|---|---|---|---|"]
+             "|---|---:|---:|---|---|---|---|---|"]
     for r in runs:
         off = f"{r['off']['best_step']}, {macro(r['off']['test_auc']):.3f}"
         if "guard" not in r:
-            lines.append(f"| {r['lr']:g} | {r['seed']} | — | {off} | (same run) | — | — |")
+            lines.append(f"| {r['method']} | {r['lr']:g} | {r['seed']} | — | {off} | (same run) | — | — |")
             continue
         g = r["guard"]
         where = _where(r["collapses"])
         backs = ", ".join(f"{b['step']}→{b['to_step']}" for b in g["rollbacks"])
         per = ", ".join(f"{m} {_signed(d)}" for m, d in g["delta"].items())
-        lines.append(f"| {r['lr']:g} | {r['seed']} | {where} | {off} | {backs}, {g['best_step']}, "
+        lines.append(f"| {r['method']} | {r['lr']:g} | {r['seed']} | {where} | {off} | {backs}, {g['best_step']}, "
                      f"{macro(g['test_auc']):.3f} | {_signed(g['delta_macro'])} | {per} |")
     return "\n".join(lines) + "\n"
 
