@@ -13,6 +13,7 @@ every 25 steps (the demo evaluates every 50; more evaluations find a collapse so
 
     python benchmarks/divergence_guard.py --methods mtl-lora --lrs 0.001,0.002,0.003 --seeds 0-9
     python benchmarks/divergence_guard.py --methods lora --lrs 0.001 --seeds 0-3   # ~3.3 min a run on 2 cores
+    python benchmarks/divergence_guard.py --grid mtl-lora:0.001,0.002:0-9 --grid lora:0.001:0-3
     python benchmarks/divergence_guard.py --quick                               # tiny model, smoke test
 
 A run directory in ``--workdir`` whose ``train_config.json`` matches the one this benchmark would train (runtime
@@ -43,6 +44,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--methods", default="mtl-lora,lora", help="comma-separated train methods")
     p.add_argument("--lrs", default="0.001,0.002,0.003", help="comma-separated learning rates (the demo's: 0.001)")
     p.add_argument("--seeds", default="0-9", help="'0-9' or '0,3,7'")
+    p.add_argument("--grid", action="append", default=None, metavar="METHODS:LRS:SEEDS",
+                   help="a block of cells, e.g. 'lora:0.001:0-3' (repeatable; replaces --methods/--lrs/--seeds)")
     p.add_argument("--max-steps", type=int, default=150)
     p.add_argument("--eval-every", type=int, default=25)
     p.add_argument("--base-model", default=None, help="encoder directory (default: MiniLM-L6 from its PyPI package)")
@@ -133,18 +136,27 @@ def search_one(args: argparse.Namespace, ds: Path, base: str, method: str, lr: f
     return row
 
 
+def cells(args: argparse.Namespace) -> list[tuple[str, float, int]]:
+    """(method, learning rate, seed) of every cell: the ``--grid`` blocks, else methods × lrs × seeds."""
+    blocks = [g.split(":") for g in args.grid] if args.grid else [(args.methods, args.lrs, args.seeds)]
+    for block in blocks:
+        if len(block) != 3:
+            raise SystemExit(f"--grid {':'.join(block)!r}: expected METHODS:LRS:SEEDS, e.g. 'lora:0.001:0-3'")
+    return [(m, float(lr), s) for methods, lrs, seeds in blocks for m in methods.split(",") if m
+            for lr in lrs.split(",") if lr for s in parse_seeds(seeds)]
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     args = parse_args(argv)
+    todo = cells(args)
     base = base_model_for(args)
     env, started, rows = environment(), time.perf_counter(), []
     ds = demo_dataset(args.workdir, args.quick)
-    for method in [m for m in args.methods.split(",") if m]:
-        for lr in [float(v) for v in args.lrs.split(",") if v]:
-            for seed in parse_seeds(args.seeds):
-                rows.append(search_one(args, ds, base, method, lr, seed))
-                print(line(rows[-1]), flush=True)
+    for method, lr, seed in todo:
+        rows.append(search_one(args, ds, base, method, lr, seed))
+        print(line(rows[-1]), flush=True)
     result = {"environment": env, "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
               "base_model": base, "runs": rows, "wall_time_s": round(time.perf_counter() - started, 1)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
