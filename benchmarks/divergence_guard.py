@@ -18,7 +18,9 @@ every 25 steps (the demo evaluates every 50; more evaluations find a collapse so
 
 A run directory in ``--workdir`` whose ``train_config.json`` matches the one this benchmark would train (runtime
 fields aside) and that finished is reused, so the search can be continued, or fed by lanes trained in parallel
-with ``ads-relevance train`` and the same settings. Results: ``benchmarks/results/divergence_guard.{md,json}``.
+with ``ads-relevance train`` and the same settings and thread count (``OMP_NUM_THREADS=1`` for ``--threads 1``:
+with 2 threads a guard-on run that never rolled back still differed from its 1-thread guard-off run, test macro
+0.870 against 0.826, which is the instability itself, not the guard). Results: ``benchmarks/results/divergence_guard.{md,json}``.
 """
 
 from __future__ import annotations
@@ -46,6 +48,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seeds", default="0-9", help="'0-9' or '0,3,7'")
     p.add_argument("--grid", action="append", default=None, metavar="METHODS:LRS:SEEDS",
                    help="a block of cells, e.g. 'lora:0.001:0-3' (repeatable; replaces --methods/--lrs/--seeds)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads; a guard-on run must do the same sums as its guard-off run (another thread "
+                        "count rounds differently and, on a run this close to an instability, trains differently)")
     p.add_argument("--max-steps", type=int, default=150)
     p.add_argument("--eval-every", type=int, default=25)
     p.add_argument("--base-model", default=None, help="encoder directory (default: MiniLM-L6 from its PyPI package)")
@@ -151,6 +156,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     args = parse_args(argv)
     todo = cells(args)
+    import torch
+
+    torch.set_num_threads(args.threads)
     base = base_model_for(args)
     env, started, rows = environment(), time.perf_counter(), []
     ds = demo_dataset(args.workdir, args.quick)
