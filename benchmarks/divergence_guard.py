@@ -32,7 +32,7 @@ import sys
 import time
 from pathlib import Path
 
-from _env import environment, output_path  # noqa: E402  (benchmarks/ is sys.path[0] when a script runs)
+from _env import environment, model_label, output_path  # noqa: E402  (benchmarks/ is sys.path[0] when a script runs)
 from collapse_search import base_model_for, parse_seeds  # noqa: E402
 from per_market_lr import demo_dataset  # noqa: E402
 
@@ -218,7 +218,7 @@ def summary(runs: list[dict]) -> list[str]:
 def render(result: dict) -> str:
     runs, s, e = result["runs"], result["settings"], result["environment"]
     lines = ["# Divergence guard (issue 15)", "",
-             f"`make demo`'s data, `{Path(result['base_model']).name}`, {s['max_steps']} steps × 32, max length 64, "
+             f"`make demo`'s data, `{model_label(result['base_model'])}`, {s['max_steps']} steps × 32, max length 64, "
              f"evaluations every {s['eval_every']} steps. "
              f"Commit {e['commit']}, {e['date']}, {e['machine']['cpu']}; wall {result['wall_time_s']:.0f} s "
              "(runs already in the work folder with the same settings are reused, not retrained).", "",
