@@ -48,6 +48,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seeds", default="0-9", help="'0-9' or '0,3,7'")
     p.add_argument("--grid", action="append", default=None, metavar="METHODS:LRS:SEEDS",
                    help="a block of cells, e.g. 'lora:0.001:0-3' (repeatable; replaces --methods/--lrs/--seeds)")
+    p.add_argument("--b-lr-ratio", type=float, default=None,
+                   help="LoRA+ ratio of the up-projections (default: train's, 12 / max(3, markets) = 2.4 for the demo); "
+                        "runs get the suffix -bRATIO")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads; a guard-on run must do the same sums as its guard-off run (another thread "
                         "count rounds differently and, on a run this close to an instability, trains differently)")
@@ -119,11 +122,13 @@ def search_one(args: argparse.Namespace, ds: Path, base: str, method: str, lr: f
     from relevance.evaluation.metrics import paired_comparison
     from relevance.training.config import TrainConfig
 
+    suffix = "" if args.b_lr_ratio is None else f"-b{args.b_lr_ratio:g}"
+
     def config(label: str, **kw) -> TrainConfig:
         return TrainConfig(data=str(ds), method=method, base_model=base, seed=seed, learning_rate=lr,
-                           out=str(args.workdir / "runs" / f"{method}-{label}-s{seed}-lr{lr:g}"), batch_size=32,
+                           out=str(args.workdir / "runs" / f"{method}-{label}-s{seed}-lr{lr:g}{suffix}"), batch_size=32,
                            max_steps=args.max_steps, max_length=64, eval_every=args.eval_every,
-                           track=False, progress=False, **kw)
+                           b_lr_ratio=args.b_lr_ratio, track=False, progress=False, **kw)
 
     t0 = time.perf_counter()
     off = run(config("off", max_rollbacks=0))
@@ -217,9 +222,10 @@ def summary(runs: list[dict]) -> list[str]:
 
 def render(result: dict) -> str:
     runs, s, e = result["runs"], result["settings"], result["environment"]
+    ratio = "train's default LoRA+ ratio" if s.get("b_lr_ratio") is None else f"{s['b_lr_ratio']:g}× (LoRA+)"
     lines = ["# Divergence guard (issue 15)", "",
              f"`make demo`'s data, `{model_label(result['base_model'])}`, {s['max_steps']} steps × 32, max length 64, "
-             f"evaluations every {s['eval_every']} steps. "
+             f"evaluations every {s['eval_every']} steps; up-projections B at {ratio}. "
              f"Commit {e['commit']}, {e['date']}, {e['machine']['cpu']}; wall {result['wall_time_s']:.0f} s "
              "(runs already in the work folder with the same settings are reused, not retrained).", "",
              *summary(runs), "",
