@@ -141,13 +141,18 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{setting} {method} seed {seed}: " + ", ".join(
                     f"{m} {v['auc']:.3f} (std {v['score_std']:.3f})" for m, v in spread.items())
                     + (f"  DEGENERATE: {bad}" if bad else ""), flush=True)
-    result = {"environment": env, "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-              "base_model": base, "runs": rows, "wall_time_s": round(time.perf_counter() - started, 1)}
+    write_result(args, {"environment": env, "base_model": base, "runs": rows,
+                        "wall_time_s": round(time.perf_counter() - started, 1)}, render)
+    return 0
+
+
+def write_result(args: argparse.Namespace, result: dict, render) -> None:
+    """``result`` plus the run's settings to ``--out``.json, its ``render``-ed table to ``--out``.md and stdout."""
+    result = {**result, "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
     args.out.with_suffix(".md").write_text(render(result), encoding="utf-8")
     print(render(result))
-    return 0
 
 
 def summary_table(runs: list[dict]) -> list[str]:

@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 from _env import environment, model_label, output_path  # noqa: E402  (benchmarks/ is sys.path[0] when a script runs)
-from collapse_search import base_model_for, parse_seeds  # noqa: E402
+from collapse_search import base_model_for, parse_seeds, write_result  # noqa: E402
 from per_market_lr import demo_dataset  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -170,12 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     for method, lr, seed in todo:
         rows.append(search_one(args, ds, base, method, lr, seed))
         print(line(rows[-1]), flush=True)
-    result = {"environment": env, "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-              "base_model": base, "runs": rows, "wall_time_s": round(time.perf_counter() - started, 1)}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
-    args.out.with_suffix(".md").write_text(render(result), encoding="utf-8")
-    print(render(result))
+    write_result(args, {"environment": env, "base_model": base, "runs": rows,
+                        "wall_time_s": round(time.perf_counter() - started, 1)}, render)
     return 0
 
 
