@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import subprocess
@@ -80,3 +81,24 @@ def environment(packages: tuple[str, ...] = ("torch", "transformers", "numpy", "
             "machine": {"cpu": cpu_model(), "cpus": os.cpu_count(), "platform": platform.platform(),
                         "load_avg_1min_at_start": load},
             "versions": versions}
+
+
+def train_or_reuse(config, reuse: bool = True) -> Path:
+    """Train ``config`` (a ``TrainConfig``) unless its finished run is already in ``config.out`` with the same
+    settings (runtime fields aside), so a benchmark can be continued, or fed by runs trained in parallel lanes.
+    An unfinished or different run there is replaced."""
+    from relevance.training.checkpoint import config_differences
+    from relevance.training.config import RUNTIME_FIELDS
+    from relevance.training.loop import train
+
+    out = Path(config.out)
+    saved = out / "train_config.json"
+    if reuse and (out / "run_info.json").is_file() and saved.is_file():
+        if not config_differences(json.loads(saved.read_text()), config.to_dict(), set(RUNTIME_FIELDS)):
+            return out
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    train(config)
+    return out

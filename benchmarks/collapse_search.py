@@ -10,9 +10,11 @@ cluster-bootstrap interval contains 0.5.
 
     python benchmarks/collapse_search.py                  # 2 settings × 3 methods × 6 seeds (~35 min on 2 CPUs)
     python benchmarks/collapse_search.py --seeds 0-19 --methods mtl-lora
+    python benchmarks/collapse_search.py --eval-every 20   # evaluations the divergence guard can act on
     python benchmarks/collapse_search.py --quick          # tiny in-code model, a few steps (smoke test)
 
-Results: ``benchmarks/results/collapse_search.{md,json}`` (a quick run writes to a temp folder).
+Results: ``benchmarks/results/collapse_search.{md,json}`` (a quick run writes to a temp folder). Finished runs
+in ``--workdir`` with the same settings are reused, so a search can be continued or widened.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-from _env import environment, model_label, output_path  # noqa: E402  (benchmarks/ is sys.path[0] when a script runs)
+from _env import environment, model_label, output_path, train_or_reuse  # noqa: E402  (benchmarks/ is sys.path[0] when a script runs)
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -47,6 +49,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-length", type=int, default=48)
     p.add_argument("--learning-rate", type=float, default=1e-3)
+    p.add_argument("--eval-every", type=int, default=None,
+                   help="valid evaluations every N steps (default: once, at the end; the divergence guard needs more)")
+    p.add_argument("--b-lr-ratio", type=float, default=None,
+                   help="LoRA+ ratio of B's learning rate (train --b-lr-ratio; default: train's); runs get the suffix -bRATIO")
+    p.add_argument("--max-rollbacks", type=int, default=None,
+                   help="divergence guard's limit (train --max-rollbacks; 0 = off; default: train's)")
     p.add_argument("--base-model", default=None, help="encoder directory (default: MiniLM-L6 from its PyPI package)")
     p.add_argument("--workdir", type=Path, default=Path("/tmp/ads-relevance-collapse"))
     p.add_argument("--out", type=Path, default=None, help="writes OUT.md and OUT.json")
@@ -55,8 +63,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.quick:
         args.settings, args.seeds, args.max_steps, args.methods = "demo-conflict", "0,1", 4, "mtl-lora"
         args.workdir = args.workdir.with_name(args.workdir.name + "-quick")
+    args.eval_every = args.eval_every or args.max_steps
     args.out = output_path(args.out, "collapse_search", args.quick)
     return args
+
+
+def run_name(args: argparse.Namespace, method: str, seed: int) -> str:
+    """``METHOD-seedS``, suffixed by any evaluation cadence, guard limit or LoRA+ ratio other than the defaults."""
+    suffix = "" if args.eval_every == args.max_steps else f"-eval{args.eval_every}"
+    suffix += "" if args.max_rollbacks is None else f"-rb{args.max_rollbacks}"
+    suffix += "" if args.b_lr_ratio is None else f"-b{args.b_lr_ratio:g}"
+    return f"{method}-seed{seed}{suffix}"
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -116,7 +133,6 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     args = parse_args(argv)
     from relevance.training.config import TrainConfig
-    from relevance.training.loop import train
 
     base = base_model_for(args)
     env, started, rows = environment(), time.perf_counter(), []
@@ -128,19 +144,25 @@ def main(argv: list[str] | None = None) -> int:
         ds = dataset(args.workdir, setting, args.quick)
         for method in [m for m in args.methods.split(",") if m]:
             for seed in parse_seeds(args.seeds):
-                out = args.workdir / setting / "runs" / f"{method}-seed{seed}"
+                out = args.workdir / setting / "runs" / run_name(args, method, seed)
                 t0 = time.perf_counter()
-                train(TrainConfig(data=str(ds), method=method, base_model=base, out=str(out), seed=seed,
-                                  max_steps=args.max_steps, batch_size=args.batch_size, max_length=args.max_length,
-                                  learning_rate=args.learning_rate, eval_every=args.max_steps, track=False,
-                                  progress=False))
+                train_or_reuse(TrainConfig(data=str(ds), method=method, base_model=base, out=str(out), seed=seed,
+                                           max_steps=args.max_steps, batch_size=args.batch_size,
+                                           max_length=args.max_length, learning_rate=args.learning_rate,
+                                           eval_every=args.eval_every, track=False, progress=False,
+                                           max_rollbacks=args.max_rollbacks, b_lr_ratio=args.b_lr_ratio))
+                info = json.loads((out / "run_info.json").read_text())
                 spread = market_spread(out)
                 bad = sorted(m for m, v in spread.items() if v["degenerate"])
                 rows.append({"setting": setting, "method": method, "seed": seed, "markets": spread,
-                             "degenerate": bad, "seconds": round(time.perf_counter() - t0, 1)})
+                             "degenerate": bad, "best_step": info.get("best_step"),
+                             "rollbacks": info.get("rollbacks", []),
+                             "seconds": round(info.get("train_time_s") or time.perf_counter() - t0, 1)})
                 print(f"{setting} {method} seed {seed}: " + ", ".join(
                     f"{m} {v['auc']:.3f} (std {v['score_std']:.3f})" for m, v in spread.items())
-                    + (f"  DEGENERATE: {bad}" if bad else ""), flush=True)
+                    + (f"  DEGENERATE: {bad}" if bad else "")
+                    + (f"  rollbacks at {[rb['step'] for rb in rows[-1]['rollbacks']]}" if rows[-1]["rollbacks"] else ""),
+                    flush=True)
     write_result(args, {"environment": env, "base_model": base, "runs": rows,
                         "wall_time_s": round(time.perf_counter() - started, 1)}, render)
     return 0
@@ -171,6 +193,16 @@ def summary_table(runs: list[dict]) -> list[str]:
     return lines
 
 
+def guard_label(settings: dict) -> str:
+    """How the table names the divergence guard's setting: it needs an evaluation before the last to act."""
+    limit = settings.get("max_rollbacks")
+    if limit == 0:
+        return "off"
+    if (settings.get("eval_every") or settings["max_steps"]) >= settings["max_steps"]:
+        return "idle (one evaluation, nothing to go back to)"
+    return "train's default limit" if limit is None else f"at most {limit} rollbacks"
+
+
 def render(result: dict) -> str:
     runs = result["runs"]
     hits = [r for r in runs if r["degenerate"]]
@@ -178,14 +210,22 @@ def render(result: dict) -> str:
     lines = ["# Collapse search (issue 15)", "",
              f"{len(runs)} runs (setting × method × seed) on `{model_label(result['base_model'])}`, {s['max_steps']} "
              f"steps × {s['batch_size']}, lr {s['learning_rate']}, max length {s['max_length']}; commit "
-             f"{result['environment']['commit']}, {result['environment']['date']}, wall {result['wall_time_s']:.0f} s.",
+             f"{result['environment']['commit']}, {result['environment']['date']}, wall {result['wall_time_s']:.0f} s "
+             f"(training {sum(r.get('seconds') or 0 for r in runs):.0f} s summed over the runs; a run reused from the "
+             "work folder counts the time it took when it was trained).",
+             f"Valid evaluation every {s.get('eval_every') or s['max_steps']} steps (the best one's weights ship); "
+             f"divergence guard: {guard_label(s)}; B's learning rate: "
+             f"{'train default LoRA+ ratio' if s.get('b_lr_ratio') is None else format(s['b_lr_ratio'], 'g') + '×'}.",
              "A market is degenerate when its test score std < 0.01 or its AUC interval contains 0.5.", "",
              f"**Degenerate markets found: {sum(len(r['degenerate']) for r in runs)} in {len(hits)} of {len(runs)} runs.**",
              "", *summary_table(runs), "",
-             "| setting | method | seed | per-market test AUC (score std) | degenerate |", "|---|---|---:|---|---|"]
+             "| setting | method | seed | per-market test AUC (score std) | degenerate | best step | rollbacks |",
+             "|---|---|---:|---|---|---:|---|"]
     for r in runs:
         cells = ", ".join(f"{m} {v['auc']:.3f} ({v['score_std']:.3f})" for m, v in r["markets"].items())
-        lines.append(f"| {r['setting']} | {r['method']} | {r['seed']} | {cells} | {', '.join(r['degenerate']) or '—'} |")
+        rollbacks = ", ".join(f"{rb['step']}→{rb['to_step']} ({', '.join(rb['markets'])})" for rb in r.get("rollbacks", []))
+        lines.append(f"| {r['setting']} | {r['method']} | {r['seed']} | {cells} | {', '.join(r['degenerate']) or '—'} | "
+                     f"{r.get('best_step', '—')} | {rollbacks or '—'} |")
     return "\n".join(lines) + "\n"
 
 

@@ -32,7 +32,7 @@ import sys
 import time
 from pathlib import Path
 
-from _env import environment, model_label, output_path  # noqa: E402  (benchmarks/ is sys.path[0] when a script runs)
+from _env import environment, model_label, output_path, train_or_reuse  # noqa: E402  (benchmarks/ is sys.path[0] when a script runs)
 from collapse_search import base_model_for, parse_seeds, write_result  # noqa: E402
 from per_market_lr import demo_dataset  # noqa: E402
 
@@ -68,25 +68,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def run(config, reuse: bool = True) -> Path:
-    """Train ``config`` unless its finished run is already there with the same settings."""
-    from relevance.training.checkpoint import config_differences
-    from relevance.training.config import RUNTIME_FIELDS
-    from relevance.training.loop import train
-
-    out = Path(config.out)
-    saved = out / "train_config.json"
-    if reuse and (out / "run_info.json").is_file() and saved.is_file():
-        if not config_differences(json.loads(saved.read_text()), config.to_dict(), set(RUNTIME_FIELDS)):
-            return out
-    if out.exists():
-        import shutil
-
-        shutil.rmtree(out)
-    train(config)
-    return out
-
-
 def history(out: Path) -> list[dict]:
     steps = sorted(p for p in (out / "checkpoints").iterdir() if p.name.startswith("step-"))
     return json.loads((steps[-1] / "state.json").read_text())["progress"]["history"]
@@ -95,11 +76,11 @@ def history(out: Path) -> list[dict]:
 def collapses(hist: list[dict]) -> list[dict]:
     """Each evaluation of a guard-off run at which some market had collapsed against the best evaluation
     before it (the best chosen as the loop chooses it: the highest mean valid AUC so far)."""
-    from relevance.training.divergence import collapsed_markets
+    from relevance.training.divergence import collapsed_markets, peak_spreads
 
     found, best, best_value = [], {}, None
-    for e in hist:
-        markets = collapsed_markets(best, e["score_std"])
+    for i, e in enumerate(hist):
+        markets = collapsed_markets(best, e["score_std"], peak=peak_spreads(hist[: i + 1]))
         if markets:
             found.append({"step": e["step"], "markets": markets})
         if best_value is None or e["valid_auc_mean"] > best_value:
@@ -131,12 +112,12 @@ def search_one(args: argparse.Namespace, ds: Path, base: str, method: str, lr: f
                            b_lr_ratio=args.b_lr_ratio, track=False, progress=False, **kw)
 
     t0 = time.perf_counter()
-    off = run(config("off", max_rollbacks=0))
+    off = train_or_reuse(config("off", max_rollbacks=0))
     found = collapses(history(off))
     row = {"method": method, "lr": lr, "seed": seed, "collapses": found, "off": {
         "best_step": json.loads((off / "run_info.json").read_text())["best_step"], "test_auc": test_aucs(off)}}
     if found:
-        on = run(config("guard"))
+        on = train_or_reuse(config("guard"))
         info = json.loads((on / "run_info.json").read_text())
         cmp = paired_comparison(pd.read_parquet(off / "predictions" / "test.parquet"),
                                 pd.read_parquet(on / "predictions" / "test.parquet"), n_boot=1000, seed=0)
