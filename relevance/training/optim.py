@@ -32,7 +32,11 @@ as Λ_t / w_t's own multiple max(3, T) grows — the two rates trade the same th
 against the agreeing markets — to 1.33× for 9 markets, between the 1× and 2× that held there (seeds 0-2 at
 1.33×: MTL-LoRA +0.035 macro over shared LoRA, no agreeing market worse in any seed). On the demo's data (5
 markets, 2.4×, 4 seeds) MTL-LoRA's macro stayed (0.868 → 0.870) while shared LoRA's fell (0.789 → 0.751): a
-baseline cost, reported with it. 8× and 16× were unstable at lr 5e-4 (crossing seed 2: es's valid AUC fell to
+baseline cost, reported with it, and it is collapses — on a Zen 3 in fp32, 2 of 4 shared LoRA seeds scored every
+row alike from step 75 or 100 at 2.4× and none at 1× (``divergence_guard{,_lora_one_rate}.md``), as per-market
+LoRA's own-market B faded one market to a constant score in 2 of 6 demo-conflict seeds at 4× and none at 1×
+(``collapse_search_demo_conflict_eval20*.md``); the divergence guard rolls back the ones it can see
+(``divergence.py``). 8× and 16× were unstable at lr 5e-4 (crossing seed 2: es's valid AUC fell to
 0.45 under MTL-LoRA at 8×, shared LoRA never left AUC 0.5 at 16×). Figures:
 ``benchmarks/results/policy_{crossing,nested}.md`` (labels ``lora-plus-4``, ``lora-plus-2``, ``lora-plus-3``),
 ``quality_lora_plus{,2,_tlr3,_rule}_zen5.md``, ``lora_plus_demo{,_one_rate}.md``.
