@@ -48,6 +48,11 @@ def model_label(path: str) -> str:
     return f"{p.parent.name}/{p.name}" if p.name == "model" and p.parent.name else p.name
 
 
+def ratio_label(b_lr_ratio: float | None) -> str:
+    """How a table names the up-projections' learning-rate multiple (``None``: train's default)."""
+    return "train's default LoRA+ ratio" if b_lr_ratio is None else f"{b_lr_ratio:g}× (LoRA+)"
+
+
 BF16_FLAGS = ("amx_bf16", "avx512_bf16")  # what decides bf16 speed on a CPU (README, Precision)
 
 

@@ -26,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-from _env import environment, model_label, output_path, train_or_reuse  # noqa: E402  (benchmarks/ is sys.path[0] when a script runs)
+from _env import environment, model_label, output_path, ratio_label, train_or_reuse  # noqa: E402  (benchmarks/ is sys.path[0] when a script runs)
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -215,7 +215,7 @@ def render(result: dict) -> str:
              "work folder counts the time it took when it was trained).",
              f"Valid evaluation every {s.get('eval_every') or s['max_steps']} steps (the best one's weights ship); "
              f"divergence guard: {guard_label(s)}; B's learning rate: "
-             f"{'train default LoRA+ ratio' if s.get('b_lr_ratio') is None else format(s['b_lr_ratio'], 'g') + '×'}.",
+             f"{ratio_label(s.get('b_lr_ratio'))}.",
              "A market is degenerate when its test score std < 0.01 or its AUC interval contains 0.5.", "",
              f"**Degenerate markets found: {sum(len(r['degenerate']) for r in runs)} in {len(hits)} of {len(runs)} runs.**",
              "", *summary_table(runs), "",

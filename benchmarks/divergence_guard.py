@@ -32,7 +32,7 @@ import sys
 import time
 from pathlib import Path
 
-from _env import environment, model_label, output_path, train_or_reuse  # noqa: E402  (benchmarks/ is sys.path[0] when a script runs)
+from _env import environment, model_label, output_path, ratio_label, train_or_reuse  # noqa: E402  (benchmarks/ is sys.path[0] when a script runs)
 from collapse_search import base_model_for, parse_seeds, write_result  # noqa: E402
 from per_market_lr import demo_dataset  # noqa: E402
 
@@ -74,13 +74,13 @@ def history(out: Path) -> list[dict]:
 
 
 def collapses(hist: list[dict]) -> list[dict]:
-    """Each evaluation of a guard-off run at which some market had collapsed against the best evaluation
-    before it (the best chosen as the loop chooses it: the highest mean valid AUC so far)."""
+    """Each evaluation of a guard-off run at which some market had collapsed as the loop's guard judges it:
+    against its own peak spread so far and the best evaluation before it (the highest mean valid AUC)."""
     from relevance.training.divergence import collapsed_markets, peak_spreads
 
     found, best, best_value = [], {}, None
     for i, e in enumerate(hist):
-        markets = collapsed_markets(best, e["score_std"], peak=peak_spreads(hist[: i + 1]))
+        markets = collapsed_markets(best, e["score_std"], peak=peak_spreads(hist[: i + 1]))  # the loop's history
         if markets:
             found.append({"step": e["step"], "markets": markets})
         if best_value is None or e["valid_auc_mean"] > best_value:
@@ -199,7 +199,7 @@ def summary(runs: list[dict]) -> list[str]:
 
 def render(result: dict) -> str:
     runs, s, e = result["runs"], result["settings"], result["environment"]
-    ratio = "train's default LoRA+ ratio" if s.get("b_lr_ratio") is None else f"{s['b_lr_ratio']:g}× (LoRA+)"
+    ratio = ratio_label(s.get("b_lr_ratio"))
     lines = ["# Divergence guard (issue 15)", "",
              f"`make demo`'s data, `{model_label(result['base_model'])}`, {s['max_steps']} steps × 32, max length 64, "
              f"evaluations every {s['eval_every']} steps; up-projections B at {ratio}. "

@@ -106,6 +106,7 @@ def test_guard_rolls_back_a_market_that_faded_before_the_best_evaluation() -> No
     assert guard(prog, history[-1]["score_std"], 2, model, optimizer, scheduler, best) is True
     assert prog.rollbacks == [{"step": 80, "to_step": 60, "markets": ["us"], "lr_scale": LR_FACTOR}]
 
+
 # -- in the training loop --------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -209,12 +210,12 @@ def test_per_market_lora_market_that_fades_on_minilm_is_rolled_back_and_recovers
     80 and us trains on (test std 0.031, AUC 0.745 on a Zen 3 EPYC). One thread and fp32 are pinned because
     the trajectory is chaotic: another thread count or precision takes another path, which may not collapse
     at all; the assertions hold either way."""
-    from relevance.data.demo_data import write_demo_data
-    from relevance.data.ingest import ingest
-    from relevance.evaluation.degenerate import SPREAD_FLOOR
     import pandas as pd
 
     from data_contracts.splits import parse_fractions
+    from relevance.data.demo_data import write_demo_data
+    from relevance.data.ingest import ingest
+    from relevance.evaluation.degenerate import SPREAD_FLOOR
     from relevance.pipeline_plan import demo_base_model
 
     write_demo_data(tmp_path / "raw", markets="de,fr,us", rows_per_market=1500, seed=0)
