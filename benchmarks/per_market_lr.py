@@ -64,6 +64,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--precision", default="fp32", choices=("auto", "fp32", "bf16"))
     p.add_argument("--b-lr-ratio", type=float, default=None,
                    help="LoRA+ ratio for every run (train --b-lr-ratio; default: the library's); own run dirs")
+    p.add_argument("--pml-b-lr-ratios", default="",
+                   help="LoRA+ ratios for per-market LoRA alone, comma-separated: each row is trained at each (shared "
+                        "LoRA keeps --b-lr-ratio); empty: per-market LoRA as every run")
     p.add_argument("--mtl-lora", action="store_true",
                    help="also train MTL-LoRA (library defaults) per seed and report it against shared LoRA")
     p.add_argument("--workdir", type=Path, default=None, help="default: /tmp/ads-relevance-per-market-lr-<setting>")
@@ -135,8 +138,10 @@ def main(argv: list[str] | None = None) -> int:
     scales = [float(s) for s in args.scales.split(",") if s]
     starts = [float(s) for s in args.shared_starts.split(",") if s]
     seeds = [int(s) for s in args.seeds.split(",") if s]
+    pml_ratios: list[float | None] = [float(s) for s in args.pml_b_lr_ratios.split(",") if s] or [None]
 
     train_s: dict[str, float] = {}  # each run's own training time (a reused run keeps the one it was made in)
+    degenerate: dict[str, list[str]] = {}  # run -> markets whose test scores are degenerate (run_info.json)
 
     ratio = {} if args.b_lr_ratio is None else {"b_lr_ratio": args.b_lr_ratio}
 
@@ -145,9 +150,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[seed {seed}] {name}", flush=True)
         config = TrainConfig(data=str(data), method=method, base_model=base, out=str(args.workdir / "runs" /
                              f"{name}-seed{seed}"), seed=seed, precision=args.precision, track=False,
-                             progress=False, **recipe, **ratio, **extra)
+                             progress=False, **recipe, **{**ratio, **extra})
         out = train_once(config)
-        train_s[out.name] = json.loads((out / "run_info.json").read_text())["train_time_s"]
+        info = json.loads((out / "run_info.json").read_text())
+        train_s[out.name] = info["train_time_s"]
+        if info.get("degenerate", {}).get("test"):
+            degenerate[out.name] = sorted(info["degenerate"]["test"])
         return pd.read_parquet(out / "predictions" / "test.parquet")
 
     results: dict[str, dict] = {}
@@ -162,16 +170,17 @@ def main(argv: list[str] | None = None) -> int:
         shared = run("lora", "lora", seed)
         if args.mtl_lora:
             compare(MTL_ROW, seed, shared, run("mtl-lora", "mtl-lora", seed))
-        for scale, start in [(scale, start) for scale in scales for start in starts]:
-            key = f"{scale:g}" + (f", shared start {start:g}" if start else "")
-            extra = {"task_lr_scale": scale, **({"shared_start": start} if start else {})}
-            name = f"per-market-lora-x{scale:g}" + (f"-shared{start:g}" if start else "")
+        for scale, start, b in [(sc, st, b) for sc in scales for st in starts for b in pml_ratios]:
+            key = f"{scale:g}" + (f", shared start {start:g}" if start else "") + (f", B {b:g}×" if b else "")
+            extra = {"task_lr_scale": scale, **({"shared_start": start} if start else {}),
+                     **({"b_lr_ratio": b} if b else {})}
+            name = f"per-market-lora-x{scale:g}" + (f"-shared{start:g}" if start else "") + (f"-b{b:g}" if b else "")
             compare(key, seed, shared, run(name, "per-market-lora", seed, **extra))
     out = {"benchmark": "per_market_lr", "setting": args.setting, "recipe": recipe, "base_model": base,
-           "data": str(data), "b_lr_ratio": args.b_lr_ratio, "scales": scales, "shared_starts": starts,
+           "data": str(data), "b_lr_ratio": args.b_lr_ratio, "pml_b_lr_ratios": pml_ratios, "scales": scales, "shared_starts": starts,
            "seeds": seeds, "precision": args.precision,
            "environment": env, "results": results, "wall_time_s": round(time.perf_counter() - started, 1),
-           "train_time_s": train_s}
+           "train_time_s": train_s, "degenerate_test": degenerate}
     write(out, args.out)
     return 0
 
@@ -197,7 +206,9 @@ def render(r: dict) -> str:
                 else ". ")
              + f"`{'/'.join(Path(r['base_model']).parts[-2:])}`, {rec['max_steps']} steps × {rec['batch_size']}, {rec['max_length']} "
              f"tokens, lr {rec['learning_rate']}, {r['precision']}; seeds {', '.join(map(str, r['seeds']))}; "
-             f"LoRA+ ratio {r['b_lr_ratio'] if r.get('b_lr_ratio') is not None else 'the default'} (every run). "
+             f"LoRA+ ratio {r['b_lr_ratio'] if r.get('b_lr_ratio') is not None else 'the default'} (every run"
+             + (", but per-market LoRA where its row says `B X×`" if any(r.get("pml_b_lr_ratios") or []) else "")
+             + "). "
              "Row: per-market LoRA with its A_t/B_t at the multiple × lr (with a shared start: that fraction "
              "of the steps trained as one shared adapter first, `train --shared-start`; MTL-LoRA (defaults): "
              "`--mtl-lora`). Cell: the row's method − shared LoRA "
@@ -217,6 +228,10 @@ def render(r: dict) -> str:
     first = next(iter(by_scale.values()))
     lines.append("| shared LoRA AUC | " + " | ".join(
         f"{statistics.fmean(first[s][k]['auc_a'] for s in first):.3f}" for k in keys) + " |")
+    if r.get("degenerate_test"):
+        lines += ["", "Runs with degenerate test markets (near-constant scores or an AUC interval containing 0.5; "
+                  "a difference against such a shared LoRA measures its failure, not the row's method): " + "; ".join(
+                      f"`{run}` {', '.join(markets)}" for run, markets in r["degenerate_test"].items()) + "."]
     return "\n".join([*lines, ""])
 
 

@@ -20,7 +20,7 @@ def train_task(config: dict[str, Any]) -> dict[str, Any]:
 
 @flow(name="train", **PERSIST)
 def train_flow(data: str, method: str, base_model: str, out: str, max_steps: int | None = None, epochs: int = 1,
-               batch_size: int = 32, max_length: int = 128, learning_rate: float = 5e-4, eval_every: int = 200,
+               batch_size: int = 32, max_length: int = 128, learning_rate: float = 5e-4, eval_every: int | None = None,
                seed: int = 0, tracking_uri: str | None = None) -> dict[str, Any]:
     """Fine-tune the cross-encoder on the curated dataset ``data`` with one adapter ``method``."""
     from relevance.training.config import TrainConfig

@@ -74,7 +74,7 @@ def train_command(
     sampling: Annotated[Sampling, typer.Option(help="Market mix per epoch: proportional to size, or temperature p_t ∝ n_t^(1/T).", rich_help_panel=_OPT)] = Sampling.proportional,
     sampling_temperature: Annotated[float, typer.Option(help="T for --sampling temperature (larger: closer to uniform).", rich_help_panel=_OPT)] = 2.0,
     seed: Annotated[int, typer.Option(help="Seed of initialisation, sampling and dropout.", rich_help_panel=_OPT)] = 0,
-    eval_every: Annotated[int, typer.Option(help="Evaluate per-market valid AUC every K steps (and at the end).", rich_help_panel=_EVAL)] = 200,
+    eval_every: Annotated[Optional[int], typer.Option(help="Evaluate per-market valid AUC every K steps (and at the end); the best evaluation's weights ship and the divergence guard goes back to them. Default: a quarter of the run's steps, at most 200.", rich_help_panel=_EVAL)] = None,
     checkpoint_every: Annotated[Optional[int], typer.Option(help="Checkpoint every K steps (default: --eval-every).", rich_help_panel=_EVAL)] = None,
     keep_checkpoints: Annotated[int, typer.Option(help="Newest checkpoints kept.", rich_help_panel=_EVAL)] = 2,
     patience: Annotated[Optional[int], typer.Option(help="Stop after this many evaluations without improvement of the mean valid AUC (default: never).", rich_help_panel=_EVAL)] = None,

@@ -21,7 +21,7 @@ import json
 import os
 import shutil
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -160,6 +160,14 @@ def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any], ign
 
 
 # -- the run directory around the checkpoints ----------------------------------------------------
+
+def with_saved_field(config: Any, out: Path, name: str) -> Any:
+    """``config`` with field ``name`` as ``out``'s saved ``train_config.json`` holds it, when it holds a value: a
+    run made before that field's default changed resumes as it was made, not with the new default."""
+    saved_path = out / "train_config.json"
+    value = json.loads(saved_path.read_text()).get(name) if saved_path.is_file() else None
+    return config if value is None else replace(config, **{name: value})
+
 
 def check_run_dir(out: Path, config: Mapping[str, Any], resume: bool, ignore: set[str]) -> bool:
     """Validate ``out`` for a new run or a resumption; return True when resuming an existing run.

@@ -117,6 +117,8 @@ class Run:
 
     def __init__(self, config: TrainConfig, d: Dist) -> None:
         self.config, self.d, self.out, self.main = config, d, Path(config.out), d.rank == 0
+        if config.resume and config.eval_every is None:  # a run made when the default was 200 resumes so
+            config = self.config = ckpt.with_saved_field(config, self.out, "eval_every")
         local = Path(config.base_model).expanduser()
         self.base_model = str(local.absolute()) if local.exists() else config.base_model  # as run_info says
         resuming = ckpt.check_run_dir(self.out, self.record(), config.resume, set(RUNTIME_FIELDS))
@@ -140,6 +142,7 @@ class Run:
                                           config.batch_size, config.seed, config.temperature, rank=d.rank,
                                           world_size=d.world, single_market=config.separate)
         self.total = config.max_steps or config.epochs * self.sampler.batches_per_epoch
+        self.eval_every = config.eval_interval(self.total)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         # markets with rows in the batches (add_market: the added ones only, the others are frozen)
         n_markets = train_df["market"].nunique()
@@ -216,6 +219,7 @@ class Run:
             "shared_steps": self.shared_steps,  # per-market-lora: steps its markets trained one shared adapter
             "precision": resolve_precision(config.precision, self.d.device),
             "rollbacks": prog.rollbacks,  # the divergence guard's (relevance.training.divergence)
+            "eval_every": self.eval_every,  # steps between valid evaluations (the guard acts on them)
         }
 
     def _resume(self, path: Path) -> None:
@@ -363,9 +367,9 @@ class Run:
             bar.set_postfix(loss=f"{ema:.4f}", ex_s=f"{prog.examples_seen / max(prog.step_time_s, 1e-9):.0f}",
                             refresh=False)
             done = prog.step >= self.total
-            if prog.step % config.eval_every == 0 or done:
+            if prog.step % self.eval_every == 0 or done:
                 self._evaluate()
-            if prog.step % (config.checkpoint_every or config.eval_every) == 0 or done or prog.stopped:
+            if prog.step % (config.checkpoint_every or self.eval_every) == 0 or done or prog.stopped:
                 prog.train_time_s = before + time.perf_counter() - start
                 self._checkpoint()
             if on_step is not None:

@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parents[3]
 RUN_INFO_KEYS = {"method", "run_name", "base_model", "trainable_params", "train_time_s", "examples_per_s",
                  "mlflow_run_id", "data_fingerprint", "best_step", "markets", "task_map", "degenerate",
                  "market_prior_offsets", "prior_logit", "models_to_serve", "precision", "task_lr_multiplier",
-                 "shared_steps", "b_lr_ratio", "rollbacks"}
+                 "shared_steps", "b_lr_ratio", "rollbacks", "eval_every"}
 
 
 @pytest.fixture(scope="module")
@@ -76,6 +76,7 @@ def _config(env: dict[str, Path], out: Path, **kw) -> TrainConfig:
     ("uniform_mixing_init", "yes", "TrainConfig.uniform_mixing_init='yes'"),
     ("shared_start", 1.0, "TrainConfig.shared_start=1.0"),
     ("max_rollbacks", -1, "TrainConfig.max_rollbacks=-1"),
+    ("eval_every", 0, "TrainConfig.eval_every=0"),
     ("shared_start", 0.5, "only per-market-lora has per-market adapters"),  # method lora
 ])
 def test_train_config_rejects_bad_values(field: str, value: object, match: str) -> None:
@@ -245,6 +246,29 @@ def test_existing_run_needs_resume_and_resume_checks_hyper_parameters(env, tmp_p
     # Runtime fields (progress, tracking) may change on resume; a finished run resumes to the same end.
     again = train(_config(env, out, max_steps=2, eval_every=2, resume=True, progress=True))
     assert again.run_info["best_step"] == 2
+
+
+def test_by_default_a_run_is_evaluated_four_times_so_the_guard_has_weights_to_go_back_to(env, tmp_path: Path) -> None:
+    """Without --eval-every a run is evaluated every quarter of its steps (at least 1, at most 200), not only at
+    its end: the divergence guard can only go back to an evaluation it has."""
+    assert [_config(env, tmp_path, eval_every=None).eval_interval(t) for t in (1, 3, 8, 9, 200, 5000)] == \
+        [1, 1, 2, 3, 50, 200]
+    assert _config(env, tmp_path, eval_every=7).eval_interval(5000) == 7
+    out = tmp_path / "run"
+    result = train(_config(env, out, max_steps=8, eval_every=None))
+    state = json.loads(sorted(out.glob("checkpoints/step-*/state.json"))[-1].read_text())
+    assert [h["step"] for h in state["progress"]["history"]] == [2, 4, 6, 8]
+    assert result.run_info["eval_every"] == 2 and json.loads((out / "train_config.json").read_text())["eval_every"] is None
+
+
+def test_a_run_resumes_at_the_evaluation_cadence_it_was_made_with(env, tmp_path: Path) -> None:
+    """A run saved with an explicit cadence (every run before the default changed holds 200) resumes with it when
+    none is given, and refuses another one."""
+    out = tmp_path / "run"
+    train(_config(env, out, max_steps=2, eval_every=200))
+    assert train(_config(env, out, max_steps=2, eval_every=None, resume=True)).run_info["eval_every"] == 200
+    with pytest.raises(ValueError, match="eval_every: run has 200, now 1"):
+        train(_config(env, out, max_steps=2, eval_every=1, resume=True))
 
 
 def test_a_run_resumes_at_the_lora_plus_ratio_it_started_with(env, tmp_path: Path, monkeypatch) -> None:
