@@ -110,8 +110,7 @@ QUALITY = (("Quality (CPU)", "quality.md"), ("Quality on GPU", "quality_gpu.md")
            ("MTL-LoRA's knobs n and τ on planted data (issue 13)", "mtl_knobs.md"),
            ("Per-market LoRA's learning-rate multiple on the demo data (issue 15)", "per_market_lr_demo.md"),
            ("Per-market LoRA on the nested policy data (issue 15)", "per_market_lr_nested.md"),
-           ("Per-market LoRA's LoRA+ ratio (2x vs 4x) and MTL-LoRA on the nested policy data, fp32, Zen 3 "
-            "(issue 15)",
+           ("Per-market LoRA's LoRA+ ratio (2x vs 4x) and MTL-LoRA on the nested policy data, fp32 (issue 15)",
             "per_market_lr_nested_b_ratio_fp32.md"),
            ("Evaluation cadence and the divergence guard on the nested policy data (issue 15)",
             "eval_cadence_nested.md"),

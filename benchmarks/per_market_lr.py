@@ -29,6 +29,7 @@ Runs are kept in ``--workdir`` and reused when their config matches, so an inter
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import statistics
@@ -170,15 +171,16 @@ def main(argv: list[str] | None = None) -> int:
         shared = run("lora", "lora", seed)
         if args.mtl_lora:
             compare(MTL_ROW, seed, shared, run("mtl-lora", "mtl-lora", seed))
-        for scale, start, b in [(sc, st, b) for sc in scales for st in starts for b in pml_ratios]:
+        for scale, start, b in itertools.product(scales, starts, pml_ratios):
             key = f"{scale:g}" + (f", shared start {start:g}" if start else "") + (f", B {b:g}×" if b else "")
             extra = {"task_lr_scale": scale, **({"shared_start": start} if start else {}),
                      **({"b_lr_ratio": b} if b else {})}
-            name = f"per-market-lora-x{scale:g}" + (f"-shared{start:g}" if start else "") + (f"-b{b:g}" if b else "")
+            name = (f"per-market-lora-x{scale:g}" + (f"-shared{start:g}" if start else "")
+                    + (f"-b{b:g}" if b else ""))
             compare(key, seed, shared, run(name, "per-market-lora", seed, **extra))
     out = {"benchmark": "per_market_lr", "setting": args.setting, "recipe": recipe, "base_model": base,
-           "data": str(data), "b_lr_ratio": args.b_lr_ratio, "pml_b_lr_ratios": pml_ratios, "scales": scales, "shared_starts": starts,
-           "seeds": seeds, "precision": args.precision,
+           "data": str(data), "b_lr_ratio": args.b_lr_ratio, "pml_b_lr_ratios": pml_ratios, "scales": scales,
+           "shared_starts": starts, "seeds": seeds, "precision": args.precision,
            "environment": env, "results": results, "wall_time_s": round(time.perf_counter() - started, 1),
            "train_time_s": train_s, "degenerate_test": degenerate}
     write(out, args.out)
