@@ -12,7 +12,8 @@ exactly:
                                    market_prior_offsets, prior_logit, models_to_serve,
                                    precision (what ``auto`` resolved to: bf16 or fp32),
                                    task_lr_multiplier, shared_steps (per-market-lora's shared start),
-                                   rollbacks (the divergence guard's: step, to_step, markets, lr_scale)
+                                   rollbacks (the divergence guard's: step, to_step, markets, lr_scale;
+                                   scope "markets" when only those markets' adapters went back)
     RUN/predictions/valid.parquet  example_id, market, label, score, query_id (best weights)
     RUN/predictions/test.parquet
     RUN/checkpoints/step-NNNNNNNN/ see relevance.training.checkpoint
@@ -285,6 +286,9 @@ class Run:
         if rolled_back:
             self.tracker.log_metrics({"rollbacks": len(prog.rollbacks)}, prog.step)
             self.tracker.set_tags({"rollbacks": json.dumps(prog.rollbacks)})
+        if rolled_back == "markets":  # the other markets kept their weights: the mix is evaluated, may be the best
+            self._evaluate()
+            return
         if not rolled_back and (prog.best_metric is None or value > prog.best_metric + config.min_delta):
             prog.best_metric, prog.best_step, prog.bad_evals = value, prog.step, 0
             self.best = ckpt.trainable_state(self.model)

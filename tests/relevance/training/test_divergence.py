@@ -12,7 +12,8 @@ import torch
 from safetensors.torch import load_file
 
 from relevance.training.checkpoint import Progress
-from relevance.training.divergence import DROP, LR_FACTOR, collapsed_markets, guard, peak_spreads, roll_back
+from relevance.training.divergence import (DROP, LR_FACTOR, collapsed_markets, guard, own_adapter_parameters,
+                                           peak_spreads, roll_back, roll_back_markets)
 from relevance.training.loop import Run, TrainConfig, run_training, train
 
 
@@ -84,10 +85,10 @@ def test_guard_records_each_rollback_and_stops_at_the_limit(caplog) -> None:
     prog = Progress(step=40, best_step=20, history=[{"step": 20, "score_std": {"de": 0.1, "us": 0.2}}])
     collapsed = {"de": 0.0001, "us": 0.15}
     with caplog.at_level("WARNING", logger="relevance.training.divergence"):
-        assert guard(prog, {"de": 0.05, "us": 0.15}, 1, model, optimizer, scheduler, best) is False
-        assert guard(prog, collapsed, 1, model, optimizer, scheduler, best) is True
+        assert guard(prog, {"de": 0.05, "us": 0.15}, 1, model, optimizer, scheduler, best) is None
+        assert guard(prog, collapsed, 1, model, optimizer, scheduler, best) == "model"  # no adapters of its own
         prog.step = 60
-        assert guard(prog, collapsed, 1, model, optimizer, scheduler, best) is False  # limit spent
+        assert guard(prog, collapsed, 1, model, optimizer, scheduler, best) is None  # limit spent
     assert prog.rollbacks == [{"step": 40, "to_step": 20, "markets": ["de"], "lr_scale": LR_FACTOR}]
     messages = [r.getMessage() for r in caplog.records]
     assert "back to step 20's weights" in messages[0] and "de 0.0001" in messages[0]
@@ -103,8 +104,74 @@ def test_guard_rolls_back_a_market_that_faded_before_the_best_evaluation() -> No
                {"step": 60, "score_std": {"de": 0.138, "us": 0.0096}},
                {"step": 80, "score_std": {"de": 0.163, "us": 0.00046}}]  # the loop appends before guarding
     prog = Progress(step=80, best_step=60, history=history)
-    assert guard(prog, history[-1]["score_std"], 2, model, optimizer, scheduler, best) is True
+    assert guard(prog, history[-1]["score_std"], 2, model, optimizer, scheduler, best) == "model"
     assert prog.rollbacks == [{"step": 80, "to_step": 60, "markets": ["us"], "lr_scale": LR_FACTOR}]
+
+
+def _tiny_adapted(method: str):
+    """A tiny encoder with ``method``'s adapters for de/fr/us, every B non-zero, and AdamW moments for
+    every trainable parameter after one step."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from relevance.model.adapters import AdapterConfig, inject
+
+    torch.manual_seed(3)
+    model = BertForSequenceClassification(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1,
+                                                     num_attention_heads=2, intermediate_size=32, num_labels=1))
+    inject(model, AdapterConfig(method=method, markets=("de", "fr", "us"), r=4, target_modules=("query", "value"),
+                                modules_to_save=("classifier",)))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    sum(p.sum() for p in model.parameters() if p.requires_grad).backward()
+    optimizer.step()
+    return model, optimizer, scheduler
+
+
+def test_own_adapter_parameters_are_a_per_market_adapters_a_and_b_only() -> None:
+    model, _, _ = _tiny_adapted("per-market-lora")
+    us = own_adapter_parameters(model, ["us"])
+    task = str(model.adapter_config.task_map["us"])
+    assert us and all(n.rsplit(".", 1)[1] == task and (".lora_A." in n or ".lora_B." in n) for n in us)
+    assert sorted(own_adapter_parameters(model, ["de", "us"])) == sorted(own_adapter_parameters(model, ["de"]) + us)
+    assert own_adapter_parameters(model, ["gb"]) is None  # not a market of this model
+    for method in ("mtl-lora", "lora"):  # A and the B_i serve every market: nothing is a market's alone
+        assert own_adapter_parameters(_tiny_adapted(method)[0], ["us"]) is None
+
+
+def test_roll_back_markets_restores_only_their_parameters_and_moments() -> None:
+    model, optimizer, _ = _tiny_adapted("per-market-lora")
+    best = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    lr = [g["lr"] for g in optimizer.param_groups]
+    sum((p ** 2).sum() for p in model.parameters() if p.requires_grad).backward()
+    optimizer.step()
+    us = own_adapter_parameters(model, ["us"])
+    roll_back_markets(model, optimizer, best, us)
+    params = dict(model.named_parameters())
+    assert all(torch.equal(params[n], best[n]) for n in us)
+    assert all(not torch.equal(p, best[n]) for n, p in params.items() if p.requires_grad and n not in us)
+    assert all((params[n] in optimizer.state) == (n not in us) for n in best)
+    assert [g["lr"] for g in optimizer.param_groups] == lr
+
+
+def test_guard_rolls_back_one_market_alone_when_it_has_its_own_adapter() -> None:
+    """Per-market LoRA, nested policies (e5-small, seed 0): de-broad faded while de and es rose, and the
+    whole-model rollback cost those two more than it gave de-broad. Only de-broad's adapter goes back; when
+    every market collapsed the head is suspect and the whole model goes back."""
+    model, optimizer, scheduler = _tiny_adapted("per-market-lora")
+    best = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    history = [{"step": 100, "score_std": {"de": 0.2, "fr": 0.2, "us": 0.175}},
+               {"step": 150, "score_std": {"de": 0.3, "fr": 0.3, "us": 0.001}}]
+    prog = Progress(step=150, best_step=100, history=history)
+    assert guard(prog, history[-1]["score_std"], 2, model, optimizer, scheduler, best) == "markets"
+    assert prog.rollbacks == [{"step": 150, "to_step": 100, "markets": ["us"], "lr_scale": 1.0, "scope": "markets"}]
+    all_gone = {"de": 0.001, "fr": 0.001, "us": 0.001}
+    prog.step = 200
+    assert guard(prog, all_gone, 2, model, optimizer, scheduler, best) == "model"
+    assert prog.rollbacks[-1] == {"step": 200, "to_step": 100, "markets": ["de", "fr", "us"], "lr_scale": LR_FACTOR}
 
 
 # -- in the training loop --------------------------------------------------------------------------
@@ -131,9 +198,14 @@ def _config(env, out: Path, **kw) -> TrainConfig:
     return TrainConfig(**{**base, **kw})
 
 
-def _train(config: TrainConfig, collapse_at: int | None = None, stop_at: int | None = None):
-    """Train; after step ``collapse_at`` zero the classifier's weight (every score equal: the collapse a
-    diverging run reaches, made on purpose), after step ``stop_at`` crash."""
+def _zero_classifier(model: torch.nn.Module) -> None:
+    model.classifier.weight.zero_()
+
+
+def _train(config: TrainConfig, collapse_at: int | None = None, stop_at: int | None = None,
+           collapse=_zero_classifier):
+    """Train; after step ``collapse_at`` ``collapse`` the model (by default zero the classifier's weight:
+    every score equal, the collapse a diverging run reaches, made on purpose), after step ``stop_at`` crash."""
     models: list[torch.nn.Module] = []
 
     class Watched(Run):
@@ -145,7 +217,7 @@ def _train(config: TrainConfig, collapse_at: int | None = None, stop_at: int | N
     def on_step(step: int) -> None:
         if step == collapse_at:
             with torch.no_grad():
-                models[0].classifier.weight.zero_()
+                collapse(models[0])
         if step == stop_at:
             raise RuntimeError("crash")
 
@@ -176,6 +248,41 @@ def test_a_collapsed_run_goes_back_to_its_best_weights_and_recovers(env, tmp_pat
     late = [e for e in _history(tmp_path / "guarded") if e["step"] > 20]
     assert all(min(e["score_std"].values()) >= floor for e in late)
     assert guarded.run_info["best_step"] > 20
+
+
+def test_a_market_with_an_adapter_of_its_own_goes_back_alone_and_the_mix_is_evaluated(env, tmp_path: Path,
+                                                                                      caplog) -> None:
+    """``separate`` (one model per market: its own LoRA and head copy), lr 3e-2: de's valid scores spread by step
+    8. After step 9 de's head is zeroed and stops learning (its gradient is zeroed too), so de scores every row
+    alike at step 12. Only de's parameters go back (to its best evaluation's, which it then keeps); fr and us
+    keep what they learned since, and step 12 is evaluated again."""
+    from relevance.training.divergence import own_adapter_parameters
+
+    def freeze_de(model: torch.nn.Module) -> None:
+        weight = model.classifier.copies["de"].weight
+        weight.zero_()
+        weight.register_hook(torch.zeros_like)
+
+    out = tmp_path / "separate"
+    with caplog.at_level("WARNING", logger="relevance.training.divergence"):
+        result = _train(_config(env, out, method="separate", modules_to_save=("classifier",), learning_rate=3e-2,
+                                max_steps=16), collapse_at=9, collapse=freeze_de)
+    rollback = result.run_info["rollbacks"][0]
+    assert rollback["step"] == 12 and rollback["markets"] == ["de"] and rollback["scope"] == "markets"
+    assert rollback["lr_scale"] == 1.0
+    assert any("the other markets keep theirs" in r.getMessage() for r in caplog.records)
+    history = _history(out)
+    at_12 = [e["score_std"] for e in history if e["step"] == 12]
+    then = next(e["score_std"] for e in history if e["step"] == rollback["to_step"])
+    assert len(at_12) == 2  # the collapsed evaluation, then the mix
+    assert at_12[0]["de"] < 0.01 <= at_12[1]["de"] == then["de"]  # de's model is all its own: its scores are back
+    assert all(at_12[0][m] == at_12[1][m] for m in ("fr", "us"))
+    ckpts = out / "checkpoints"
+    before = load_file(str(ckpts / f"step-{rollback['to_step']:08d}" / "trainable.safetensors"))
+    now = load_file(str(ckpts / "step-00000012" / "trainable.safetensors"))
+    de = set(own_adapter_parameters(result.model, ["de"]))
+    assert de and all(torch.equal(now[k], before[k]) for k in de)
+    assert any(not torch.equal(now[k], before[k]) for k in now if k not in de)
 
 
 def test_a_run_that_never_collapses_is_untouched(env, tmp_path: Path) -> None:
