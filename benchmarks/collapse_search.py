@@ -216,14 +216,17 @@ def render(result: dict) -> str:
              f"Valid evaluation every {s.get('eval_every') or s['max_steps']} steps (the best one's weights ship); "
              f"divergence guard: {guard_label(s)}; B's learning rate: "
              f"{ratio_label(s.get('b_lr_ratio'))}.",
-             "A market is degenerate when its test score std < 0.01 or its AUC interval contains 0.5.", "",
+             "A market is degenerate when its test score std < 0.01 or its AUC interval contains 0.5. Rollbacks: "
+             "a→b (markets) went back from step a to step b because those markets collapsed; \"alone\": only their "
+             "own adapters went back, the other markets kept their weights.", "",
              f"**Degenerate markets found: {sum(len(r['degenerate']) for r in runs)} in {len(hits)} of {len(runs)} runs.**",
              "", *summary_table(runs), "",
              "| setting | method | seed | per-market test AUC (score std) | degenerate | best step | rollbacks |",
              "|---|---|---:|---|---|---:|---|"]
     for r in runs:
         cells = ", ".join(f"{m} {v['auc']:.3f} ({v['score_std']:.3f})" for m, v in r["markets"].items())
-        rollbacks = ", ".join(f"{rb['step']}→{rb['to_step']} ({', '.join(rb['markets'])})" for rb in r.get("rollbacks", []))
+        rollbacks = ", ".join(f"{rb['step']}→{rb['to_step']} ({', '.join(rb['markets'])}"
+                              f"{' alone' if rb.get('scope') == 'markets' else ''})" for rb in r.get("rollbacks", []))
         lines.append(f"| {r['setting']} | {r['method']} | {r['seed']} | {cells} | {', '.join(r['degenerate']) or '—'} | "
                      f"{r.get('best_step', '—')} | {rollbacks or '—'} |")
     return "\n".join(lines) + "\n"

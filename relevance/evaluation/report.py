@@ -131,15 +131,17 @@ def degenerate_sections(metrics: Mapping[str, Mapping[str, Any]], dirs: Mapping[
 def rollback_sections(infos: Mapping[str, Mapping[str, Any]]) -> list[Section]:
     """"Training rollbacks": each time a run's divergence guard (``relevance.training.divergence``) sent it
     back to its best weights; nothing when no run rolled back."""
-    rows = [[label, str(r["step"]), str(r["to_step"]), ", ".join(r["markets"]), f"{r['lr_scale']:g}×"]
+    rows = [[label, str(r["step"]), str(r["to_step"]), ", ".join(r["markets"]),
+             "their own adapters" if r.get("scope") == "markets" else "whole model", f"{r['lr_scale']:g}×"]
             for label, info in infos.items() for r in info.get("rollbacks") or []]
     if not rows:
         return []
     note = ("These runs collapsed during training: markets whose valid scores had spread scored every row alike. "
-            "Each went back to its best evaluation's weights with fresh AdamW moments at a lower learning rate "
-            "and trained on; the AUCs above are of the weights it shipped.")
+            "Each went back to its best evaluation's weights with fresh AdamW moments and trained on: the whole "
+            "model at a lower learning rate, or, where the collapsed markets have adapters of their own and the "
+            "others did not collapse, only those adapters. The AUCs above are of the weights it shipped.")
     return [("h", "## Training rollbacks"), ("p", note),
-            ("table", (["run", "collapsed at step", "back to step", "markets", "learning rate"], rows))]
+            ("table", (["run", "collapsed at step", "back to step", "markets", "went back", "learning rate"], rows))]
 
 
 def _efficiency_rows(infos: Mapping[str, Mapping[str, Any]]) -> Table:

@@ -224,10 +224,12 @@ def test_training_rollbacks_are_listed(runs: list[Path], report: dict, tmp_path:
     assert "## Training rollbacks" not in Path(report["report_md"]).read_text(encoding="utf-8")
     run = make_run(tmp_path, "r-back", "mtl-lora", _base_frame(), 5_678)
     info = json.loads((run / "run_info.json").read_text())
-    rollback = {"step": 100, "to_step": 50, "markets": ["de", "jp"], "lr_scale": 0.5}
-    (run / "run_info.json").write_text(json.dumps({**info, "rollbacks": [rollback]}))
+    rollbacks = [{"step": 100, "to_step": 50, "markets": ["de", "jp"], "lr_scale": 0.5},
+                 {"step": 150, "to_step": 100, "markets": ["jp"], "lr_scale": 0.5, "scope": "markets"}]
+    (run / "run_info.json").write_text(json.dumps({**info, "rollbacks": rollbacks}))
     res = build_report([runs[0], run], tmp_path / "out", n_boot=N_BOOT)
     listed = _section_rows(Path(res["report_md"]).read_text(encoding="utf-8"), "## Training rollbacks")
-    assert listed == [["run", "collapsed at step", "back to step", "markets", "learning rate"],
-                      ["mtl-lora", "100", "50", "de, jp", "0.5×"]]
+    assert listed == [["run", "collapsed at step", "back to step", "markets", "went back", "learning rate"],
+                      ["mtl-lora", "100", "50", "de, jp", "whole model", "0.5×"],
+                      ["mtl-lora", "150", "100", "jp", "their own adapters", "0.5×"]]
     assert "<h2>Training rollbacks</h2>" in Path(res["report_html"]).read_text(encoding="utf-8")
