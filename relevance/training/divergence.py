@@ -39,10 +39,12 @@ rose (valid AUC 0.685 / 0.830 → 0.918 / 0.936); the whole-model rollback to st
 test AUC de 0.726, es 0.835, de-broad 0.676 (macro 0.746, below the 0.791 of no rollback at all), while step
 200's weights with de-broad's step-100 adapter alone score de 0.899, es 0.927, de-broad 0.658 (macro 0.828):
 the shared head that moved on still reads the old adapter. MTL-LoRA's markets share A and the B_i, so a
-collapse there always rolls the whole model back. At most ``TrainConfig.max_rollbacks`` times a run (:data:`DEFAULT_MAX_ROLLBACKS`; 0
-switches the guard off); after that a collapse is only logged and the best weights still ship. A run that
-never collapses is untouched, bit for bit. Every rollback is in ``run_info.json`` (``rollbacks``), the
-evaluation history and the MLflow run (metric ``rollbacks``, tag ``rollbacks``).
+collapse there always rolls the whole model back.
+
+At most ``TrainConfig.max_rollbacks`` times a run (:data:`DEFAULT_MAX_ROLLBACKS`; 0 switches the guard off);
+after that a collapse is only logged and the best weights still ship. A run that never collapses is untouched,
+bit for bit. Every rollback is in ``run_info.json`` (``rollbacks``), the evaluation history and the MLflow run
+(metric ``rollbacks``, tag ``rollbacks``).
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ import torch
 from relevance.evaluation.degenerate import SPREAD_FLOOR, score_spread
 from relevance.model.adapters.inject import CONFIG_ATTR
 from relevance.training.checkpoint import Progress, load_trainable_state
+from relevance.training.optim import is_market_lora_parameter
 
 logger = logging.getLogger(__name__)
 DEFAULT_MAX_ROLLBACKS = 2
@@ -115,16 +118,12 @@ def own_adapter_parameters(model: torch.nn.Module, markets: list[str]) -> list[s
         if market not in task_map:
             return None
         task = str(task_map[market])
-        own = [n for n, p in model.named_parameters() if p.requires_grad and _owned(n.split("."), task, market)]
+        own = [n for n, p in model.named_parameters() if p.requires_grad and (
+               (is_market_lora_parameter(n) and n.endswith(f".{task}")) or f".copies.{market}." in n)]
         if not any(".lora_B." in n for n in own):
             return None
         names += own
     return names
-
-
-def _owned(parts: list[str], task: str, market: str) -> bool:
-    return any((a in ("lora_A", "lora_B") and b == task) or (a == "copies" and b == market)
-               for a, b in zip(parts, parts[1:]))
 
 
 def roll_back_markets(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
@@ -177,9 +176,8 @@ def guard(prog: Progress, spreads: Mapping[str, float], limit: int, model: torch
                        limit)
         return "markets"
     roll_back(model, optimizer, scheduler, best)
-    prog.rollbacks.append({"step": prog.step, "to_step": prog.best_step, "markets": markets,
-                           "lr_scale": LR_FACTOR ** (halvings + 1)})
+    scale = LR_FACTOR ** (halvings + 1)
+    prog.rollbacks.append({"step": prog.step, "to_step": prog.best_step, "markets": markets, "lr_scale": scale})
     logger.warning("%s: back to step %s's weights with fresh AdamW moments at %g× the learning rate "
-                   "(rollback %d of at most %d)", what, prog.best_step, LR_FACTOR ** (halvings + 1),
-                   len(prog.rollbacks), limit)
+                   "(rollback %d of at most %d)", what, prog.best_step, scale, len(prog.rollbacks), limit)
     return "model"
