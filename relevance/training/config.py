@@ -77,7 +77,8 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
                      "keep_checkpoints"), _POS_INT),
     **dict.fromkeys(("max_steps", "eval_every", "checkpoint_every", "patience", "multilora_n", "n_experts"),
                     _OPT_POS_INT),
-    "max_rollbacks": (lambda v: v is None or (_is_int(v) and v >= 0), "a non-negative integer or None"),
+    **dict.fromkeys(("max_rollbacks", "head_start"), (lambda v: v is None or (_is_int(v) and v >= 0),
+                                                     "a non-negative integer or None")),
     **dict.fromkeys(("alpha", "mtl_temperature", "learning_rate", "max_grad_norm", "sampling_temperature"), _POS_NUM),
     **dict.fromkeys(("weight_decay", "min_delta"), _NON_NEG),
     "mixing_init_scale": (lambda v: v is None or (_is_num(v) and v >= 0), "a non-negative number or None"),
@@ -120,6 +121,7 @@ class TrainConfig:
     b_lr_ratio: float | None = None
     shared_start: float | None = None
     market_prior: bool | None = None
+    head_start: int | None = None
     multilora_n: int | None = None
     n_experts: int | None = None
     adapter_dropout: float = 0.05

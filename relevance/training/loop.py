@@ -60,12 +60,14 @@ from relevance.training import divergence
 from relevance.training.batches import MultiMarketSampler
 from relevance.training.distributed import Dist, init_distributed
 from relevance.training.optim import linear_schedule, make_optimizer
+from relevance.training.head_start import start_head
 from relevance.training.shared_start import copy_first_state, shared_routing, shared_steps, tie_to_first
 from relevance.training.priors import per_example, prior_offsets
 from relevance import settings
 from relevance.training.tracking import NullTracker, Tracker, degenerate_flags, log_final, market_aucs
 
 logger = logging.getLogger(__name__)
+HEAD_START_FILE = "head_start.json"  # what the head start did (training/head_start.py), read back on resume
 
 from relevance.training.config import METHODS, PRECISIONS, RUNTIME_FIELDS, SAMPLING, TrainConfig  # noqa: F401
 
@@ -149,14 +151,27 @@ class Run:
         n_markets = train_df["market"].nunique()
         self.task_lr_multiplier = config.task_lr_multiplier(n_markets)
         self.shared_steps = shared_steps(config.shared_start_fraction, self.total)
+        found = ckpt.list_checkpoints(self.out) if resuming else []
+        self.head_start = None
+        if config.head_start and not found:
+            self.head_start = self._fit_head(config.head_start)
+            if self.main:  # run_info.json reports it, after a resume too
+                ckpt.write_json(self.out / HEAD_START_FILE, self.head_start)
+        elif config.head_start and (self.out / HEAD_START_FILE).is_file():
+            self.head_start = json.loads((self.out / HEAD_START_FILE).read_text())
         self._make_optimizer(config.b_lr_multiplier(n_markets))
         torch.manual_seed(config.seed * 1009 + d.rank)  # the dropout stream, distinct per rank
         self.prog, self.best = ckpt.Progress(), None
         self._last_eval: tuple[int | None, pd.DataFrame | None] = (None, None)  # (step, valid predictions)
-        found = ckpt.list_checkpoints(self.out) if resuming else []
         if found:
             self._resume(found[-1])
         self.tracker = self._tracker()
+
+    def _fit_head(self, rows: int) -> dict[str, Any]:
+        """The head start (``training/head_start.py``) on ``rows`` train rows drawn with the run's seed."""
+        pad_id = self.tok.pad_token_id if self.tok.pad_token_id is not None else 0
+        return start_head(self.model, self.enc, self.labels, self.offsets, self.task_ids, rows, self.config.seed,
+                          pad_id, self.d.device, self.config.precision, self.config.eval_batch_size)
 
     def _make_optimizer(self, b_lr_ratio: float) -> None:
         """AdamW (``relevance.training.optim``) and its warm-up/decay schedule."""
@@ -212,7 +227,7 @@ class Run:
             "markets": list(self.markets), "task_map": make_task_map(self.markets),
             "degenerate": degenerate_flags(preds, config.run_name or self.out.name, warn=self.main),
             "market_prior_offsets": {m: round(o, 6) for m, o in self.priors.items()}, "prior_logit": self.prior_logit,
-            "models_to_serve": models_to_serve(self.model),
+            "models_to_serve": models_to_serve(self.model), "head_start": self.head_start,
             # what each market's own adapter parameters learned at (× learning rate): MTL-LoRA's Λ_t / w_t,
             # per-market LoRA's A_t / B_t; None for the other methods
             "task_lr_multiplier": self.task_lr_multiplier,

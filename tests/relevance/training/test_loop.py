@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parents[3]
 RUN_INFO_KEYS = {"method", "run_name", "base_model", "trainable_params", "train_time_s", "examples_per_s",
                  "mlflow_run_id", "data_fingerprint", "best_step", "markets", "task_map", "degenerate",
                  "market_prior_offsets", "prior_logit", "models_to_serve", "precision", "task_lr_multiplier",
-                 "shared_steps", "b_lr_ratio", "rollbacks", "eval_every"}
+                 "shared_steps", "b_lr_ratio", "rollbacks", "eval_every", "head_start"}
 
 
 @pytest.fixture(scope="module")
@@ -76,6 +76,7 @@ def _config(env: dict[str, Path], out: Path, **kw) -> TrainConfig:
     ("uniform_mixing_init", "yes", "TrainConfig.uniform_mixing_init='yes'"),
     ("shared_start", 1.0, "TrainConfig.shared_start=1.0"),
     ("max_rollbacks", -1, "TrainConfig.max_rollbacks=-1"),
+    ("head_start", -5, "TrainConfig.head_start=-5"),
     ("eval_every", 0, "TrainConfig.eval_every=0"),
     ("shared_start", 0.5, "only per-market-lora has per-market adapters"),  # method lora
 ])
