@@ -148,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
                 results.append({"contender": kind, "batch_size": bs, "seconds": seconds, "pairs": len(rows),
                                 "pairs_per_s": len(rows) / seconds})
                 print(f"{kind:>13} batch {bs:>4}: {len(rows) / seconds:9.1f} pairs/s", flush=True)
-        measured = scoring_workloads.floor(str(model_dir), counts, device, rows=4096 if device == "cpu" else 65536)
+        size = {"rows": 256, "reps": 2} if args.quick else {"rows": 4096 if device == "cpu" else 65536}
+        measured = scoring_workloads.floor(str(model_dir), counts, device, **size)
     floor = measured["floor_pairs_per_s"]
     for r in results:
         base = next(x for x in results if x["contender"] == "crossencoder" and x["batch_size"] == r["batch_size"])

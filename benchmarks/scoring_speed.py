@@ -285,7 +285,8 @@ def main() -> None:
                   for k in kinds if k != "engine-fp32"}
         model_dir = cfg["merged"][cfg["markets"][0]]
         counts = scoring_workloads.token_counts(model_dir, Path(cfg["raw"]), tuple(cfg["markets"]), cfg["max_length"])
-        compute_floor = scoring_workloads.floor(model_dir, counts, args.device)
+        compute_floor = scoring_workloads.floor(model_dir, counts, args.device,
+                                                **({"rows": 256, "reps": 2} if args.quick else {}))
         breakdown = (scoring_workloads.time_breakdown(model_dir, counts, args.batch_size, cfg["max_length"])
                      if args.device == "cpu" else None)  # CPU self times; a GPU's kernels run asynchronously
     ce, fp32 = results["crossencoder"]["pairs_per_s"], results["engine-fp32"]["pairs_per_s"]
