@@ -85,6 +85,28 @@ def test_fit_lowers_the_held_out_loss_and_keeps_the_best_weights() -> None:
     assert roc_auc_score(y2.numpy(), z.numpy()) > 0.9
 
 
+def test_the_fitted_logits_are_shrunk_toward_their_mean() -> None:
+    """The same fit at shrink 1 and at the default: same mean logit over the rows, deviations × SHRINK."""
+    from relevance.training.head_start import SHRINK
+
+    class FirstToken(torch.nn.Module):
+        def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+            return hidden[:, 0]
+
+    torch.manual_seed(4)
+    x = torch.randn(300, 6) * 0.03 + torch.randn(6)
+    y = (x[:, 0] + 0.01 * torch.randn(300) > x[:, 0].median()).float()
+    heads = [torch.nn.Linear(6, 1) for _ in range(2)]
+    heads[1].load_state_dict(heads[0].state_dict())
+    full = probe(FirstToken(), heads[0], x, y, torch.zeros(300), seed=0, shrink=1.0)
+    shrunk = probe(FirstToken(), heads[1], x, y, torch.zeros(300), seed=0)
+    assert full == shrunk.__class__(**{**shrunk.__dict__, "seconds": full.seconds}) and full.penalty > 0
+    with torch.no_grad():
+        a, b = (h(x).view(-1).double() for h in heads)
+    assert 0 < SHRINK < 1 and abs(float(a.mean() - b.mean())) < 1e-4
+    torch.testing.assert_close(b - b.mean(), SHRINK * (a - a.mean()), atol=1e-4, rtol=1e-4)
+
+
 def test_a_probe_that_cannot_beat_the_head_leaves_it_bit_for_bit() -> None:
     torch.manual_seed(1)
     class FirstToken(torch.nn.Module):  # what a BERT pooler reads, without the dense layer
