@@ -4,6 +4,7 @@ leaves the adapters, the data order and the dropout stream as they were."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +34,11 @@ def _config(env: dict[str, Path], out: Path, **kw) -> TrainConfig:
                 max_steps=4, eval_every=4, batch_size=16, learning_rate=3e-3, track=False, progress=False,
                 modules_to_save=("classifier", "pooler"))
     return TrainConfig(**{**base, **kw})
+
+
+class FirstToken(torch.nn.Module):  # what a BERT pooler reads, without the dense layer
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden[:, 0]
 
 
 def _run(config: TrainConfig) -> Run:
@@ -89,10 +95,6 @@ def test_the_fitted_logits_are_shrunk_toward_their_mean() -> None:
     """The same fit at shrink 1 and at the default: same mean logit over the rows, deviations × SHRINK."""
     from relevance.training.head_start import SHRINK
 
-    class FirstToken(torch.nn.Module):
-        def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-            return hidden[:, 0]
-
     torch.manual_seed(4)
     x = torch.randn(300, 6) * 0.03 + torch.randn(6)
     y = (x[:, 0] + 0.01 * torch.randn(300) > x[:, 0].median()).float()
@@ -100,7 +102,7 @@ def test_the_fitted_logits_are_shrunk_toward_their_mean() -> None:
     heads[1].load_state_dict(heads[0].state_dict())
     full = probe(FirstToken(), heads[0], x, y, torch.zeros(300), seed=0, shrink=1.0)
     shrunk = probe(FirstToken(), heads[1], x, y, torch.zeros(300), seed=0)
-    assert full == shrunk.__class__(**{**shrunk.__dict__, "seconds": full.seconds}) and full.penalty > 0
+    assert full == dataclasses.replace(shrunk, seconds=full.seconds) and full.penalty > 0
     with torch.no_grad():
         a, b = (h(x).view(-1).double() for h in heads)
     assert 0 < SHRINK < 1 and abs(float(a.mean() - b.mean())) < 1e-4
@@ -109,10 +111,6 @@ def test_the_fitted_logits_are_shrunk_toward_their_mean() -> None:
 
 def test_a_probe_that_cannot_beat_the_head_leaves_it_bit_for_bit() -> None:
     torch.manual_seed(1)
-    class FirstToken(torch.nn.Module):  # what a BERT pooler reads, without the dense layer
-        def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-            return hidden[:, 0]
-
     pooler, classifier = FirstToken(), torch.nn.Linear(8, 1)
     before = [p.clone() for p in classifier.parameters()]
     x, y = torch.randn(200, 8), (torch.rand(200) < 0.5).float()  # labels independent of the features
