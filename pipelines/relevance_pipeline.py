@@ -37,6 +37,8 @@ class PipelineParams(BaseModel):
     max_length: int = Field(default=64, ge=8, description="Max tokens of a (query, ad) pair")
     learning_rate: float = Field(default=1e-3, gt=0)
     eval_every: int = Field(default=50, ge=1, description="Evaluate on valid every K steps (best kept)")
+    head_start: int | None = Field(default=None, ge=0, description="Fit each method's classifier as a linear probe "
+                                   "on this many train rows before the first step (train --head-start); off by default")
     seed: int = 0
     split: str = Field(default="0.8,0.1,0.1", description="train,valid,test fractions")
     n_boot: int = Field(default=1000, ge=100, description="Bootstrap resamples of the AUC intervals")
@@ -82,7 +84,8 @@ def relevance_pipeline(params: PipelineParams) -> dict[str, Any] | State:
 
     plan = training_plan(dataset, params.base_model, runs, params.methods, tracking_uri=uri,
                          max_steps=params.max_steps, batch_size=params.batch_size, max_length=params.max_length,
-                         learning_rate=params.learning_rate, eval_every=params.eval_every, seed=params.seed)
+                         learning_rate=params.learning_rate, eval_every=params.eval_every, seed=params.seed,
+                         head_start=params.head_start)
     infos = _train_all(params, [c.to_dict() for c in plan])
     run_dirs = {i["method"]: i["run_dir"] for i in infos}
     metrics = evaluate_runs(list(run_dirs.values()), params.n_boot, params.seed)

@@ -146,6 +146,7 @@ def pipeline(
     rows_per_market: Annotated[int, typer.Option(help="--demo: rows of the largest market.")] = 2_000,
     task_runner: Annotated[str, typer.Option(help="in-process or dask (needs the dask extra).")] = "in-process",
     seed: Annotated[int, typer.Option()] = 0,
+    head_start: Annotated[Optional[int], typer.Option(help="Before each method's first step, fit its classifier as a linear probe on this many train rows (as train --head-start). Default: off.")] = None,
 ) -> None:
     """Run the relevance-pipeline flow on embedded defaults: ephemeral Prefect, SQLite MLflow in --workdir."""
     workdir = workdir.absolute()
@@ -171,7 +172,7 @@ def pipeline(
     from pipelines.relevance_pipeline import PipelineParams, relevance_pipeline
 
     params = PipelineParams(raw=raw, workdir=str(workdir), base_model=base_model, methods=methods.split(","),
-                            max_steps=max_steps, seed=seed, task_runner=task_runner,
+                            max_steps=max_steps, seed=seed, task_runner=task_runner, head_start=head_start,
                             score_input=raw if demo else None)
     state = relevance_pipeline(params, return_state=True)
     partial = state.is_failed() and (state.message or "").startswith("Partial:")

@@ -1,5 +1,8 @@
 """Every flow on Prefect's ephemeral API with a tiny in-code model: states, artifacts, registry."""
 
+import json
+from pathlib import Path
+
 import pytest
 from mlflow import MlflowClient
 
@@ -13,7 +16,7 @@ def pipeline_run(tmp_path_factory, tiny_model, demo_raw):
     work = tmp_path_factory.mktemp("work")
     params = PipelineParams(raw=demo_raw, workdir=str(work), base_model=tiny_model, methods=["mtl-lora", "lora"],
                             max_steps=8, eval_every=4, batch_size=16, max_length=48, n_boot=100,
-                            score_input=demo_raw, floor=0.0)  # 8 steps of a tiny model learn noise: checks off
+                            score_input=demo_raw, floor=0.0, head_start=32)  # 8 steps of a tiny model learn noise: checks off
     state = relevance_pipeline(params, return_state=True)
     return work, state
 
@@ -27,6 +30,8 @@ def test_pipeline_completes_with_artifacts_and_registry(pipeline_run, read_artif
     assert state.is_completed(), state.message
     out = state.result()
     assert set(out["runs"]) == {"mtl-lora", "lora"} and out["unserved"] == []
+    for run_dir in out["runs"].values():  # the pipeline's head_start reaches every method's training
+        assert json.loads((Path(run_dir) / "run_info.json").read_text())["head_start"]["rows"] == 32
     assert (work / "report" / "report.html").exists() and (work / "dataset" / "ingest_summary.json").exists()
     assert "## Model per market" in (work / "report" / "report.md").read_text()
     keys = ["per-market-auc", "gate-decisions", "ingest-summary", "unscored-markets"]
