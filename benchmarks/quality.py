@@ -87,6 +87,9 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--b-lr-ratio", type=float, default=None,
                    help="LoRA+ ratio of the up-projections' learning rate, for every method (default: the library's); "
                         "own dirs, <method>-blr<X>-seed<N>")
+    p.add_argument("--head-start", type=int, default=None, metavar="ROWS",
+                   help="train --head-start for every method (default: the library's, off); own dirs, "
+                        "<method>-hs<ROWS>-seed<N>")
     p.add_argument("--eval-batch-size", type=int, default=64)
     p.add_argument("--n-boot", type=int, default=1000)
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
@@ -243,7 +246,7 @@ def build_data(args: argparse.Namespace, markets: list[str]) -> dict:
 
 
 # A run trained with a non-default knob is named by it, so it never replaces (or reuses) a default run.
-KNOB_TAGS = {"task_lr_scale": "tlr", "mixing_init_scale": "mis", "b_lr_ratio": "blr"}
+KNOB_TAGS = {"task_lr_scale": "tlr", "mixing_init_scale": "mis", "b_lr_ratio": "blr", "head_start": "hs"}
 
 
 def train_config(args: argparse.Namespace, base: Path, markets: list[str], method: str, seed: int,
@@ -255,8 +258,9 @@ def train_config(args: argparse.Namespace, base: Path, markets: list[str], metho
     if method == "mtl-lora":
         knobs = {k: v for k, v in (("task_lr_scale", args.task_lr_scale),
                                    ("mixing_init_scale", args.mixing_init_scale)) if v is not None}
-    if args.b_lr_ratio is not None:  # every method: the baselines train with it too
-        knobs["b_lr_ratio"] = args.b_lr_ratio
+    for knob in ("b_lr_ratio", "head_start"):  # every method: the baselines train with them too
+        if getattr(args, knob) is not None:
+            knobs[knob] = getattr(args, knob)
     suffix = "".join(f"-{KNOB_TAGS[k]}{v:g}" for k, v in knobs.items()) + (f"-{precision}" if precision else "")
     return TrainConfig(
         data=str(args.workdir / "data"), method=method, base_model=str(base), markets=tuple(markets),

@@ -33,6 +33,15 @@ def test_mtl_knobs_reach_mtl_lora_only_and_name_their_own_run_dir(tmp_path) -> N
     assert Path(default.out).name == "mtl-lora-seed0" and default.task_lr_scale is None
 
 
+def test_the_head_start_reaches_every_method_in_its_own_run_dir(tmp_path) -> None:
+    args = quality.parse_args(["--head-start", "1024", "--workdir", str(tmp_path)])
+    for method in ("mtl-lora", "lora", "separate"):
+        config = quality.train_config(args, tmp_path, ["en", "jp"], method, 2)
+        assert config.head_start == 1024 and Path(config.out).name == f"{method}-hs1024-seed2"
+    default = quality.train_config(quality.parse_args(["--workdir", str(tmp_path)]), tmp_path, ["en"], "lora", 0)
+    assert default.head_start is None and Path(default.out).name == "lora-seed0"
+
+
 def test_an_mtl_lora_run_kept_from_another_default_task_lr_is_stale(tmp_path) -> None:
     args = quality.parse_args(["--workdir", str(tmp_path)])
     markets = ["en", "es", "de", "zh", "ar", "hi", "jp", "de-top", "de-any"]
