@@ -129,8 +129,11 @@ def check_new_markets(source: SourceRun, markets: Sequence[str]) -> tuple[str, .
 
 
 def make_config(source: SourceRun, data: str, out: str, markets: tuple[str, ...], base_model: str,
-                options: dict[str, Any]) -> TrainConfig:
-    """RUN's TrainConfig with this request's data, out, markets and the training options given (not None)."""
+                options: dict[str, Any], head: bool = False) -> TrainConfig:
+    """RUN's TrainConfig with this request's data, out, markets and the training options given (not None).
+
+    RUN's head start (``head_start``) is kept only with ``head``: then it probes the added markets' own head
+    copies; without, the head is RUN's shared one, which the old markets score with and which stays frozen."""
     unknown = sorted(set(options) - OPTIONS)
     if unknown:
         raise ValueError(f"unknown add-market options {unknown}; allowed: {sorted(OPTIONS)}")
@@ -140,6 +143,8 @@ def make_config(source: SourceRun, data: str, out: str, markets: tuple[str, ...]
     base = {**inherited, "resume": False, "track": True, "progress": True, "run_name": None}
     if base.get("method") == "per-market-lora":  # new markets start neutral: market 0's adapter is frozen
         base["shared_start"] = 0.0
+    if not head:
+        base["head_start"] = None
     merged = {**base, **given, "data": str(data), "out": str(out), "markets": list(markets), "base_model": base_model}
     return TrainConfig.from_dict(merged)
 
@@ -214,5 +219,5 @@ def add_markets(from_run: str | Path, data: str | Path, markets: Sequence[str], 
     recorded = check_base_model(source, base_model)
     if Path(out).absolute() == source.path:
         raise ValueError(f"--out {str(out)!r} is the --from run itself: write the grown run to a new directory")
-    config = make_config(source, str(data), str(out), codes, recorded, options)
+    config = make_config(source, str(data), str(out), codes, recorded, options, head)
     return run_training(lambda d: AddMarketRun(config, d, source, head), config.device, on_step)

@@ -251,3 +251,21 @@ def test_added_per_market_lora_markets_start_neutral_not_shared() -> None:
                                            "shared_start": 0.5, "max_steps": 20})
     config = make_config(source, "ds2", "new", ("hi",), "m", {})
     assert config.shared_start == 0.0 and config.shared_start_fraction == 0.0 and config.markets == ("hi",)
+
+
+@pytest.mark.parametrize("head", [False, True])
+def test_a_head_started_run_grows_without_moving_old_markets(world, tmp_path: Path, head: bool) -> None:
+    """RUN trained with --head-start: add-market inherits RUN's settings, yet must not refit the head the
+    old markets score with (nor re-run the probe), so their merged models stay bit-identical."""
+    run = tmp_path / "run"
+    train(TrainConfig(data=str(world["data"]), method="mtl-lora", base_model=str(world["model"]), out=str(run),
+                      markets=OLD, max_steps=3, eval_every=3, batch_size=16, head_start=64, track=False,
+                      progress=False))
+    assert json.loads((run / "run_info.json").read_text())["head_start"]["rows"] == 64
+    grown = add_markets(run, world["data"], [NEW], tmp_path / "grown", head=head, max_steps=3, eval_every=3,
+                        track=False, progress=False)
+    assert grown.run_info["task_map"] == {"fr": 0, "us": 1, "de": 2}
+    # with --head the added market's own head copy is probed; without, nothing is
+    assert (grown.run_info["head_start"] or {}).get("heads", {}).keys() == ({NEW} if head else set())
+    for market in OLD:
+        assert _merged_sha(run, market, tmp_path) == _merged_sha(tmp_path / "grown", market, tmp_path)
