@@ -181,6 +181,10 @@ class TrainConfig:
         for name, (ok, expected) in _RULES.items():
             if not ok(getattr(self, name)):
                 _bad(name, getattr(self, name), expected)
+        if self.head_start and self.modules_to_save is not None and "classifier" not in self.modules_to_save:
+            _bad("head_start", self.head_start, f"None or 0 when modules_to_save {list(self.modules_to_save)} leaves "
+                 "out 'classifier': the probed classifier would not be saved with the adapter, so the exported "
+                 "model would score with another head. Add classifier to --modules-to-save or drop --head-start")
         if self.shared_start and self.method != "per-market-lora":
             _bad("shared_start", self.shared_start, "None or 0 for method "
                  f"{self.method!r}: only per-market-lora has per-market adapters that can start shared")

@@ -86,6 +86,15 @@ def test_train_config_rejects_bad_values(field: str, value: object, match: str) 
         TrainConfig(**{**kw, field: value})
 
 
+def test_a_head_start_needs_the_classifier_saved() -> None:
+    kw = dict(data="ds", method="lora", base_model="m", out="run", head_start=64)
+    with pytest.raises(ValueError, match=r"TrainConfig.head_start=64 .*\['pooler'\] leaves out 'classifier'"):
+        TrainConfig(**kw, modules_to_save=("pooler",))
+    assert TrainConfig(**kw, modules_to_save=("classifier", "pooler")).head_start == 64
+    assert TrainConfig(**kw).head_start == 64  # None: the default, which saves the classifier
+    assert TrainConfig(**{**kw, "head_start": None}, modules_to_save=("pooler",)).modules_to_save == ("pooler",)
+
+
 def test_train_config_round_trip_and_adapter_config() -> None:
     cfg = TrainConfig(data="ds", method="lora-market-token", base_model="m", out="run", markets=("fr", "de"),
                       target_modules=("query", "value"))
