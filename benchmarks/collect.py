@@ -108,6 +108,7 @@ QUALITY = (("Quality (CPU)", "quality.md"), ("Quality on GPU", "quality_gpu.md")
            ("Divergence guard on the demo recipe: MTL-LoRA at lr 1e-3 and 2e-3, shared LoRA (issue 15)", "divergence_guard.md"),
            ("Divergence guard on the demo recipe: MTL-LoRA at lr 3e-3 (issue 15)", "divergence_guard_lr3e-3.md"),
            ("Divergence guard on the demo recipe: shared LoRA at one rate, B 1x (issue 15)", "divergence_guard_lora_one_rate.md"),
+           ("The demo with and without the head start, seed 0 (issue 15)", "demo_head_start.md"),
            ("Policy markets, nested (issue 15)", "policy_nested.md"),
            ("Policy markets, crossing (issue 15)", "policy_crossing.md"),
            ("Add a market without retraining (issue 14)", "add_market.md"),
