@@ -351,7 +351,10 @@ def format_table(report: dict) -> str:
     bd = report.get("bf16_time_breakdown")
     if bd:
         rate = {k: f" ({v:,.0f} GFLOP/s)" if v else "" for k, v in bd["gflop_s"].items()}
-        lines.append(f"bf16 forward time ({bd['pairs']} pairs, {bd['attention_implementation']} attention): "
+        kernel = bd["attention_implementation"]
+        if bd.get("cpu_attention_max_keys") and kernel != "sdpa":
+            kernel += f" up to {bd['cpu_attention_max_keys']} keys, sdpa beyond"
+        lines.append(f"bf16 forward time ({bd['pairs']} pairs, {kernel} attention): "
                      + ", ".join(f"{g} {share:.0%}{rate.get(g, '')}" for g, share in bd["shares"].items()))
     lines.append(f"\nload average before {lb[0]:.2f}, after {la[0]:.2f} on {report['machine']['cpus']} CPUs"
                  + (f" ({report['machine']['cpu']})" if report["machine"].get("cpu") else ""))

@@ -107,7 +107,7 @@ def time_breakdown(model_dir: str, token_counts: list[int], batch_size: int, max
     from torch.profiler import ProfilerActivity, profile
     from transformers import AutoModelForSequenceClassification
 
-    from relevance.serving.pyfunc_model import BATCH_GROWTH, bf16_copy, token_batches
+    from relevance.serving.pyfunc_model import BATCH_GROWTH, bf16_copy, cpu_attention_max_keys, token_batches
 
     model = bf16_copy(AutoModelForSequenceClassification.from_pretrained(model_dir, use_safetensors=True).eval())
     all_batches = token_batches(token_counts, batch_size * BATCH_GROWTH, batch_size * max_length)
@@ -134,6 +134,7 @@ def time_breakdown(model_dir: str, token_counts: list[int], batch_size: int, max
     attention = sum(len(b["input_ids"]) * attention_flops(config, b["input_ids"].shape[1]) for b in inputs)
     return {"precision": "bf16", "batches": len(inputs), "pairs": sum(len(b["input_ids"]) for b in inputs),
             "attention_implementation": getattr(model.config, "_attn_implementation", None),
+            "cpu_attention_max_keys": cpu_attention_max_keys(),  # longer batches run sdpa inside it
             "seconds": seconds, "shares": {g: s / total for g, s in seconds.items()},
             "gflop_s": {"gemm": linear / seconds["gemm"] / 1e9 if seconds["gemm"] else None,
                         "attention": attention / seconds["attention"] / 1e9 if seconds["attention"] else None}}

@@ -27,6 +27,7 @@ fp32. The hardware test repeats :func:`relevance.model.precision.native_bf16` (t
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import math
 from concurrent.futures import ThreadPoolExecutor
@@ -55,6 +56,7 @@ _SHARED_TOKENIZERS = "_ads_relevance_shared_tokenizers"  # the process-wide regi
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack")  # not hashed by tokenizer_digest
 CPU_ATTENTION = "ads_relevance_cpu_bf16"  # registered with transformers by bf16_copy (on a CPU), not at import
 CPU_ATTENTION_MAX_KEYS = 256  # longer sequences: sdpa's flash kernel (its blocks are no longer small there)
+CPU_ATTENTION_MAX_KEYS_AMX = 32  # with AMX, sdpa's flash kernel runs on AMX tiles and wins beyond this
 CPU_ATTENTION_SCORES = 1 << 19  # fp32 scores per chunk (2 MiB): a chunk's working set stays in cache
 MALLOC_MMAP_THRESHOLD = 32 << 20  # glibc: blocks below this come from the heap (32 MiB: its 64-bit maximum)
 MALLOC_TRIM_THRESHOLD = 1 << 30  # glibc: keep up to 1 GiB of freed heap for reuse instead of returning it
@@ -71,8 +73,15 @@ def native_bf16(device: Any) -> bool:
     override = os.environ.get("ADS_RELEVANCE_NATIVE_BF16")
     if override in ("0", "1"):
         return override == "1"
+    vendor, flags = cpu_flags()
+    return bool(_CPU_BF16_FLAGS & flags) or (vendor == "AuthenticAMD" and bool(_AMD_BF16_FLAGS & flags))
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_flags() -> tuple[str, frozenset[str]]:
+    """(vendor_id, flags) of the first CPU in /proc/cpuinfo; ("", {}) where there is none (not Linux)."""
     if platform.system() != "Linux":
-        return False
+        return "", frozenset()
     fields: dict[str, str] = {}
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
@@ -82,9 +91,19 @@ def native_bf16(device: Any) -> bool:
                 if "flags" in fields and "vendor_id" in fields:
                     break
     except OSError:
-        return False
-    flags = set(fields.get("flags", "").split())
-    return bool(_CPU_BF16_FLAGS & flags) or (fields.get("vendor_id") == "AuthenticAMD" and bool(_AMD_BF16_FLAGS & flags))
+        return "", frozenset()
+    return fields.get("vendor_id", ""), frozenset(fields.get("flags", "").split())
+
+
+def cpu_attention_max_keys() -> int:
+    """Longest key length :func:`cpu_bf16_attention` computes itself on this CPU; sdpa's flash kernel beyond it.
+
+    Why it depends on the CPU: without AMX (Zen 5's AVX512-BF16) flash's 32-query blocks of tiny GEMMs lose
+    to the chunked GEMMs up to 256 keys. With AMX its blocks run on AMX tiles: on a 2-core AMX Xeon flash took
+    8.6-9.3 ms per e5 layer at 32 x 126 tokens against 9.5-12.4 ms here, and end to end (two trained e5
+    markets, 4,320 long pairs, bf16, ABBA) scored 107-141 pairs/s against 82-105; at 30 keys this kernel was
+    still 1.3-2.4x faster (1.0-1.6 vs 2.2-2.5 ms), at 40-56 keys level or slower."""
+    return CPU_ATTENTION_MAX_KEYS_AMX if "amx_bf16" in cpu_flags()[1] else CPU_ATTENTION_MAX_KEYS
 
 
 def scoring_device() -> Any:
@@ -135,7 +154,7 @@ def cpu_bf16_attention(module: Any, query: Any, key: Any, value: Any, attention_
     rounded to bf16 (a bf16 Q·Kᵀ, ~1.7x faster than flash) were tried: 4x flash's error per attention output,
     and a trained e5 market then failed the registration's parity bar (two swapped pairs on 60 valid rows)
     and scored in fp32. Anything else (dropout, a mask that differs between queries or heads, grouped-query
-    attention, > :data:`CPU_ATTENTION_MAX_KEYS` keys, another dtype or device) is sdpa's. q, k, v: (B, H, L, D); ``attention_mask``: bool (True = attend)
+    attention, more keys than :func:`cpu_attention_max_keys`, another dtype or device) is sdpa's. q, k, v: (B, H, L, D); ``attention_mask``: bool (True = attend)
     or additive, (B|1, 1, L, L), or None. Returns (B, L, H, D) like transformers' sdpa function.
     """
     import torch
@@ -143,7 +162,7 @@ def cpu_bf16_attention(module: Any, query: Any, key: Any, value: Any, attention_
 
     lk = key.shape[2]
     covered = not (dropout or query.device.type != "cpu" or query.dtype != torch.bfloat16
-                   or key.shape[1] != query.shape[1] or lk > CPU_ATTENTION_MAX_KEYS
+                   or key.shape[1] != query.shape[1] or lk > cpu_attention_max_keys()
                    or getattr(module, "is_causal", False) or kwargs.get("is_causal"))
     bias = _key_padding_bias(attention_mask, lk) if covered else False  # the mask is read only when it can be used
     if bias is False:

@@ -22,6 +22,12 @@ from relevance.serving.pyfunc_model import CPU_ATTENTION, RelevanceModel, bf16_c
 ENCODER = SimpleNamespace(is_causal=False)  # what the attention function reads of its module
 
 
+@pytest.fixture(autouse=True)
+def _kernel_covers_up_to_256_keys(monkeypatch):
+    """The arithmetic is tested on every CPU: an AMX CPU would hand inputs over 32 keys to sdpa."""
+    monkeypatch.setattr(pyfunc_model, "cpu_flags", lambda: ("AuthenticAMD", frozenset({"avx512_bf16"})))
+
+
 def _inputs(seed: int, b: int = 6, h: int = 4, length: int = 37, d: int = 16, dtype=torch.bfloat16):
     """Random q, k, v (B, H, L, D) and a key-padding mask with a different length per example."""
     g = torch.Generator().manual_seed(seed)
@@ -75,7 +81,7 @@ def test_chunks_of_any_size_give_the_same_result(monkeypatch) -> None:
 
 @pytest.mark.parametrize("case", ["fp32", "dropout", "long", "causal", "per_query_mask", "per_head_mask"])
 def test_what_it_does_not_cover_is_sdpa_bit_for_bit(case: str) -> None:
-    length = pyfunc_model.CPU_ATTENTION_MAX_KEYS + 1 if case == "long" else 20
+    length = pyfunc_model.cpu_attention_max_keys() + 1 if case == "long" else 20
     q, k, v, keep = _inputs(4, b=2, h=2, length=length, d=8, dtype=torch.float32 if case == "fp32" else torch.bfloat16)
     mask = {"causal": None,
             "per_query_mask": torch.ones(length, length, dtype=torch.bool).tril().expand(2, 1, length, length),
@@ -87,6 +93,19 @@ def test_what_it_does_not_cover_is_sdpa_bit_for_bit(case: str) -> None:
     torch.manual_seed(0)
     got, _ = cpu_bf16_attention(module, q, k, v, mask, dropout=dropout)
     assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("flags, max_keys", [({"avx512_bf16"}, 256), ({"avx512_bf16", "amx_tile", "amx_bf16"}, 32)])
+def test_with_amx_sdpa_takes_over_beyond_32_keys(monkeypatch, flags, max_keys) -> None:
+    """AMX runs sdpa's flash blocks on tiles, so there this kernel only keeps short inputs (its docstring)."""
+    monkeypatch.setattr(pyfunc_model, "cpu_flags", lambda: ("GenuineIntel", frozenset(flags)))
+    assert pyfunc_model.cpu_attention_max_keys() == max_keys
+    for length in (max_keys, max_keys + 1):
+        q, k, v, keep = _inputs(5, b=2, h=2, length=length, d=8)
+        mask = keep[:, None, None, :]
+        want, _ = sdpa_attention_forward(ENCODER, q, k, v, mask)
+        got, _ = cpu_bf16_attention(ENCODER, q, k, v, mask)
+        assert torch.equal(got, want) is (length > max_keys), length
 
 
 def test_the_cpu_bf16_copy_uses_it_and_the_fp32_model_keeps_sdpa(tmp_path) -> None:
