@@ -192,9 +192,11 @@ def env(tmp_path_factory) -> dict[str, Path]:
 
 
 def _config(env, out: Path, **kw) -> TrainConfig:
+    """fp32 on every CPU: the steps below are fp32's; under bf16 autocast (``auto`` on an AMX or Zen 4/5 CPU)
+    the same run peaks at step 12 and only fr and us collapse, which is the guard working on other numbers."""
     base = dict(data=str(env["data"]), method="mtl-lora", base_model=str(env["model"]), out=str(out),
                 max_steps=28, eval_every=4, batch_size=16, learning_rate=1e-2, keep_checkpoints=8,
-                track=False, progress=False)
+                precision="fp32", track=False, progress=False)
     return TrainConfig(**{**base, **kw})
 
 
