@@ -242,22 +242,27 @@ def _time_interleaved(fns: dict[str, Callable[[], None]], warmup: int, steps: in
     return times
 
 
+def _round_ratios(times: dict[str, list[float]], method: str, ref: str) -> list[float]:
+    """method's time / ref's, round by round: the VM's speed drifts by tens of percent within minutes (an AMX
+    Xeon, 2026-12-07: the same MTL-LoRA/LoRA pair read 0.93, 1.02 and 0.99 from separate medians), and a
+    round's steps share its speed."""
+    return [a / b for a, b in zip(times[method], times[ref])]
+
+
 def _paired_ratio(times: dict[str, list[float]], method: str, ref: str) -> float:
-    """Median over rounds of method's time / ref's in the same round: the VM's speed drifts by tens of
-    percent within minutes (an AMX Xeon, 2026-12-07: the same MTL-LoRA/LoRA pair read 0.93, 1.02 and 0.99
-    from separate medians), and a round's two steps share its speed."""
-    return statistics.median(a / b for a, b in zip(times[method], times[ref]))
+    """Median of ``_round_ratios``."""
+    return statistics.median(_round_ratios(times, method, ref))
 
 
 def _paired_ratio_ci(times: dict[str, list[float]], method: str, ref: str, reps: int = 2000) -> list[float]:
     """95% percentile-bootstrap interval of ``_paired_ratio``, resampling rounds (seeded): single steps
     of one method swung ±25% on that VM, so a ratio from 20 rounds is only good to about ±0.03."""
-    import random
+    import numpy as np
+    from relevance.evaluation.bootstrap import interval
 
-    ratios = [a / b for a, b in zip(times[method], times[ref])]
-    rng = random.Random(0)
-    meds = sorted(statistics.median(rng.choices(ratios, k=len(ratios))) for _ in range(reps))
-    return [round(meds[int(0.025 * reps)], 4), round(meds[int(0.975 * reps) - 1], 4)]
+    ratios = np.asarray(_round_ratios(times, method, ref))
+    draws = np.random.default_rng(0).integers(0, len(ratios), (reps, len(ratios)))
+    return [round(v, 4) for v in interval(np.median(ratios[draws], axis=1), 0.95)]
 
 
 def _memory_probe(kind: str, method: str, quick: bool, threads: int | None) -> float:

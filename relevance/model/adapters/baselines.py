@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .layers import AdapterLayer, _kaiming
+from .layers import AdapterLayer, _kaiming, list_items
 
 
 class MultiLoRALinear(AdapterLayer):
@@ -135,7 +135,7 @@ class MoELoRALinear(AdapterLayer):
         A broadcast product and sum rather than a matmul, so that row t is the same arithmetic
         whatever T is: adding a market cannot change an existing one's bits.
         """
-        emb = torch.stack(tuple(self.task_emb))  # (T, e)
+        emb = torch.stack(tuple(list_items(self.task_emb)))  # (T, e)
         logits = (emb.unsqueeze(1) * self.gate.unsqueeze(0)).sum(-1)  # (T, N)
         return torch.softmax(logits, dim=-1)
 

@@ -18,7 +18,7 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor
 
-from .layers import MTLLoRALinear, _items, stacked_task_matrices
+from .layers import MTLLoRALinear, list_items, stacked_task_matrices
 
 
 def _shape_key(layer: MTLLoRALinear) -> tuple[object, ...]:
@@ -35,7 +35,7 @@ class TaskMatrixBatch:
         # The parameters M depends on, listed once: walking each layer's modules (``parameters()``) twice a
         # forward over e5-small's 48 layers cost ~2 ms of a 2-core CPU's step. A batch lives for one
         # ``use_tasks`` context, inside which no market is added.
-        self._params = [(layer.lora_B, *_items(layer.lam), *_items(layer.mix_logits)) for layer in layers]
+        self._params = [(layer.lora_B, *list_items(layer.lam), *list_items(layer.mix_logits)) for layer in layers]
         self._slices: tuple[Tensor, ...] | None = None  # unbind: one backward op stacks every layer's grad
         self._versions: list[tuple[int, ...]] = []  # each layer's parameter versions when computed
 
