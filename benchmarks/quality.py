@@ -79,6 +79,9 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--fp32-check", default="mtl-lora,lora", metavar="METHODS",
                    help="also train these methods in fp32 on the first seed: bf16's AUC difference and speed-up "
                         "(empty: skip)")
+    p.add_argument("--fp32-check-seeds", default=None, metavar="SEEDS",
+                   help="the seeds of the fp32 check (default: the first of --seeds); each must be in --seeds, "
+                        "and the report gives each seed's difference and their mean")
     p.add_argument("--task-lr-scale", type=float, default=None,
                    help="MTL-LoRA's per-market learning-rate multiple (default: the library's); a run with it set "
                         "lives in its own dir, mtl-lora-tlr<X>-seed<N>, beside the default runs")
@@ -346,6 +349,10 @@ def main(argv: list[str] | None = None) -> int:
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     if "lora" not in methods:
         raise SystemExit("--methods must include lora: every difference is taken against shared LoRA")
+    check_seeds = [int(s) for s in (args.fp32_check_seeds or str(seeds[0])).split(",") if s.strip()]
+    if not set(check_seeds) <= set(seeds):
+        raise SystemExit(f"--fp32-check-seeds {args.fp32_check_seeds!r}: each seed must also be in --seeds "
+                         f"({args.seeds!r}), since the check pairs each fp32 run with the same seed's bf16 run")
     env = environment()
     started = time.perf_counter()
     base = base_model(args)
@@ -356,14 +363,16 @@ def main(argv: list[str] | None = None) -> int:
         for method in methods:
             print(f"[seed {seed}] {method}", flush=True)
             runs[seed][method] = run_one(train_config(args, base, markets, method, seed), args.n_boot, args.keep_runs)
-    fp32_runs = {}
-    for method in [m for m in args.fp32_check.split(",") if m.strip()]:
-        if args.precision == "fp32":
-            print("the main runs trained in fp32 (bf16 is not faster here): no bf16/fp32 check", flush=True)
-            break
-        print(f"[seed {seeds[0]}] {method} in fp32 (precision check)", flush=True)
-        fp32_runs[method] = run_one(train_config(args, base, markets, method, seeds[0], "fp32"), args.n_boot,
-                                   args.keep_runs)
+    fp32_runs: dict[int, dict[str, dict]] = {}
+    check_methods = [m for m in args.fp32_check.split(",") if m.strip()]
+    if check_methods and args.precision == "fp32":
+        print("the main runs trained in fp32 (bf16 is not faster here): no bf16/fp32 check", flush=True)
+        check_methods = []
+    for seed in check_seeds if check_methods else []:
+        for method in check_methods:
+            print(f"[seed {seed}] {method} in fp32 (precision check)", flush=True)
+            fp32_runs.setdefault(seed, {})[method] = run_one(train_config(args, base, markets, method, seed, "fp32"),
+                                                             args.n_boot, args.keep_runs)
     import torch
 
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "squad"}

@@ -115,6 +115,38 @@ def test_precision_check_pairs_bf16_with_fp32_on_the_same_examples(tmp_path) -> 
     assert precision_check({}, {}, 0, 10) == {}
 
 
+def test_precision_checks_pair_each_seed_and_average_them(tmp_path) -> None:
+    import numpy as np
+    import pandas as pd
+
+    from quality_tables import _precision_rows, precision_checks
+
+    rng = np.random.default_rng(1)
+    n = 400
+    frame = pd.DataFrame({"example_id": [f"e{i}" for i in range(n)], "market": np.repeat(["de", "es"], n // 2),
+                          "label": rng.integers(0, 2, n), "query_id": [f"q{i // 4}" for i in range(n)]})
+
+    def run(name: str, scores, speed: float) -> dict:
+        d = tmp_path / name / "predictions"
+        d.mkdir(parents=True)
+        frame.assign(score=scores).to_parquet(d / "test.parquet", index=False)
+        return {"run_dir": str(d.parent), "info": {"examples_per_s": speed}}
+
+    signal = frame["label"] + rng.normal(0, 1.0, n)
+    worse = signal + rng.normal(0, 2.0, n)  # seed 1's bf16 run is worse than its fp32 run; seed 0's is the same
+    bf16 = {0: {"lora": run("b0", signal, 12.0)}, 1: {"lora": run("b1", worse, 10.0)}}
+    fp32 = {0: {"lora": run("f0", signal, 8.0)}, 1: {"lora": run("f1", signal, 8.0)}}
+    checks = precision_checks(bf16, fp32, n_boot=100)["lora"]
+    assert [c["seed"] for c in checks["per_seed"]] == [0, 1]
+    d1 = checks["per_seed"][1]["macro"]["diff"]
+    assert checks["per_seed"][0]["macro"]["diff"] == 0.0 and d1 < -0.02
+    assert checks["mean_macro_diff"] == d1 / 2 and checks["mean_speedup"] == (1.5 + 1.25) / 2
+    rows = _precision_rows("lora", checks)
+    assert [r[1] for r in rows] == ["0", "1", "mean"] and rows[-1][-1] == "1.38x"
+    one_seed_json = checks["per_seed"][0]  # a report written before several seeds: the check itself
+    assert [r[1] for r in _precision_rows("lora", one_seed_json)] == ["0"]
+
+
 def test_keep_runs_restores_a_finished_run_into_a_wiped_workdir_and_never_retrains(tmp_path, monkeypatch) -> None:
     import json
 
