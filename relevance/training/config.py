@@ -82,6 +82,7 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     **dict.fromkeys(("alpha", "mtl_temperature", "learning_rate", "max_grad_norm", "sampling_temperature"), _POS_NUM),
     **dict.fromkeys(("weight_decay", "min_delta"), _NON_NEG),
     "mixing_init_scale": (lambda v: v is None or (_is_num(v) and v >= 0), "a non-negative number or None"),
+    "task_decay": (lambda v: v is None or (_is_num(v) and v >= 0), "a non-negative number or None"),
     **dict.fromkeys(("task_lr_scale", "b_lr_ratio"), (lambda v: v is None or (_is_num(v) and v > 0),
                                                       "a positive number or None")),
     "shared_start": (lambda v: v is None or (_is_num(v) and 0 <= v < 1), "a number in [0, 1) or None"),
@@ -104,6 +105,9 @@ class TrainConfig:
     ``multilora_n`` (MultiLoRA's parallel LoRAs) and ``n_experts`` (MOELoRA's experts, a divisor of
     ``r``) default to ``None``, meaning the adapter library's default (3 and 4): a ``None`` default
     keeps runs written before these fields existed resumable (a missing key reads as ``None``).
+    ``task_decay`` (MTL-LoRA only; ``None``/0: off) pulls each trainable Λ_t toward I and w_t toward uniform
+    mixing after every step, by ``task_decay`` × the Λ_t/w_t group's learning rate
+    (``relevance.training.optim.neutral_pull``).
     """
 
     data: str
@@ -118,6 +122,7 @@ class TrainConfig:
     uniform_mixing_init: bool | None = None
     mixing_init_scale: float | None = None
     task_lr_scale: float | None = None
+    task_decay: float | None = None
     b_lr_ratio: float | None = None
     shared_start: float | None = None
     market_prior: bool | None = None
@@ -185,6 +190,9 @@ class TrainConfig:
             _bad("head_start", self.head_start, f"None or 0 when modules_to_save {list(self.modules_to_save)} leaves "
                  "out 'classifier': the probed classifier would not be saved with the adapter, so the exported "
                  "model would score with another head. Add classifier to --modules-to-save or drop --head-start")
+        if self.task_decay and self.method != "mtl-lora":
+            _bad("task_decay", self.task_decay, f"None or 0 for method {self.method!r}: only mtl-lora has the "
+                 "per-market Λ_t and w_t it pulls toward their neutral values")
         if self.shared_start and self.method != "per-market-lora":
             _bad("shared_start", self.shared_start, "None or 0 for method "
                  f"{self.method!r}: only per-market-lora has per-market adapters that can start shared")

@@ -59,7 +59,7 @@ from relevance.model.precision import autocast, resolve_precision
 from relevance.training import divergence
 from relevance.training.batches import MultiMarketSampler
 from relevance.training.distributed import Dist, init_distributed
-from relevance.training.optim import linear_schedule, make_optimizer
+from relevance.training.optim import linear_schedule, make_optimizer, neutral_pull
 from relevance.training.head_start import start_head
 from relevance.training.shared_start import copy_first_state, shared_routing, shared_steps, tie_to_first
 from relevance.training.priors import per_example, prior_offsets
@@ -179,6 +179,7 @@ class Run:
         self.b_lr_ratio = b_lr_ratio
         self.optimizer = make_optimizer(self.model, config.learning_rate, config.weight_decay,
                                         self.task_lr_multiplier or 1.0, b_lr_ratio)
+        self.pull = neutral_pull(self.model, self.optimizer, config.task_decay)
         warmup = math.ceil(config.warmup_ratio * self.total)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, linear_schedule(warmup, self.total))
 
@@ -341,6 +342,8 @@ class Run:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm)
         self.optimizer.step()
+        if self.pull is not None:
+            self.pull()
         if shared:
             tie_to_first(self.model)
         self.scheduler.step()

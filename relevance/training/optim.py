@@ -115,6 +115,39 @@ def make_optimizer(model: nn.Module, lr: float, weight_decay: float, own_lr_scal
     return torch.optim.AdamW(groups, foreach=True)
 
 
+def neutral_pull(model: nn.Module, optimizer: torch.optim.Optimizer,
+                 decay: float | None) -> Callable[[], None] | None:
+    """After-step pull of MTL-LoRA's trainable Λ_t toward I and w_t toward uniform mixing, or None (no
+    decay, or no such parameters).
+
+    Why: AdamW's own decay would pull Λ_t toward 0 (so that group has none), yet a market whose labels
+    agree with the others gains nothing from a Λ_t or w_t of its own: from its ~1/T share of each batch at
+    ``task_lr_multiplier`` × the rate they only wander. Decoupled decay toward the neutral values, at
+    ``decay`` × the group's current learning rate (as AdamW's is), bounds that wander while a market whose
+    gradient keeps pointing one way still specialises: Λ ← Λ + ρ(I − Λ), w ← (1 − ρ) w. Shrinking w toward 0
+    is shrinking it toward its mean, since softmax(w/τ) ignores a shift, so the mixing moves toward uniform.
+    """
+    if not decay:
+        return None
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad and is_task_parameter(n)]
+    lams = [p for n, p in named if "lam" in n.split(".")]
+    mixes = [p for n, p in named if "mix_logits" in n.split(".")]
+    if not lams and not mixes:
+        return None
+    first = (lams or mixes)[0]
+    group = next(g for g in optimizer.param_groups if any(q is first for q in g["params"]))
+    eyes = [torch.eye(p.shape[0], dtype=p.dtype, device=p.device) for p in lams[:1]] * len(lams)  # Λ_t: (r, r)
+
+    def pull() -> None:
+        rate = float(decay) * group["lr"]
+        with torch.no_grad():
+            if lams:
+                torch._foreach_lerp_(lams, eyes, rate)
+            if mixes:
+                torch._foreach_mul_(mixes, 1.0 - rate)
+    return pull
+
+
 def linear_schedule(warmup: int, total: int) -> Callable[[int], float]:
     """LR factor at step s: linear warmup to 1 over ``warmup`` steps, then linear decay to 0 at ``total``."""
     def factor(s: int) -> float:

@@ -79,6 +79,8 @@ def _config(env: dict[str, Path], out: Path, **kw) -> TrainConfig:
     ("head_start", -5, "TrainConfig.head_start=-5"),
     ("eval_every", 0, "TrainConfig.eval_every=0"),
     ("shared_start", 0.5, "only per-market-lora has per-market adapters"),  # method lora
+    ("task_decay", -1.0, "TrainConfig.task_decay=-1.0"),
+    ("task_decay", 2.0, "only mtl-lora has the per-market"),  # method lora
 ])
 def test_train_config_rejects_bad_values(field: str, value: object, match: str) -> None:
     kw = dict(data="ds", method="lora", base_model="m", out="run")

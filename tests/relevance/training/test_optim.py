@@ -161,3 +161,37 @@ def test_a_step_bumps_the_version_counters_the_scoring_cache_relies_on() -> None
     before = [p._version for p in params]
     opt.step()
     assert all(p._version > v for p, v in zip(params, before))
+
+
+def test_neutral_pull_moves_lambda_toward_identity_and_mixing_toward_uniform() -> None:
+    from relevance.model.adapters.layers import MTLLoRALinear
+    from relevance.training.optim import neutral_pull
+
+    model = tiny("mtl-lora")
+    layers = [m for m in model.modules() if isinstance(m, MTLLoRALinear)]
+    with torch.no_grad():
+        for m in layers:
+            for lam, w in zip(m.lam, m.mix_logits):
+                lam.copy_(torch.randn_like(lam))  # fresh, far from I
+                w.copy_(torch.randn_like(w))
+    layers[0].lam[1].requires_grad_(False)  # a frozen market (add-market) is left alone
+    frozen = layers[0].lam[1].detach().clone()
+    opt = make_optimizer(model, LR, 0.01, 10.0)
+    assert neutral_pull(model, opt, None) is None and neutral_pull(model, opt, 0.0) is None
+    assert neutral_pull(tiny("lora"), make_optimizer(tiny("lora"), LR, 0.01), 1.0) is None  # nothing per market
+    pull = neutral_pull(model, opt, 20.0)
+    rate = 20.0 * 10 * LR  # decay × the Λ_t/w_t group's lr
+    lam, w = layers[1].lam[0], layers[1].mix_logits[0]
+    lam0, w0 = lam.detach().clone(), w.detach().clone()
+    p0 = torch.softmax(w0 / layers[1].temperature, -1)
+    pull()
+    eye = torch.eye(lam.shape[0])
+    torch.testing.assert_close(lam.detach(), lam0 + rate * (eye - lam0))
+    torch.testing.assert_close(w.detach(), (1 - rate) * w0)
+    assert torch.equal(layers[0].lam[1], frozen)
+    p1 = torch.softmax(w.detach() / layers[1].temperature, -1)
+    assert (p1 - 1 / 3).abs().max() < (p0 - 1 / 3).abs().max()  # closer to uniform mixing
+    opt.param_groups[1]["lr"] = 0.0  # the schedule's lr: no step, no pull
+    before = lam.detach().clone()
+    pull()
+    assert torch.equal(lam.detach(), before)
