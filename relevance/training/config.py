@@ -83,6 +83,7 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     **dict.fromkeys(("weight_decay", "min_delta"), _NON_NEG),
     "mixing_init_scale": (lambda v: v is None or (_is_num(v) and v >= 0), "a non-negative number or None"),
     "task_decay": (lambda v: v is None or (_is_num(v) and v >= 0), "a non-negative number or None"),
+    "task_decay_target": (lambda v: v is None or v in ("identity", "mean"), "'identity', 'mean' or None"),
     **dict.fromkeys(("task_lr_scale", "b_lr_ratio"), (lambda v: v is None or (_is_num(v) and v > 0),
                                                       "a positive number or None")),
     "shared_start": (lambda v: v is None or (_is_num(v) and 0 <= v < 1), "a number in [0, 1) or None"),
@@ -105,8 +106,9 @@ class TrainConfig:
     ``multilora_n`` (MultiLoRA's parallel LoRAs) and ``n_experts`` (MOELoRA's experts, a divisor of
     ``r``) default to ``None``, meaning the adapter library's default (3 and 4): a ``None`` default
     keeps runs written before these fields existed resumable (a missing key reads as ``None``).
-    ``task_decay`` (MTL-LoRA only; ``None``/0: off) pulls each trainable Λ_t toward I and w_t toward uniform
-    mixing after every step, by ``task_decay`` × the Λ_t/w_t group's learning rate
+    ``task_decay`` (MTL-LoRA only; ``None``/0: off) pulls each trainable Λ_t and w_t after every step, by
+    ``task_decay`` × their group's learning rate, toward ``task_decay_target``: ``identity`` (``None``; Λ_t
+    toward I, the mixing toward uniform) or ``mean`` (toward the layer's mean over markets)
     (``relevance.training.optim.neutral_pull``).
     """
 
@@ -123,6 +125,7 @@ class TrainConfig:
     mixing_init_scale: float | None = None
     task_lr_scale: float | None = None
     task_decay: float | None = None
+    task_decay_target: str | None = None
     b_lr_ratio: float | None = None
     shared_start: float | None = None
     market_prior: bool | None = None

@@ -81,6 +81,7 @@ def _config(env: dict[str, Path], out: Path, **kw) -> TrainConfig:
     ("shared_start", 0.5, "only per-market-lora has per-market adapters"),  # method lora
     ("task_decay", -1.0, "TrainConfig.task_decay=-1.0"),
     ("task_decay", 2.0, "only mtl-lora has the per-market"),  # method lora
+    ("task_decay_target", "zero", "TrainConfig.task_decay_target='zero'"),
 ])
 def test_train_config_rejects_bad_values(field: str, value: object, match: str) -> None:
     kw = dict(data="ds", method="lora", base_model="m", out="run")
@@ -144,6 +145,28 @@ def test_per_market_lora_shared_start_trains_one_adapter_then_each_market_its_ow
     assert [markets_equal(s) for s in range(1, 7)] == [True, True, True, False, False, False]
     plain = train(_config(env, tmp_path / "plain", method="per-market-lora", max_steps=2)).run_info
     assert plain["shared_steps"] == 0
+
+
+def test_task_decay_keeps_each_market_nearer_the_shared_point(env, tmp_path: Path) -> None:
+    """The same run with and without the pull: each market's Λ_t ends nearer I (identity) and nearer the
+    markets' mean (mean) than without it, in every adapted layer."""
+    def spread(run: Path) -> tuple[float, float]:
+        state = load_file(str(run / "adapter" / "adapter_model.safetensors"))
+        lams: dict[str, list] = {}
+        for k, v in state.items():
+            if ".lam." in k:
+                lams.setdefault(k.rsplit(".lam.", 1)[0], []).append(v.float())
+        eye = torch.eye(next(iter(lams.values()))[0].shape[0])
+        to_i = sum(float((x - eye).norm()) for xs in lams.values() for x in xs)
+        to_mean = sum(float((x - torch.stack(xs).mean(0)).norm()) for xs in lams.values() for x in xs)
+        return to_i, to_mean
+
+    base = spread(train(_config(env, tmp_path / "free", task_lr_scale=10.0)).run_dir)
+    ident = spread(train(_config(env, tmp_path / "id", task_lr_scale=10.0, task_decay=20.0)).run_dir)
+    mean = spread(train(_config(env, tmp_path / "mean", task_lr_scale=10.0, task_decay=20.0,
+                                task_decay_target="mean")).run_dir)
+    assert base[0] > 0 and ident[0] < 0.8 * base[0]
+    assert mean[1] < 0.8 * base[1]
 
 
 def test_copy_first_state_gives_every_market_market_zeros_moments() -> None:

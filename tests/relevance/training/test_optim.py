@@ -163,22 +163,30 @@ def test_a_step_bumps_the_version_counters_the_scoring_cache_relies_on() -> None
     assert all(p._version > v for p, v in zip(params, before))
 
 
-def test_neutral_pull_moves_lambda_toward_identity_and_mixing_toward_uniform() -> None:
+def _far_from_neutral(model: torch.nn.Module) -> list:
     from relevance.model.adapters.layers import MTLLoRALinear
-    from relevance.training.optim import neutral_pull
 
-    model = tiny("mtl-lora")
     layers = [m for m in model.modules() if isinstance(m, MTLLoRALinear)]
     with torch.no_grad():
         for m in layers:
             for lam, w in zip(m.lam, m.mix_logits):
-                lam.copy_(torch.randn_like(lam))  # fresh, far from I
+                lam.copy_(torch.randn_like(lam))  # fresh, far from I and from each other
                 w.copy_(torch.randn_like(w))
+    return layers
+
+
+def test_neutral_pull_moves_lambda_toward_identity_and_mixing_toward_uniform() -> None:
+    from relevance.training.optim import neutral_pull
+
+    model = tiny("mtl-lora")
+    layers = _far_from_neutral(model)
     layers[0].lam[1].requires_grad_(False)  # a frozen market (add-market) is left alone
     frozen = layers[0].lam[1].detach().clone()
     opt = make_optimizer(model, LR, 0.01, 10.0)
     assert neutral_pull(model, opt, None) is None and neutral_pull(model, opt, 0.0) is None
     assert neutral_pull(tiny("lora"), make_optimizer(tiny("lora"), LR, 0.01), 1.0) is None  # nothing per market
+    with pytest.raises(ValueError, match="'zero'"):
+        neutral_pull(model, opt, 1.0, "zero")
     pull = neutral_pull(model, opt, 20.0)
     rate = 20.0 * 10 * LR  # decay × the Λ_t/w_t group's lr
     lam, w = layers[1].lam[0], layers[1].mix_logits[0]
@@ -195,3 +203,26 @@ def test_neutral_pull_moves_lambda_toward_identity_and_mixing_toward_uniform() -
     before = lam.detach().clone()
     pull()
     assert torch.equal(lam.detach(), before)
+
+
+def test_neutral_pull_toward_the_mean_keeps_what_markets_share() -> None:
+    from relevance.training.optim import neutral_pull
+
+    model = tiny("mtl-lora")
+    layers = _far_from_neutral(model)
+    layers[0].lam[1].requires_grad_(False)  # frozen: not moved, but part of the mean the others move toward
+    opt = make_optimizer(model, LR, 0.01, 10.0)
+    pull = neutral_pull(model, opt, 20.0, "mean")
+    rate = 20.0 * 10 * LR
+    before = [[x.detach().clone() for x in m.lam] for m in layers]
+    w_before = [[x.detach().clone() for x in m.mix_logits] for m in layers]
+    pull()
+    for m, lams, ws in zip(layers, before, w_before):
+        mean, w_mean = torch.stack(lams).mean(0), torch.stack(ws).mean(0)
+        for t, (lam0, w0) in enumerate(zip(lams, ws)):
+            frozen = m is layers[0] and t == 1
+            expected = lam0 if frozen else lam0 + rate * (mean - lam0)
+            torch.testing.assert_close(m.lam[t].detach(), expected)
+            torch.testing.assert_close(m.mix_logits[t].detach(), w0 + rate * (w_mean - w0))
+        if m is not layers[0]:  # all markets trainable: their mean itself does not move
+            torch.testing.assert_close(torch.stack([x.detach() for x in m.lam]).mean(0), mean)
