@@ -76,7 +76,7 @@ ZEN5 = ("adapter_speed_real.json", "adapter_speed_real_fp32.json", "scoring_spee
 SPEED = (*_SPEED_HERE, *((f"{title}, on an AMD EPYC (Zen 5: AVX512-BF16, no AMX)", name.replace(".json", "_zen5.json"),
                           render, command) for title, name, render, command in _SPEED_HERE if name in ZEN5))
 QUALITY = (("Quality (CPU)", "quality.md"), ("Quality on GPU", "quality_gpu.md"),
-           ("Training precision: auto (bf16) against fp32, seed 0 (issue 16)", "quality_precision.md"),
+           ("Training precision: auto (bf16) against fp32, seeds 0-1 (issue 16)", "quality_precision.md"),
            ("Training precision on an AMD EPYC (2026-12-03; CPU family not recorded), before cpu_dropout.py (issue 16)",
             "quality_precision_zen4.md"),
            ("Training precision on an AMD EPYC (Zen 5: AVX512-BF16, no AMX), seed 0 (issue 16)",
