@@ -93,6 +93,12 @@ QUALITY = (("Quality (CPU)", "quality.md"), ("Quality on GPU", "quality_gpu.md")
             "quality_defaults_amx.md"),
            ("The head start (--head-start 1024, every method) on the quality benchmark, seeds 0-1, bf16, AMX Xeon (issue 15)",
             "quality_head_start.md"),
+           ("MTL-LoRA's pull toward shared LoRA (--task-decay 1), seeds 0-1, bf16, AMX Xeon (issue 15)",
+            "quality_task_decay1.md"),
+           ("The pull at --task-decay 3, same seeds and machine (issue 15)", "quality_task_decay3.md"),
+           ("The pull at --task-decay 10, same seeds and machine (issue 15)", "quality_task_decay10.md"),
+           ("The pull at --task-decay 10 toward the markets' mean (--task-decay-target mean), same seeds and machine "
+            "(issue 15)", "quality_task_decay10_mean.md"),
            ("LoRA+ on the demo's data: MTL-LoRA and per-market LoRA vs shared LoRA at the default (2.4x), 4 seeds (issue 15)",
             "lora_plus_demo.md"),
            ("The same at one rate (--b-lr-ratio 1), same seeds and CPU (issue 15)", "lora_plus_demo_one_rate.md"),
