@@ -90,6 +90,8 @@ def build_parser(description: str) -> argparse.ArgumentParser:
                         "mtl-lora-td<X>-seed<N>")
     p.add_argument("--task-decay-target", choices=("identity", "mean"), default=None,
                    help="what --task-decay pulls toward (train --task-decay-target); own dir, …-to-<target>-…")
+    p.add_argument("--task-decay-only", choices=("lam", "mix"), default=None,
+                   help="pull only the Λ_t or only the w_t (train --task-decay-only); own dir, …-only-<which>-…")
     p.add_argument("--mixing-init-scale", type=float, default=None,
                    help="MTL-LoRA's mixing init scale (default: the library's); own dir, mtl-lora-mis<X>-seed<N>")
     p.add_argument("--b-lr-ratio", type=float, default=None,
@@ -254,7 +256,7 @@ def build_data(args: argparse.Namespace, markets: list[str]) -> dict:
 
 
 # A run trained with a non-default knob is named by it, so it never replaces (or reuses) a default run.
-KNOB_TAGS = {"task_lr_scale": "tlr", "task_decay": "td", "task_decay_target": "to-", "mixing_init_scale": "mis", "b_lr_ratio": "blr", "head_start": "hs"}
+KNOB_TAGS = {"task_lr_scale": "tlr", "task_decay": "td", "task_decay_target": "to-", "task_decay_only": "only-", "mixing_init_scale": "mis", "b_lr_ratio": "blr", "head_start": "hs"}
 
 
 def train_config(args: argparse.Namespace, base: Path, markets: list[str], method: str, seed: int,
@@ -266,6 +268,7 @@ def train_config(args: argparse.Namespace, base: Path, markets: list[str], metho
     if method == "mtl-lora":
         knobs = {k: v for k, v in (("task_lr_scale", args.task_lr_scale), ("task_decay", args.task_decay),
                                    ("task_decay_target", args.task_decay_target),
+                                   ("task_decay_only", args.task_decay_only),
                                    ("mixing_init_scale", args.mixing_init_scale)) if v is not None}
     for knob in ("b_lr_ratio", "head_start"):  # every method: the baselines train with them too
         if getattr(args, knob) is not None:

@@ -84,6 +84,7 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "mixing_init_scale": (lambda v: v is None or (_is_num(v) and v >= 0), "a non-negative number or None"),
     "task_decay": (lambda v: v is None or (_is_num(v) and v >= 0), "a non-negative number or None"),
     "task_decay_target": (lambda v: v is None or v in ("identity", "mean"), "'identity', 'mean' or None"),
+    "task_decay_only": (lambda v: v is None or v in ("lam", "mix"), "'lam', 'mix' or None (both)"),
     **dict.fromkeys(("task_lr_scale", "b_lr_ratio"), (lambda v: v is None or (_is_num(v) and v > 0),
                                                       "a positive number or None")),
     "shared_start": (lambda v: v is None or (_is_num(v) and 0 <= v < 1), "a number in [0, 1) or None"),
@@ -108,8 +109,8 @@ class TrainConfig:
     keeps runs written before these fields existed resumable (a missing key reads as ``None``).
     ``task_decay`` (MTL-LoRA only; ``None``/0: off) pulls each trainable Λ_t and w_t after every step, by
     ``task_decay`` × their group's learning rate, toward ``task_decay_target``: ``identity`` (``None``; Λ_t
-    toward I, the mixing toward uniform) or ``mean`` (toward the layer's mean over markets)
-    (``relevance.training.optim.neutral_pull``).
+    toward I, the mixing toward uniform) or ``mean`` (toward the layer's mean over markets); ``task_decay_only``
+    ``lam`` or ``mix`` pulls one of the two alone (``relevance.training.optim.neutral_pull``).
     """
 
     data: str
@@ -126,6 +127,7 @@ class TrainConfig:
     task_lr_scale: float | None = None
     task_decay: float | None = None
     task_decay_target: str | None = None
+    task_decay_only: str | None = None
     b_lr_ratio: float | None = None
     shared_start: float | None = None
     market_prior: bool | None = None

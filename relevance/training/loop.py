@@ -179,7 +179,8 @@ class Run:
         self.b_lr_ratio = b_lr_ratio
         self.optimizer = make_optimizer(self.model, config.learning_rate, config.weight_decay,
                                         self.task_lr_multiplier or 1.0, b_lr_ratio)
-        self.pull = neutral_pull(self.model, self.optimizer, config.task_decay, config.task_decay_target or "identity")
+        self.pull = neutral_pull(self.model, self.optimizer, config.task_decay, config.task_decay_target or "identity",
+                                 config.task_decay_only)
         warmup = math.ceil(config.warmup_ratio * self.total)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, linear_schedule(warmup, self.total))
 

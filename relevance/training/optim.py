@@ -116,10 +116,11 @@ def make_optimizer(model: nn.Module, lr: float, weight_decay: float, own_lr_scal
 
 
 PULL_TARGETS = ("identity", "mean")
+PULL_ONLY = (None, "lam", "mix")
 
 
 def neutral_pull(model: nn.Module, optimizer: torch.optim.Optimizer, decay: float | None,
-                 target: str = "identity") -> Callable[[], None] | None:
+                 target: str = "identity", only: str | None = None) -> Callable[[], None] | None:
     """After-step pull of MTL-LoRA's trainable Λ_t and w_t toward a shared value, or None (no decay, or no
     such parameters).
 
@@ -135,13 +136,20 @@ def neutral_pull(model: nn.Module, optimizer: torch.optim.Optimizer, decay: floa
     - ``mean``: toward the layer's mean over every market (frozen ones included), Λ_t ← Λ_t + ρ(Λ̄ − Λ_t),
       w_t ← w_t + ρ(w̄ − w_t): what the markets learned in common stays, only each one's own departure
       shrinks (a shared prior, as in hierarchical models).
+
+    ``only``: ``lam`` pulls the Λ_t alone, ``mix`` the w_t alone (None: both). On the quality benchmark the
+    crossing twins' win lives mostly in the mixing and the agreeing markets' wander in the Λ_t (README).
     """
     if not decay:
         return None
     if target not in PULL_TARGETS:
         raise ValueError(f"neutral_pull target {target!r}: expected one of {PULL_TARGETS}")
+    if only not in PULL_ONLY:
+        raise ValueError(f"neutral_pull only {only!r}: expected one of {PULL_ONLY}")
+    names = {None: ("lam", "mix_logits"), "lam": ("lam",), "mix": ("mix_logits",)}[only]
     layers = [m for m in model.modules() if hasattr(m, "lam") and hasattr(m, "mix_logits")]
-    pairs = [(lst, [p for p in lst.parameters() if p.requires_grad]) for m in layers for lst in (m.lam, m.mix_logits)]
+    pairs = [(lst, [p for p in lst.parameters() if p.requires_grad]) for m in layers
+             for lst in (getattr(m, name) for name in names)]
     pairs = [(lst, train) for lst, train in pairs if train]
     if not pairs:
         return None

@@ -82,6 +82,7 @@ def _config(env: dict[str, Path], out: Path, **kw) -> TrainConfig:
     ("task_decay", -1.0, "TrainConfig.task_decay=-1.0"),
     ("task_decay", 2.0, "only mtl-lora has the per-market"),  # method lora
     ("task_decay_target", "zero", "TrainConfig.task_decay_target='zero'"),
+    ("task_decay_only", "both", "TrainConfig.task_decay_only='both'"),
 ])
 def test_train_config_rejects_bad_values(field: str, value: object, match: str) -> None:
     kw = dict(data="ds", method="lora", base_model="m", out="run")

@@ -226,3 +226,21 @@ def test_neutral_pull_toward_the_mean_keeps_what_markets_share() -> None:
             torch.testing.assert_close(m.mix_logits[t].detach(), w0 + rate * (w_mean - w0))
         if m is not layers[0]:  # all markets trainable: their mean itself does not move
             torch.testing.assert_close(torch.stack([x.detach() for x in m.lam]).mean(0), mean)
+
+
+@pytest.mark.parametrize("only", ["lam", "mix"])
+def test_neutral_pull_can_pull_one_half_alone(only: str) -> None:
+    from relevance.training.optim import neutral_pull
+
+    model = tiny("mtl-lora")
+    layers = _far_from_neutral(model)
+    opt = make_optimizer(model, LR, 0.01, 10.0)
+    with pytest.raises(ValueError, match="'both'"):
+        neutral_pull(model, opt, 1.0, only="both")
+    lam0 = [x.detach().clone() for m in layers for x in m.lam]
+    w0 = [x.detach().clone() for m in layers for x in m.mix_logits]
+    neutral_pull(model, opt, 20.0, only=only)()
+    lam1 = [x.detach() for m in layers for x in m.lam]
+    w1 = [x.detach() for m in layers for x in m.mix_logits]
+    assert all(torch.equal(a, b) for a, b in zip(w0 if only == "lam" else lam0, w1 if only == "lam" else lam1))
+    assert not any(torch.equal(a, b) for a, b in zip(lam0 if only == "lam" else w0, lam1 if only == "lam" else w1))
