@@ -99,6 +99,8 @@ QUALITY = (("Quality (CPU)", "quality.md"), ("Quality on GPU", "quality_gpu.md")
            ("The pull at --task-decay 10, same seeds and machine (issue 15)", "quality_task_decay10.md"),
            ("The pull at --task-decay 10 toward the markets' mean (--task-decay-target mean), same seeds and machine "
             "(issue 15)", "quality_task_decay10_mean.md"),
+           ("The pull at --task-decay 10 on the Lambda_t alone (--task-decay-only lam), same seeds and machine (issue 15)",
+            "quality_task_decay10_lam.md"),
            ("LoRA+ on the demo's data: MTL-LoRA and per-market LoRA vs shared LoRA at the default (2.4x), 4 seeds (issue 15)",
             "lora_plus_demo.md"),
            ("The same at one rate (--b-lr-ratio 1), same seeds and CPU (issue 15)", "lora_plus_demo_one_rate.md"),
