@@ -50,9 +50,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from relevance.model.adapters.layers import list_items
-from relevance.training.config import TASK_DECAY_ONLY, TASK_DECAY_TARGETS
-
 # Parameter-name parts of the per-market MTL-LoRA parameters (MTLLoRALinear.lam / .mix_logits).
 TASK_PARAM_PARTS = ("lam", "mix_logits")
 
@@ -118,6 +115,8 @@ def make_optimizer(model: nn.Module, lr: float, weight_decay: float, own_lr_scal
     return torch.optim.AdamW(groups, foreach=True)
 
 
+PULL_TARGETS = ("identity", "mean")
+PULL_ONLY = (None, "lam", "mix")
 
 
 def neutral_pull(model: nn.Module, optimizer: torch.optim.Optimizer, decay: float | None,
@@ -143,13 +142,13 @@ def neutral_pull(model: nn.Module, optimizer: torch.optim.Optimizer, decay: floa
     """
     if not decay:
         return None
-    if target not in TASK_DECAY_TARGETS:
-        raise ValueError(f"neutral_pull target {target!r}: expected one of {TASK_DECAY_TARGETS}")
-    if only is not None and only not in TASK_DECAY_ONLY:
-        raise ValueError(f"neutral_pull only {only!r}: expected None or one of {TASK_DECAY_ONLY}")
+    if target not in PULL_TARGETS:
+        raise ValueError(f"neutral_pull target {target!r}: expected one of {PULL_TARGETS}")
+    if only not in PULL_ONLY:
+        raise ValueError(f"neutral_pull only {only!r}: expected one of {PULL_ONLY}")
     names = {None: ("lam", "mix_logits"), "lam": ("lam",), "mix": ("mix_logits",)}[only]
     layers = [m for m in model.modules() if hasattr(m, "lam") and hasattr(m, "mix_logits")]
-    pairs = [(lst, [p for p in list_items(lst) if p.requires_grad]) for m in layers
+    pairs = [(lst, [p for p in lst.parameters() if p.requires_grad]) for m in layers
              for lst in (getattr(m, name) for name in names)]
     pairs = [(lst, train) for lst, train in pairs if train]
     if not pairs:
@@ -168,7 +167,7 @@ def neutral_pull(model: nn.Module, optimizer: torch.optim.Optimizer, decay: floa
         rate = float(decay) * group["lr"]
         with torch.no_grad():
             if target == "mean":
-                means = [torch.stack(tuple(list_items(lst))).mean(0) for lst, _ in pairs]
+                means = [torch.stack(list(lst.parameters())).mean(0) for lst, _ in pairs]
                 ends = [mean for mean, (_, train) in zip(means, pairs) for _ in train]
             else:
                 ends = identity
