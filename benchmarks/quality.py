@@ -49,6 +49,8 @@ CACHE = Path(os.environ.get("ADS_RELEVANCE_CACHE", Path.home() / ".cache" / "ads
 
 def build_parser(description: str) -> argparse.ArgumentParser:
     """The data and budget options (shared with ``add_market.py``, which runs on the same data)."""
+    from relevance.training.config import TASK_DECAY_ONLY, TASK_DECAY_TARGETS
+
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--markets", default="en,es,de,zh,ar,hi,jp", help="markets to build and train on")
     p.add_argument("--xquad-dir", type=Path, default=SHARED / "data" / "xquad", help="holds xquad.<lang>.json")
@@ -88,9 +90,9 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--task-decay", type=float, default=None,
                    help="MTL-LoRA's pull of Λ_t toward I and w_t toward uniform mixing (train --task-decay); own dir, "
                         "mtl-lora-td<X>-seed<N>")
-    p.add_argument("--task-decay-target", choices=("identity", "mean"), default=None,
+    p.add_argument("--task-decay-target", choices=TASK_DECAY_TARGETS, default=None,
                    help="what --task-decay pulls toward (train --task-decay-target); own dir, …-to-<target>-…")
-    p.add_argument("--task-decay-only", choices=("lam", "mix"), default=None,
+    p.add_argument("--task-decay-only", choices=TASK_DECAY_ONLY, default=None,
                    help="pull only the Λ_t or only the w_t (train --task-decay-only); own dir, …-only-<which>-…")
     p.add_argument("--mixing-init-scale", type=float, default=None,
                    help="MTL-LoRA's mixing init scale (default: the library's); own dir, mtl-lora-mis<X>-seed<N>")
@@ -256,7 +258,8 @@ def build_data(args: argparse.Namespace, markets: list[str]) -> dict:
 
 
 # A run trained with a non-default knob is named by it, so it never replaces (or reuses) a default run.
-KNOB_TAGS = {"task_lr_scale": "tlr", "task_decay": "td", "task_decay_target": "to-", "task_decay_only": "only-", "mixing_init_scale": "mis", "b_lr_ratio": "blr", "head_start": "hs"}
+KNOB_TAGS = {"task_lr_scale": "tlr", "task_decay": "td", "task_decay_target": "to-", "task_decay_only": "only-",
+             "mixing_init_scale": "mis", "b_lr_ratio": "blr", "head_start": "hs"}
 
 
 def train_config(args: argparse.Namespace, base: Path, markets: list[str], method: str, seed: int,
@@ -273,7 +276,8 @@ def train_config(args: argparse.Namespace, base: Path, markets: list[str], metho
     for knob in ("b_lr_ratio", "head_start"):  # every method: the baselines train with them too
         if getattr(args, knob) is not None:
             knobs[knob] = getattr(args, knob)
-    suffix = "".join(f"-{KNOB_TAGS[k]}{v if isinstance(v, str) else format(v, 'g')}" for k, v in knobs.items()) + (f"-{precision}" if precision else "")
+    tags = "".join(f"-{KNOB_TAGS[k]}{v if isinstance(v, str) else format(v, 'g')}" for k, v in knobs.items())
+    suffix = tags + (f"-{precision}" if precision else "")
     return TrainConfig(
         data=str(args.workdir / "data"), method=method, base_model=str(base), markets=tuple(markets),
         out=str(args.workdir / "runs" / f"{method}{suffix}-seed{seed}"), seed=seed, max_steps=args.max_steps,

@@ -72,6 +72,9 @@ EVAL_EVERY_MAX = 200
 DEFAULT_MARKET_PRIOR = True
 
 _BOOL = (lambda v: isinstance(v, bool), "True or False")
+# What MTL-LoRA's pull (``relevance.training.task_pull``) can pull toward, and which half it can pull alone.
+TASK_DECAY_TARGETS = ("identity", "mean")
+TASK_DECAY_ONLY = ("lam", "mix")
 _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     **dict.fromkeys(("r", "n_up", "batch_size", "epochs", "max_length", "eval_batch_size",
                      "keep_checkpoints"), _POS_INT),
@@ -83,8 +86,8 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     **dict.fromkeys(("weight_decay", "min_delta"), _NON_NEG),
     "mixing_init_scale": (lambda v: v is None or (_is_num(v) and v >= 0), "a non-negative number or None"),
     "task_decay": (lambda v: v is None or (_is_num(v) and v >= 0), "a non-negative number or None"),
-    "task_decay_target": (lambda v: v is None or v in ("identity", "mean"), "'identity', 'mean' or None"),
-    "task_decay_only": (lambda v: v is None or v in ("lam", "mix"), "'lam', 'mix' or None (both)"),
+    "task_decay_target": (lambda v: v is None or v in TASK_DECAY_TARGETS, f"one of {TASK_DECAY_TARGETS} or None"),
+    "task_decay_only": (lambda v: v is None or v in TASK_DECAY_ONLY, f"one of {TASK_DECAY_ONLY} or None (both)"),
     **dict.fromkeys(("task_lr_scale", "b_lr_ratio"), (lambda v: v is None or (_is_num(v) and v > 0),
                                                       "a positive number or None")),
     "shared_start": (lambda v: v is None or (_is_num(v) and 0 <= v < 1), "a number in [0, 1) or None"),
@@ -110,7 +113,7 @@ class TrainConfig:
     ``task_decay`` (MTL-LoRA only; ``None``/0: off) pulls each trainable Λ_t and w_t after every step, by
     ``task_decay`` × their group's learning rate, toward ``task_decay_target``: ``identity`` (``None``; Λ_t
     toward I, the mixing toward uniform) or ``mean`` (toward the layer's mean over markets); ``task_decay_only``
-    ``lam`` or ``mix`` pulls one of the two alone (``relevance.training.optim.neutral_pull``).
+    ``lam`` or ``mix`` pulls one of the two alone (``relevance.training.task_pull``).
     """
 
     data: str

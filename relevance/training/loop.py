@@ -59,7 +59,8 @@ from relevance.model.precision import autocast, resolve_precision
 from relevance.training import divergence
 from relevance.training.batches import MultiMarketSampler
 from relevance.training.distributed import Dist, init_distributed
-from relevance.training.optim import linear_schedule, make_optimizer, neutral_pull
+from relevance.training.optim import linear_schedule, make_optimizer
+from relevance.training.task_pull import neutral_pull
 from relevance.training.head_start import start_head
 from relevance.training.shared_start import copy_first_state, shared_routing, shared_steps, tie_to_first
 from relevance.training.priors import per_example, prior_offsets
