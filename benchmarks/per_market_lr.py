@@ -50,6 +50,7 @@ RECIPES = {  # TrainConfig fields of each setting's budget
 RECIPES["crossing"] = RECIPES["nested"]  # the policy scripts' shared recipe
 POLICY_SETTINGS = ("nested", "crossing")  # built by ../shared/tools/<setting>_policy.sh
 MTL_ROW = "mtl-lora"  # the results key (and table row) of --mtl-lora's runs
+MTL_DECAY_ROW = "mtl-lora-td"  # + D: the results key of --mtl-task-decays' runs
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -70,6 +71,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "LoRA keeps --b-lr-ratio); empty: per-market LoRA as every run")
     p.add_argument("--mtl-lora", action="store_true",
                    help="also train MTL-LoRA (library defaults) per seed and report it against shared LoRA")
+    p.add_argument("--mtl-task-decays", default="",
+                   help="with --mtl-lora: also MTL-LoRA at these pulls (train --task-decay D), comma-separated; "
+                        "0 is MTL-LoRA without the pull")
     p.add_argument("--workdir", type=Path, default=None, help="default: /tmp/ads-relevance-per-market-lr-<setting>")
     p.add_argument("--out", type=Path, default=None, help="writes OUT.md and OUT.json")
     p.add_argument("--quick", action="store_true", help="tiny in-code model, 300 rows, 1 seed, 6 steps")
@@ -139,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     scales = [float(s) for s in args.scales.split(",") if s]
     starts = [float(s) for s in args.shared_starts.split(",") if s]
     seeds = [int(s) for s in args.seeds.split(",") if s]
+    decays = [float(s) for s in args.mtl_task_decays.split(",") if s]
     pml_ratios: list[float | None] = [float(s) for s in args.pml_b_lr_ratios.split(",") if s] or [None]
 
     train_s: dict[str, float] = {}  # each run's own training time (a reused run keeps the one it was made in)
@@ -171,6 +176,9 @@ def main(argv: list[str] | None = None) -> int:
         shared = run("lora", "lora", seed)
         if args.mtl_lora:
             compare(MTL_ROW, seed, shared, run("mtl-lora", "mtl-lora", seed))
+            for d in decays:
+                key = f"{MTL_DECAY_ROW}{d:g}"
+                compare(key, seed, shared, run(key, "mtl-lora", seed, task_decay=d))
         for scale, start, b in itertools.product(scales, starts, pml_ratios):
             key = f"{scale:g}" + (f", shared start {start:g}" if start else "") + (f", B {b:g}×" if b else "")
             extra = {"task_lr_scale": scale, **({"shared_start": start} if start else {}),
@@ -180,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
             compare(key, seed, shared, run(name, "per-market-lora", seed, **extra))
     out = {"benchmark": "per_market_lr", "setting": args.setting, "recipe": recipe, "base_model": base,
            "data": str(data), "b_lr_ratio": args.b_lr_ratio, "pml_b_lr_ratios": pml_ratios, "scales": scales,
-           "shared_starts": starts, "seeds": seeds, "precision": args.precision,
+           "shared_starts": starts, "seeds": seeds, "precision": args.precision, "mtl_task_decays": decays,
            "environment": env, "results": results, "wall_time_s": round(time.perf_counter() - started, 1),
            "train_time_s": train_s, "degenerate_test": degenerate}
     write(out, args.out)
@@ -225,6 +233,7 @@ def render(r: dict) -> str:
             cells.append(f"**{statistics.fmean(p['diff'] for p in per):+.3f}** (" + ", ".join(
                 f"{p['diff']:+.3f}{'✱' if p['significant'] else ''}" for p in per) + ")")
         label = "MTL-LoRA (defaults)" if scale == MTL_ROW else (
+            f"MTL-LoRA, `--task-decay {scale.removeprefix(MTL_DECAY_ROW)}`" if scale.startswith(MTL_DECAY_ROW) else
             scale.split(",")[0] + "×" + "".join("," + part for part in scale.split(",")[1:]))
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     first = next(iter(by_scale.values()))

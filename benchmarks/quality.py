@@ -307,7 +307,7 @@ def copy_light(src: Path, dst: Path) -> bool:
 
 def stale_rates(run_dir: Path, config) -> bool:
     """True for a finished run whose up-projections (LoRA+ ratio) or, for a default MTL-LoRA run, Λ_t / w_t
-    learned at another rate than the config gives now.
+    learned at another rate, or under another pull (``task_decay`` None), than the config gives now.
 
     ``task_lr_scale`` None means "the library's default", which changed (3× → max(3, T), issue 15): a run
     recorded before ``run_info.json`` held the multiplier, or with another one, is retrained, not reused.
@@ -317,7 +317,12 @@ def stale_rates(run_dir: Path, config) -> bool:
     n_markets = len(config.markets or info.get("markets", ()))  # LoRA+'s default ratio depends on it
     if info.get("b_lr_ratio", 1.0) != config.b_lr_multiplier(n_markets):  # none recorded: one rate
         return True
-    if config.method != "mtl-lora" or config.task_lr_scale is not None:
+    if config.method != "mtl-lora":
+        return False
+    if config.task_decay is None and (info.get("task_decay", 0.0), info.get("task_decay_only")) != (
+            config.task_decay_rate, config.task_decay_halves if config.task_decay_rate else None):
+        return True  # the pull's default (issue 15); a run recorded without one trained without the pull
+    if config.task_lr_scale is not None:
         return False  # an explicit multiple is in train_config.json, which must match already
     return info.get("task_lr_multiplier") != config.task_lr_multiplier(len(config.markets))
 

@@ -72,9 +72,13 @@ EVAL_EVERY_MAX = 200
 DEFAULT_MARKET_PRIOR = True
 
 _BOOL = (lambda v: isinstance(v, bool), "True or False")
-# What MTL-LoRA's pull (``relevance.training.task_pull``) can pull toward, and which half it can pull alone.
+# What MTL-LoRA's pull (``relevance.training.task_pull``) can pull toward, and which halves it pulls.
 TASK_DECAY_TARGETS = ("identity", "mean")
-TASK_DECAY_ONLY = ("lam", "mix")
+TASK_DECAY_ONLY = ("lam", "mix", "both")
+# MTL-LoRA pulls each market's Λ_t toward I after every step by DEFAULT_TASK_DECAY × its learning rate, and leaves
+# the mixing w_t free, unless told otherwise (issue 15; relevance.training.task_pull has the measurements).
+DEFAULT_TASK_DECAY = 10.0
+DEFAULT_TASK_DECAY_ONLY = "lam"
 _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     **dict.fromkeys(("r", "n_up", "batch_size", "epochs", "max_length", "eval_batch_size",
                      "keep_checkpoints"), _POS_INT),
@@ -87,7 +91,7 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "mixing_init_scale": (lambda v: v is None or (_is_num(v) and v >= 0), "a non-negative number or None"),
     "task_decay": (lambda v: v is None or (_is_num(v) and v >= 0), "a non-negative number or None"),
     "task_decay_target": (lambda v: v is None or v in TASK_DECAY_TARGETS, f"one of {TASK_DECAY_TARGETS} or None"),
-    "task_decay_only": (lambda v: v is None or v in TASK_DECAY_ONLY, f"one of {TASK_DECAY_ONLY} or None (both)"),
+    "task_decay_only": (lambda v: v is None or v in TASK_DECAY_ONLY, f"one of {TASK_DECAY_ONLY} or None (the default)"),
     **dict.fromkeys(("task_lr_scale", "b_lr_ratio"), (lambda v: v is None or (_is_num(v) and v > 0),
                                                       "a positive number or None")),
     "shared_start": (lambda v: v is None or (_is_num(v) and 0 <= v < 1), "a number in [0, 1) or None"),
@@ -231,6 +235,19 @@ class TrainConfig:
         if self.b_lr_ratio is not None:
             return float(self.b_lr_ratio)
         return max(1.0, B_LR_BUDGET / max(DEFAULT_TASK_LR_SCALE, float(n_markets)))
+
+    @property
+    def task_decay_rate(self) -> float:
+        """D of MTL-LoRA's pull (``relevance.training.task_pull``): ``task_decay`` if given, else
+        DEFAULT_TASK_DECAY; 0 (off) for the other methods, which have no Λ_t or w_t."""
+        if self.method != "mtl-lora":
+            return 0.0
+        return DEFAULT_TASK_DECAY if self.task_decay is None else float(self.task_decay)
+
+    @property
+    def task_decay_halves(self) -> str:
+        """Which of MTL-LoRA's per-market parameters the pull moves: ``lam``, ``mix`` or ``both``."""
+        return self.task_decay_only or DEFAULT_TASK_DECAY_ONLY
 
     @property
     def rollback_limit(self) -> int:

@@ -12,6 +12,7 @@ exactly:
                                    market_prior_offsets, prior_logit, models_to_serve,
                                    precision (what ``auto`` resolved to: bf16 or fp32),
                                    task_lr_multiplier, shared_steps (per-market-lora's shared start),
+                                   task_decay, task_decay_only (MTL-LoRA's pull, as resolved),
                                    rollbacks (the divergence guard's: step, to_step, markets, lr_scale;
                                    scope "markets" when only those markets' adapters went back)
     RUN/predictions/valid.parquet  example_id, market, label, score, query_id (best weights)
@@ -180,8 +181,8 @@ class Run:
         self.b_lr_ratio = b_lr_ratio
         self.optimizer = make_optimizer(self.model, config.learning_rate, config.weight_decay,
                                         self.task_lr_multiplier or 1.0, b_lr_ratio)
-        self.pull = neutral_pull(self.model, self.optimizer, config.task_decay, config.task_decay_target or "identity",
-                                 config.task_decay_only)
+        self.pull = neutral_pull(self.model, self.optimizer, config.task_decay_rate,
+                                 config.task_decay_target or "identity", config.task_decay_halves)
         warmup = math.ceil(config.warmup_ratio * self.total)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, linear_schedule(warmup, self.total))
 
@@ -235,6 +236,9 @@ class Run:
             # per-market LoRA's A_t / B_t; None for the other methods
             "task_lr_multiplier": self.task_lr_multiplier,
             "b_lr_ratio": self.b_lr_ratio,  # LoRA+: the up-projections' multiple of the learning rate
+            # MTL-LoRA's pull (relevance.training.task_pull): its D (0: off) and the halves it moved
+            "task_decay": config.task_decay_rate,
+            "task_decay_only": config.task_decay_halves if config.task_decay_rate else None,
             "shared_steps": self.shared_steps,  # per-market-lora: steps its markets trained one shared adapter
             "precision": resolve_precision(config.precision, self.d.device),
             "rollbacks": prog.rollbacks,  # the divergence guard's (relevance.training.divergence)

@@ -16,7 +16,7 @@ from relevance.training.config import TASK_DECAY_ONLY, TASK_DECAY_TARGETS
 
 
 def neutral_pull(model: nn.Module, optimizer: torch.optim.Optimizer, decay: float | None,
-                 target: str = "identity", only: str | None = None) -> Callable[[], None] | None:
+                 target: str = "identity", only: str = "both") -> Callable[[], None] | None:
     """After-step pull of MTL-LoRA's trainable Λ_t and w_t toward a shared value, or None (no decay, or no
     such parameters).
 
@@ -33,16 +33,16 @@ def neutral_pull(model: nn.Module, optimizer: torch.optim.Optimizer, decay: floa
       w_t ← w_t + ρ(w̄ − w_t): what the markets learned in common stays, only each one's own departure
       shrinks (a shared prior, as in hierarchical models).
 
-    ``only``: ``lam`` pulls the Λ_t alone, ``mix`` the w_t alone (None: both). On the quality benchmark the
+    ``only``: ``lam`` pulls the Λ_t alone, ``mix`` the w_t alone, ``both`` both. On the quality benchmark the
     crossing twins' win lives mostly in the mixing and the agreeing markets' wander in the Λ_t (README).
     """
     if not decay:
         return None
     if target not in TASK_DECAY_TARGETS:
         raise ValueError(f"neutral_pull target {target!r}: expected one of {TASK_DECAY_TARGETS}")
-    if only is not None and only not in TASK_DECAY_ONLY:
-        raise ValueError(f"neutral_pull only {only!r}: expected None (both) or one of {TASK_DECAY_ONLY}")
-    names = {None: ("lam", "mix_logits"), "lam": ("lam",), "mix": ("mix_logits",)}[only]
+    if only not in TASK_DECAY_ONLY:
+        raise ValueError(f"neutral_pull only {only!r}: expected one of {TASK_DECAY_ONLY}")
+    names = {"both": ("lam", "mix_logits"), "lam": ("lam",), "mix": ("mix_logits",)}[only]
     layers = [m for m in model.modules() if hasattr(m, "lam") and hasattr(m, "mix_logits")]
     pairs = [(lst, [p for p in list_items(lst) if p.requires_grad]) for m in layers
              for lst in (getattr(m, name) for name in names)]

@@ -26,7 +26,8 @@ REPO = Path(__file__).resolve().parents[3]
 RUN_INFO_KEYS = {"method", "run_name", "base_model", "trainable_params", "train_time_s", "examples_per_s",
                  "mlflow_run_id", "data_fingerprint", "best_step", "markets", "task_map", "degenerate",
                  "market_prior_offsets", "prior_logit", "models_to_serve", "precision", "task_lr_multiplier",
-                 "shared_steps", "b_lr_ratio", "rollbacks", "eval_every", "head_start"}
+                 "shared_steps", "b_lr_ratio", "rollbacks", "eval_every", "head_start", "task_decay",
+                 "task_decay_only"}
 
 
 @pytest.fixture(scope="module")
@@ -82,12 +83,21 @@ def _config(env: dict[str, Path], out: Path, **kw) -> TrainConfig:
     ("task_decay", -1.0, "TrainConfig.task_decay=-1.0"),
     ("task_decay", 2.0, "only mtl-lora has the per-market"),  # method lora
     ("task_decay_target", "zero", "TrainConfig.task_decay_target='zero'"),
-    ("task_decay_only", "both", "TrainConfig.task_decay_only='both'"),
+    ("task_decay_only", "neither", "TrainConfig.task_decay_only='neither'"),
 ])
 def test_train_config_rejects_bad_values(field: str, value: object, match: str) -> None:
     kw = dict(data="ds", method="lora", base_model="m", out="run")
     with pytest.raises(ValueError, match=match.replace("(", r"\(").replace(")", r"\)")):
         TrainConfig(**{**kw, field: value})
+
+
+def test_mtl_lora_pulls_its_lambdas_by_default_and_other_methods_pull_nothing() -> None:
+    kw = dict(data="ds", base_model="m", out="run")
+    mtl = TrainConfig(method="mtl-lora", **kw)
+    assert (mtl.task_decay_rate, mtl.task_decay_halves) == (10.0, "lam")
+    off = TrainConfig(method="mtl-lora", task_decay=0.0, task_decay_only="both", **kw)
+    assert (off.task_decay_rate, off.task_decay_halves) == (0.0, "both")
+    assert TrainConfig(method="lora", **kw).task_decay_rate == 0.0
 
 
 def test_a_head_start_needs_the_classifier_saved() -> None:
@@ -162,7 +172,7 @@ def test_task_decay_keeps_each_market_nearer_the_shared_point(env, tmp_path: Pat
         to_mean = sum(float((x - torch.stack(xs).mean(0)).norm()) for xs in lams.values() for x in xs)
         return to_i, to_mean
 
-    base = spread(train(_config(env, tmp_path / "free", task_lr_scale=10.0)).run_dir)
+    base = spread(train(_config(env, tmp_path / "free", task_lr_scale=10.0, task_decay=0.0)).run_dir)
     ident = spread(train(_config(env, tmp_path / "id", task_lr_scale=10.0, task_decay=20.0)).run_dir)
     mean = spread(train(_config(env, tmp_path / "mean", task_lr_scale=10.0, task_decay=20.0,
                                 task_decay_target="mean")).run_dir)
@@ -208,6 +218,9 @@ def test_each_method_trains_and_writes_the_run_directory(env, tmp_path: Path, me
     # the other methods have no per-market adapter parameters in shared batches
     expected = {"mtl-lora": max(3.0, len(info["markets"])), "per-market-lora": 1.0}.get(method)
     assert info["task_lr_multiplier"] == expected
+    # MTL-LoRA pulls its Λ_t toward I by default (task_pull); nothing else has Λ_t to pull
+    pull = (10.0, "lam") if method == "mtl-lora" else (0.0, None)
+    assert (info["task_decay"], info["task_decay_only"]) == pull
     assert info["precision"] == resolve_precision("auto", "cpu")  # what auto means on this machine
     assert info["markets"] == ["de", "fr", "us"] and info["task_map"] == {"de": 0, "fr": 1, "us": 2}
     assert info["trainable_params"] > 0 and info["examples_per_s"] > 0 and info["best_step"] in (4, 8)

@@ -78,8 +78,8 @@ def test_neutral_pull_can_pull_one_half_alone(only: str) -> None:
     model = tiny("mtl-lora")
     layers = _far_from_neutral(model)
     opt = make_optimizer(model, LR, 0.01, 10.0)
-    with pytest.raises(ValueError, match="'both'"):
-        neutral_pull(model, opt, 1.0, only="both")
+    with pytest.raises(ValueError, match="'neither'"):
+        neutral_pull(model, opt, 1.0, only="neither")
     lam0 = [x.detach().clone() for m in layers for x in m.lam]
     w0 = [x.detach().clone() for m in layers for x in m.mix_logits]
     neutral_pull(model, opt, 20.0, only=only)()
