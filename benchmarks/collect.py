@@ -124,7 +124,11 @@ QUALITY = (("Quality (CPU)", "quality.md"), ("Quality on GPU", "quality_gpu.md")
            ("Policy markets, nested (issue 15)", "policy_nested.md"),
            ("Policy markets, crossing (issue 15)", "policy_crossing.md"),
            ("Policy markets, crossing, with MTL-LoRA's pull on the Lambda_t (--task-decay 10 --task-decay-only lam), "
-            "seeds 0-1, bf16, AMX Xeon (issue 15)", "policy_crossing_task_decay.md"),
+            "seeds 0-3, bf16, AMX Xeon (issue 15)", "policy_crossing_task_decay.md"),
+           ("Policy markets, nested, with and without MTL-LoRA's pull on the Lambda_t, seeds 0-3, bf16, AMX Xeon "
+            "(issue 15)", "policy_nested_task_decay.md"),
+           ("MTL-LoRA with and without the pull on the Lambda_t on the demo's data, seeds 0-7, bf16, AMX Xeon (issue 15)",
+            "task_decay_demo.md"),
            ("Add a market without retraining (issue 14)", "add_market.md"),
            ("MTL-LoRA's knobs n and τ on planted data (issue 13)", "mtl_knobs.md"),
            ("Per-market LoRA's learning-rate multiple on the demo data (issue 15)", "per_market_lr_demo.md"),

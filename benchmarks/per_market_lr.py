@@ -207,7 +207,7 @@ def render(r: dict) -> str:
     """Per multiple: each market's per-market-lora − shared LoRA difference, mean and per seed."""
     env, rec = r["environment"], r["recipe"]
     keys = list(next(iter(next(iter(r["results"].values())).values())))
-    mtl = " (and MTL-LoRA)" if MTL_ROW in r["results"] else ""
+    mtl = " (and MTL-LoRA)" if any(k.startswith(MTL_ROW) for k in r["results"]) else ""
     lines = [f"# Per-market LoRA's learning-rate multiple and shared start{mtl}: {r['setting']}", "",
              f"{env['date']}, commit {env['commit']}, {env['machine']['cpu']} (load "
              f"{env['machine']['load_avg_1min_at_start']} at start); wall {r['wall_time_s']} s"
@@ -223,7 +223,7 @@ def render(r: dict) -> str:
              "of the steps trained as one shared adapter first, `train --shared-start`; MTL-LoRA (defaults): "
              "`--mtl-lora`). Cell: the row's method − shared LoRA "
              "test AUC, mean over seeds, then per seed (✱: paired 95% cluster-bootstrap interval excludes 0); "
-             "last line: shared LoRA's mean AUC.", "",
+             "last line: shared LoRA's mean AUC.", "", *([r["note"], ""] if r.get("note") else []),
              "| multiple | " + " | ".join(keys) + " |", "|---|" + "---:|" * len(keys)]
     by_scale = r["results"]
     for scale, by_seed in by_scale.items():

@@ -321,7 +321,7 @@ def stale_rates(run_dir: Path, config) -> bool:
         return False
     if config.task_decay is None and (info.get("task_decay", 0.0), info.get("task_decay_only")) != (
             config.task_decay_rate, config.task_decay_halves if config.task_decay_rate else None):
-        return True  # the pull's default (issue 15); a run recorded without one trained without the pull
+        return True  # trained under another default pull (issue 15); none recorded: it trained without one
     if config.task_lr_scale is not None:
         return False  # an explicit multiple is in train_config.json, which must match already
     return info.get("task_lr_multiplier") != config.task_lr_multiplier(len(config.markets))

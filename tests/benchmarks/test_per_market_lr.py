@@ -31,11 +31,11 @@ def test_per_market_rows_train_at_their_own_ratio_and_shared_lora_keeps_the_defa
 
 def test_mtl_lora_rows_at_other_pulls_train_beside_the_default(tmp_path: Path) -> None:
     out = tmp_path / "out"
-    assert per_market_lr.main(["--quick", "--scales", "", "--mtl-lora", "--mtl-task-decays", "0", "--workdir",
+    assert per_market_lr.main(["--quick", "--scales", "", "--mtl-lora", "--mtl-task-decays", "10", "--workdir",
                                str(tmp_path / "work"), "--out", str(out)]) == 0
     result = json.loads(out.with_suffix(".json").read_text())
-    assert list(result["results"]) == ["mtl-lora", "mtl-lora-td0"] and result["mtl_task_decays"] == [0.0]
+    assert list(result["results"]) == ["mtl-lora", "mtl-lora-td10"] and result["mtl_task_decays"] == [10.0]
     runs = tmp_path / "work" / "runs"
     pulls = {d.name: json.loads((d / "run_info.json").read_text())["task_decay"] for d in runs.iterdir()}
-    assert pulls == {"lora-seed0": 0.0, "mtl-lora-seed0": 10.0, "mtl-lora-td0-seed0": 0.0}
-    assert "| MTL-LoRA, `--task-decay 0` |" in out.with_suffix(".md").read_text()
+    assert pulls == {"lora-seed0": 0.0, "mtl-lora-seed0": 0.0, "mtl-lora-td10-seed0": 10.0}
+    assert "| MTL-LoRA, `--task-decay 10` |" in out.with_suffix(".md").read_text()

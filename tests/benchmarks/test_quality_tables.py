@@ -53,10 +53,12 @@ def test_an_mtl_lora_run_kept_from_another_default_task_lr_is_stale(tmp_path) ->
     (run / "run_info.json").write_text('{"task_lr_multiplier": 3.0}')  # the old default, 3x
     assert quality.stale_rates(run, mtl)
     nine = f'"b_lr_ratio": {12 / 9!r}'  # LoRA+'s default for 9 markets: 12 / 9
-    (run / "run_info.json").write_text(f'{{"task_lr_multiplier": 9.0, {nine}}}')  # max(3, 9 markets), no pull
-    assert quality.stale_rates(run, mtl)  # trained before the pull was the default
-    nine += ', "task_decay": 10.0, "task_decay_only": "lam"'  # the pull's default
-    (run / "run_info.json").write_text(f'{{"task_lr_multiplier": 9.0, {nine}}}')
+    (run / "run_info.json").write_text(f'{{"task_lr_multiplier": 9.0, {nine}}}')  # max(3, 9 markets)
+    assert not quality.stale_rates(run, mtl)  # recorded before run_info held the pull: it trained without one
+    pulled = f'"task_lr_multiplier": 9.0, {nine}, "task_decay": 10.0, "task_decay_only": "lam"'
+    (run / "run_info.json").write_text(f'{{{pulled}}}')  # a default that pulled: not today's default
+    assert quality.stale_rates(run, mtl)
+    (run / "run_info.json").write_text(f'{{"task_lr_multiplier": 9.0, {nine}, "task_decay": 0.0}}')
     assert not quality.stale_rates(run, mtl)
     assert not quality.stale_rates(run, quality.train_config(args, tmp_path, markets, "lora", 0))
     (run / "run_info.json").write_text(f'{{"method": "mtl-lora", {nine}}}')  # an explicit multiple: train_config says it

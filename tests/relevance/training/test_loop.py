@@ -91,12 +91,13 @@ def test_train_config_rejects_bad_values(field: str, value: object, match: str) 
         TrainConfig(**{**kw, field: value})
 
 
-def test_mtl_lora_pulls_its_lambdas_by_default_and_other_methods_pull_nothing() -> None:
+def test_the_pull_is_opt_in_and_pulls_the_lambdas_alone_unless_told() -> None:
     kw = dict(data="ds", base_model="m", out="run")
-    mtl = TrainConfig(method="mtl-lora", **kw)
-    assert (mtl.task_decay_rate, mtl.task_decay_halves) == (10.0, "lam")
-    off = TrainConfig(method="mtl-lora", task_decay=0.0, task_decay_only="both", **kw)
-    assert (off.task_decay_rate, off.task_decay_halves) == (0.0, "both")
+    assert TrainConfig(method="mtl-lora", **kw).task_decay_rate == 0.0
+    on = TrainConfig(method="mtl-lora", task_decay=10.0, **kw)
+    assert (on.task_decay_rate, on.task_decay_halves) == (10.0, "lam")
+    both = TrainConfig(method="mtl-lora", task_decay=3, task_decay_only="both", **kw)
+    assert (both.task_decay_rate, both.task_decay_halves) == (3.0, "both")
     assert TrainConfig(method="lora", **kw).task_decay_rate == 0.0
 
 
@@ -218,9 +219,7 @@ def test_each_method_trains_and_writes_the_run_directory(env, tmp_path: Path, me
     # the other methods have no per-market adapter parameters in shared batches
     expected = {"mtl-lora": max(3.0, len(info["markets"])), "per-market-lora": 1.0}.get(method)
     assert info["task_lr_multiplier"] == expected
-    # MTL-LoRA pulls its Λ_t toward I by default (task_pull); nothing else has Λ_t to pull
-    pull = (10.0, "lam") if method == "mtl-lora" else (0.0, None)
-    assert (info["task_decay"], info["task_decay_only"]) == pull
+    assert (info["task_decay"], info["task_decay_only"]) == (0.0, None)  # the pull (task_pull) is opt-in
     assert info["precision"] == resolve_precision("auto", "cpu")  # what auto means on this machine
     assert info["markets"] == ["de", "fr", "us"] and info["task_map"] == {"de": 0, "fr": 1, "us": 2}
     assert info["trainable_params"] > 0 and info["examples_per_s"] > 0 and info["best_step"] in (4, 8)
