@@ -103,14 +103,17 @@ def demo_dataset(work: Path, quick: bool) -> Path:
 
 def train_once(config) -> Path:
     """Train ``config`` unless its run directory already holds a finished run of the same config (a field
-    added since that run was made reads as its default)."""
+    added since that run was made reads as its default) that trained as the config means now (a default
+    that changed since, such as LoRA+'s ratio or MTL-LoRA's pull: ``quality.stale_rates``)."""
+    from quality import stale_rates
     from relevance.training.checkpoint import config_differences
     from relevance.training.loop import train
 
     out = Path(config.out)
     saved = out / "train_config.json"
     if (out / "predictions" / "test.parquet").is_file() and saved.is_file() \
-            and not config_differences(json.loads(saved.read_text()), config.to_dict(), set()):
+            and not config_differences(json.loads(saved.read_text()), config.to_dict(), set()) \
+            and not stale_rates(out, config):
         return out
     train(config)
     saved.write_text(json.dumps(config.to_dict(), indent=1) + "\n")

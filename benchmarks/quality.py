@@ -88,7 +88,8 @@ def build_parser(description: str) -> argparse.ArgumentParser:
                    help="MTL-LoRA's per-market learning-rate multiple (default: the library's); a run with it set "
                         "lives in its own dir, mtl-lora-tlr<X>-seed<N>, beside the default runs")
     p.add_argument("--task-decay", type=float, default=None,
-                   help="MTL-LoRA's pull of Λ_t toward I and w_t toward uniform mixing (train --task-decay); own dir, "
+                   help="MTL-LoRA's pull of Λ_t toward I (and/or w_t toward uniform mixing: --task-decay-only; train "
+                        "--task-decay); own dir, "
                         "mtl-lora-td<X>-seed<N>")
     p.add_argument("--task-decay-target", choices=TASK_DECAY_TARGETS, default=None,
                    help="what --task-decay pulls toward (train --task-decay-target); own dir, …-to-<target>-…")
@@ -307,7 +308,7 @@ def copy_light(src: Path, dst: Path) -> bool:
 
 def stale_rates(run_dir: Path, config) -> bool:
     """True for a finished run whose up-projections (LoRA+ ratio) or, for a default MTL-LoRA run, Λ_t / w_t
-    learned at another rate, or under another pull (``task_decay`` None), than the config gives now.
+    learned at another rate, or under another pull, than the config gives now.
 
     ``task_lr_scale`` None means "the library's default", which changed (3× → max(3, T), issue 15): a run
     recorded before ``run_info.json`` held the multiplier, or with another one, is retrained, not reused.
@@ -319,12 +320,15 @@ def stale_rates(run_dir: Path, config) -> bool:
         return True
     if config.method != "mtl-lora":
         return False
-    if config.task_decay is None and (info.get("task_decay", 0.0), info.get("task_decay_only")) != (
-            config.task_decay_rate, config.task_decay_halves if config.task_decay_rate else None):
-        return True  # trained under another default pull (issue 15); none recorded: it trained without one
+    pull = config.pull_record
+    # a run recorded before run_info held the pull trained with its config's task_decay on both halves
+    legacy = {"task_decay": float(config.task_decay or 0.0),
+              "task_decay_only": (config.task_decay_only or "both") if config.task_decay else None}
+    if {k: info.get(k, legacy[k]) for k in pull} != pull:
+        return True  # another pull than the config means now (issue 15: its default, or what D alone pulls)
     if config.task_lr_scale is not None:
         return False  # an explicit multiple is in train_config.json, which must match already
-    return info.get("task_lr_multiplier") != config.task_lr_multiplier(len(config.markets))
+    return info.get("task_lr_multiplier") != config.task_lr_multiplier(n_markets)
 
 
 def run_one(config, n_boot: int, keep: Path | None = None) -> dict:

@@ -117,10 +117,11 @@ class TrainConfig:
     ``multilora_n`` (MultiLoRA's parallel LoRAs) and ``n_experts`` (MOELoRA's experts, a divisor of
     ``r``) default to ``None``, meaning the adapter library's default (3 and 4): a ``None`` default
     keeps runs written before these fields existed resumable (a missing key reads as ``None``).
-    ``task_decay`` (MTL-LoRA only; ``None``/0: off) pulls each trainable Λ_t and w_t after every step, by
-    ``task_decay`` × their group's learning rate, toward ``task_decay_target``: ``identity`` (``None``; Λ_t
-    toward I, the mixing toward uniform) or ``mean`` (toward the layer's mean over markets); ``task_decay_only``
-    ``lam`` or ``mix`` pulls one of the two alone (``relevance.training.task_pull``).
+    ``task_decay`` (MTL-LoRA only; ``None``/0: off) pulls each market's trainable parameters after every step,
+    by ``task_decay`` × their group's learning rate, toward ``task_decay_target``: ``identity`` (``None``; Λ_t
+    toward I, the mixing toward uniform) or ``mean`` (toward the layer's mean over markets). ``task_decay_only``
+    says which: ``lam`` (``None``) the Λ_t, ``mix`` the mixing logits w_t, ``both`` both
+    (``relevance.training.task_pull``).
     """
 
     data: str
@@ -251,6 +252,12 @@ class TrainConfig:
     def task_decay_halves(self) -> str:
         """Which of MTL-LoRA's per-market parameters the pull moves: ``lam``, ``mix`` or ``both``."""
         return self.task_decay_only or DEFAULT_TASK_DECAY_ONLY
+
+    @property
+    def pull_record(self) -> dict[str, float | str | None]:
+        """The pull as ``run_info.json`` records it: its D (0: off) and the halves it moves (None when off)."""
+        rate = self.task_decay_rate
+        return {"task_decay": rate, "task_decay_only": self.task_decay_halves if rate else None}
 
     @property
     def rollback_limit(self) -> int:

@@ -236,9 +236,7 @@ class Run:
             # per-market LoRA's A_t / B_t; None for the other methods
             "task_lr_multiplier": self.task_lr_multiplier,
             "b_lr_ratio": self.b_lr_ratio,  # LoRA+: the up-projections' multiple of the learning rate
-            # MTL-LoRA's pull (relevance.training.task_pull): its D (0: off) and the halves it moved
-            "task_decay": config.task_decay_rate,
-            "task_decay_only": config.task_decay_halves if config.task_decay_rate else None,
+            **config.pull_record,  # MTL-LoRA's pull (relevance.training.task_pull): its D (0: off), its halves
             "shared_steps": self.shared_steps,  # per-market-lora: steps its markets trained one shared adapter
             "precision": resolve_precision(config.precision, self.d.device),
             "rollbacks": prog.rollbacks,  # the divergence guard's (relevance.training.divergence)

@@ -60,6 +60,14 @@ def test_an_mtl_lora_run_kept_from_another_default_task_lr_is_stale(tmp_path) ->
     assert quality.stale_rates(run, mtl)
     (run / "run_info.json").write_text(f'{{"task_lr_multiplier": 9.0, {nine}, "task_decay": 0.0}}')
     assert not quality.stale_rates(run, mtl)
+    # an explicit --task-decay 10: before run_info held the pull, D alone pulled both halves; now the Λ_t alone
+    pulled10 = quality.train_config(quality.parse_args(["--task-decay", "10", "--workdir", str(tmp_path)]), tmp_path,
+                                    markets, "mtl-lora", 0)
+    (run / "run_info.json").write_text(f'{{"task_lr_multiplier": 9.0, {nine}}}')
+    assert quality.stale_rates(run, pulled10)
+    (run / "run_info.json").write_text(f'{{"task_lr_multiplier": 9.0, {nine}, "task_decay": 10.0, '
+                                       '"task_decay_only": "lam"}')
+    assert not quality.stale_rates(run, pulled10)
     assert not quality.stale_rates(run, quality.train_config(args, tmp_path, markets, "lora", 0))
     (run / "run_info.json").write_text(f'{{"method": "mtl-lora", {nine}}}')  # an explicit multiple: train_config says it
     explicit = quality.train_config(quality.parse_args(["--task-lr-scale", "9"]), tmp_path, markets, "mtl-lora", 0)
