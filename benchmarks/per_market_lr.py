@@ -69,6 +69,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--pml-b-lr-ratios", default="",
                    help="LoRA+ ratios for per-market LoRA alone, comma-separated: each row is trained at each (shared "
                         "LoRA keeps --b-lr-ratio); empty: per-market LoRA as every run")
+    p.add_argument("--pml-task-decays", default="",
+                   help="per-market LoRA at these pulls toward the markets' mean (train --task-decay D), "
+                        "comma-separated: each row is trained at each; empty: without the pull")
     p.add_argument("--mtl-lora", action="store_true",
                    help="also train MTL-LoRA (library defaults) per seed and report it against shared LoRA")
     p.add_argument("--mtl-task-decays", default="",
@@ -148,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     seeds = [int(s) for s in args.seeds.split(",") if s]
     decays = [float(s) for s in args.mtl_task_decays.split(",") if s]
     pml_ratios: list[float | None] = [float(s) for s in args.pml_b_lr_ratios.split(",") if s] or [None]
+    pml_decays: list[float | None] = [float(s) for s in args.pml_task_decays.split(",") if s] or [None]
 
     train_s: dict[str, float] = {}  # each run's own training time (a reused run keeps the one it was made in)
     degenerate: dict[str, list[str]] = {}  # run -> markets whose test scores are degenerate (run_info.json)
@@ -182,16 +186,18 @@ def main(argv: list[str] | None = None) -> int:
             for d in decays:
                 key = f"{MTL_DECAY_ROW}{d:g}"
                 compare(key, seed, shared, run(key, "mtl-lora", seed, task_decay=d))
-        for scale, start, b in itertools.product(scales, starts, pml_ratios):
-            key = f"{scale:g}" + (f", shared start {start:g}" if start else "") + (f", B {b:g}×" if b else "")
+        for scale, start, b, pull in itertools.product(scales, starts, pml_ratios, pml_decays):
+            key = (f"{scale:g}" + (f", shared start {start:g}" if start else "") + (f", B {b:g}×" if b else "")
+                   + (f", pull {pull:g}" if pull else ""))
             extra = {"task_lr_scale": scale, **({"shared_start": start} if start else {}),
-                     **({"b_lr_ratio": b} if b else {})}
+                     **({"b_lr_ratio": b} if b else {}), **({"task_decay": pull} if pull else {})}
             name = (f"per-market-lora-x{scale:g}" + (f"-shared{start:g}" if start else "")
-                    + (f"-b{b:g}" if b else ""))
+                    + (f"-b{b:g}" if b else "") + (f"-pull{pull:g}" if pull else ""))
             compare(key, seed, shared, run(name, "per-market-lora", seed, **extra))
     out = {"benchmark": "per_market_lr", "setting": args.setting, "recipe": recipe, "base_model": base,
            "data": str(data), "b_lr_ratio": args.b_lr_ratio, "pml_b_lr_ratios": pml_ratios, "scales": scales,
            "shared_starts": starts, "seeds": seeds, "precision": args.precision, "mtl_task_decays": decays,
+           "pml_task_decays": [d for d in pml_decays if d],
            "environment": env, "results": results, "wall_time_s": round(time.perf_counter() - started, 1),
            "train_time_s": train_s, "degenerate_test": degenerate}
     write(out, args.out)
@@ -223,7 +229,9 @@ def render(r: dict) -> str:
              + (", but per-market LoRA where its row says `B X×`" if any(r.get("pml_b_lr_ratios") or []) else "")
              + "). "
              "Row: per-market LoRA with its A_t/B_t at the multiple × lr (with a shared start: that fraction "
-             "of the steps trained as one shared adapter first, `train --shared-start`; MTL-LoRA (defaults): "
+             "of the steps trained as one shared adapter first, `train --shared-start`; with `pull D`: every market "
+             "starting from one adapter, its A_t/B_t pulled toward their mean over markets by D × their lr after "
+             "each step, `train --task-decay D`; MTL-LoRA (defaults): "
              "`--mtl-lora`). Cell: the row's method − shared LoRA "
              "test AUC, mean over seeds, then per seed (✱: paired 95% cluster-bootstrap interval excludes 0); "
              "last line: shared LoRA's mean AUC.", "", *([r["note"], ""] if r.get("note") else []),

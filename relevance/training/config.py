@@ -75,6 +75,8 @@ _BOOL = (lambda v: isinstance(v, bool), "True or False")
 # What MTL-LoRA's pull (``relevance.training.task_pull``) can pull toward, and which halves it pulls.
 TASK_DECAY_TARGETS = ("identity", "mean")
 TASK_DECAY_ONLY = ("lam", "mix", "both")
+# What the pull moves in per-market LoRA: its A_t and B_t, toward their mean over markets (no other target).
+ADAPTER_PULL = "adapter"
 # MTL-LoRA's pull is off unless asked for (issue 15; the README's "Pull toward shared LoRA" has the measurements).
 # At --task-decay 10 on the Λ_t alone it gained the quality benchmark's agreeing markets +0.005 / +0.006 (seeds
 # 0-1) and held the policy benchmarks (nested and crossing, seeds 0-3), but on the demo's data it cost seed 0
@@ -117,11 +119,11 @@ class TrainConfig:
     ``multilora_n`` (MultiLoRA's parallel LoRAs) and ``n_experts`` (MOELoRA's experts, a divisor of
     ``r``) default to ``None``, meaning the adapter library's default (3 and 4): a ``None`` default
     keeps runs written before these fields existed resumable (a missing key reads as ``None``).
-    ``task_decay`` (MTL-LoRA only; ``None``/0: off) pulls each market's trainable parameters after every step,
-    by ``task_decay`` × their group's learning rate, toward ``task_decay_target``: ``identity`` (``None``; Λ_t
-    toward I, the mixing toward uniform) or ``mean`` (toward the layer's mean over markets). ``task_decay_only``
-    says which: ``lam`` (``None``) the Λ_t, ``mix`` the mixing logits w_t, ``both`` both
-    (``relevance.training.task_pull``).
+    ``task_decay`` (MTL-LoRA and per-market LoRA; ``None``/0: off) pulls each market's trainable parameters after
+    every step, by ``task_decay`` × their group's learning rate, toward ``task_decay_target``: ``identity``
+    (``None``; Λ_t toward I, the mixing toward uniform) or ``mean`` (toward the layer's mean over markets; per-market
+    LoRA's A_t, B_t only this). ``task_decay_only`` says which of MTL-LoRA's: ``lam`` (``None``) the Λ_t, ``mix``
+    the mixing logits w_t, ``both`` both (``relevance.training.task_pull``).
     """
 
     data: str
@@ -206,9 +208,15 @@ class TrainConfig:
             _bad("head_start", self.head_start, f"None or 0 when modules_to_save {list(self.modules_to_save)} leaves "
                  "out 'classifier': the probed classifier would not be saved with the adapter, so the exported "
                  "model would score with another head. Add classifier to --modules-to-save or drop --head-start")
-        if self.task_decay and self.method != "mtl-lora":
-            _bad("task_decay", self.task_decay, f"None or 0 for method {self.method!r}: only mtl-lora has the "
-                 "per-market Λ_t and w_t it pulls toward their neutral values")
+        if self.task_decay and self.method not in ("mtl-lora", "per-market-lora"):
+            _bad("task_decay", self.task_decay, f"None or 0 for method {self.method!r}: only mtl-lora (its Λ_t and "
+                 "w_t) and per-market-lora (its A_t and B_t) have per-market parameters to pull")
+        if self.method == "per-market-lora" and self.task_decay_target not in (None, "mean"):
+            _bad("task_decay_target", self.task_decay_target, "None or 'mean' for per-market-lora: its A_t and B_t "
+                 "have no neutral value but the markets' mean")
+        if self.method == "per-market-lora" and self.task_decay_only is not None:
+            _bad("task_decay_only", self.task_decay_only, "None for per-market-lora: the pull moves its A_t and "
+                 "B_t together (--task-decay-only picks MTL-LoRA's Λ_t or w_t)")
         if self.shared_start and self.method != "per-market-lora":
             _bad("shared_start", self.shared_start, "None or 0 for method "
                  f"{self.method!r}: only per-market-lora has per-market adapters that can start shared")
@@ -242,16 +250,29 @@ class TrainConfig:
 
     @property
     def task_decay_rate(self) -> float:
-        """D of MTL-LoRA's pull (``relevance.training.task_pull``): ``task_decay`` if given, else
-        DEFAULT_TASK_DECAY; 0 (off) for the other methods, which have no Λ_t or w_t."""
+        """D of the pull (``relevance.training.task_pull``): MTL-LoRA's ``task_decay`` if given, else
+        DEFAULT_TASK_DECAY; per-market LoRA's ``task_decay`` (off unless given); 0 (off) for the other methods,
+        which have no per-market parameters."""
+        if self.method == "per-market-lora":
+            return float(self.task_decay or 0.0)
         if self.method != "mtl-lora":
             return 0.0
         return DEFAULT_TASK_DECAY if self.task_decay is None else float(self.task_decay)
 
     @property
     def task_decay_halves(self) -> str:
-        """Which of MTL-LoRA's per-market parameters the pull moves: ``lam``, ``mix`` or ``both``."""
+        """What the pull moves: MTL-LoRA's ``lam``, ``mix`` or ``both``; per-market LoRA's A_t, B_t (``adapter``)."""
+        if self.method == "per-market-lora":
+            return ADAPTER_PULL
         return self.task_decay_only or DEFAULT_TASK_DECAY_ONLY
+
+    @property
+    def task_decay_toward(self) -> str:
+        """Where the pull moves them: ``task_decay_target`` (MTL-LoRA's default ``identity``); per-market
+        LoRA's A_t, B_t only ever toward their ``mean``."""
+        if self.method == "per-market-lora":
+            return "mean"
+        return self.task_decay_target or "identity"
 
     @property
     def pull_record(self) -> dict[str, float | str | None]:

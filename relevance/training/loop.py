@@ -181,8 +181,8 @@ class Run:
         self.b_lr_ratio = b_lr_ratio
         self.optimizer = make_optimizer(self.model, config.learning_rate, config.weight_decay,
                                         self.task_lr_multiplier or 1.0, b_lr_ratio)
-        self.pull = neutral_pull(self.model, self.optimizer, config.task_decay_rate,
-                                 config.task_decay_target or "identity", config.task_decay_halves)
+        self.pull = neutral_pull(self.model, self.optimizer, config.task_decay_rate, config.task_decay_toward,
+                                 config.task_decay_halves)
         warmup = math.ceil(config.warmup_ratio * self.total)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, linear_schedule(warmup, self.total))
 
@@ -214,6 +214,8 @@ class Run:
         adapter_config = self.config.adapter_config(self.markets)
         model, tok = load_cross_encoder(self.config.base_model, self.d.device, adapter_config.modules_to_save)
         inject(model, adapter_config)
+        if self.config.method == "per-market-lora" and self.config.task_decay_rate:
+            tie_to_first(model)  # pulled toward their mean: every market starts from one adapter (task_pull.py)
         if self.config.separate:
             own_heads(model)  # one model per market: its own LoRA and its own head
         return model, tok

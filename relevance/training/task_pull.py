@@ -1,4 +1,8 @@
-"""MTL-LoRA's pull: after each optimizer step, each market's own Λ_t (and w_t) move a little toward a shared value.
+"""Pulls of each market's own adapter parameters toward a shared value, applied after every optimizer step.
+
+MTL-LoRA: each market's Λ_t (and/or w_t) toward the neutral point (Λ_t = I, uniform mixing: shared LoRA) or the
+layer's mean over markets. Per-market LoRA: each market's A_t, B_t toward their mean over markets (a shared
+adapter's point, which per-market LoRA has no parameter for).
 
 A module of its own because it reads the training config's allowed values and the adapters' parameter lists,
 while ``relevance.training.optim`` (which the config's divergence guard imports) stays free of both.
@@ -11,61 +15,79 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from relevance.model.adapters.layers import list_items
-from relevance.training.config import TASK_DECAY_ONLY, TASK_DECAY_TARGETS
+from relevance.model.adapters.layers import PerTaskLoRALinear, list_items
+from relevance.training.config import ADAPTER_PULL, TASK_DECAY_ONLY, TASK_DECAY_TARGETS
+
+
+def _pulled_lists(model: nn.Module, only: str) -> list[nn.ParameterList]:
+    """The per-market ParameterLists ``only`` names: MTL-LoRA's ``lam`` / ``mix_logits``, or (``ADAPTER_PULL``)
+    per-market LoRA's ``lora_A`` / ``lora_B``."""
+    if only == ADAPTER_PULL:
+        return [lst for m in model.modules() if isinstance(m, PerTaskLoRALinear) for lst in (m.lora_A, m.lora_B)]
+    names = {"both": ("lam", "mix_logits"), "lam": ("lam",), "mix": ("mix_logits",)}[only]
+    layers = [m for m in model.modules() if hasattr(m, "lam") and hasattr(m, "mix_logits")]
+    return [getattr(m, name) for m in layers for name in names]
+
+
+def _neutral(p: torch.Tensor) -> torch.Tensor:
+    """MTL-LoRA's neutral value of a per-market parameter: I for a Λ_t (r, r), 0 for a w_t (n,)."""
+    return torch.eye(p.shape[0], dtype=p.dtype, device=p.device) if p.dim() == 2 else torch.zeros_like(p)
 
 
 def neutral_pull(model: nn.Module, optimizer: torch.optim.Optimizer, decay: float | None,
                  target: str = "identity", only: str = "both") -> Callable[[], None] | None:
-    """After-step pull of MTL-LoRA's trainable Λ_t and w_t toward a shared value, or None (no decay, or no
+    """After-step pull of each market's trainable parameters toward a shared value, or None (no decay, or no
     such parameters).
 
-    Why: AdamW's own decay would pull Λ_t toward 0 (so that group has none), yet a market whose labels
-    agree with the others gains nothing from a Λ_t or w_t of its own: from its ~1/T share of each batch at
-    ``task_lr_multiplier`` × the rate they only wander (on the 9-market quality benchmark the agreeing
-    markets' Λ_t ended as far from their mean, ‖Λ_t − Λ̄‖ ≈ 0.31, as 60% of the twins' specialisation).
-    Decoupled decay at ``decay`` × the group's current learning rate ρ (as AdamW's is) bounds the wander while
-    a market whose gradient keeps pointing one way still specialises. ``target``:
+    Why: a market whose labels agree with the others gains nothing from parameters of its own, yet from its
+    ~1/T share of each batch they only wander (on the 9-market quality benchmark MTL-LoRA's agreeing markets'
+    Λ_t ended as far from their mean, ‖Λ_t − Λ̄‖ ≈ 0.31, as 60% of the twins' specialisation; per-market LoRA
+    lost the nested policies' markets to shared LoRA by 0.06-0.13 macro AUC). AdamW's own decay would pull Λ_t
+    toward 0 (so that group has none). Decoupled decay at ``decay`` × the parameter group's current learning
+    rate ρ (as AdamW's is) bounds the wander while a market whose gradient keeps pointing one way still
+    specialises. ``target``:
 
-    - ``identity``: Λ_t ← Λ_t + ρ(I − Λ_t), w_t ← (1 − ρ) w_t. Shrinking w_t toward 0 is shrinking it toward
-      its own mean (softmax(w/τ) ignores a shift), so the mixing moves toward uniform: shared LoRA's point.
-    - ``mean``: toward the layer's mean over every market (frozen ones included), Λ_t ← Λ_t + ρ(Λ̄ − Λ_t),
-      w_t ← w_t + ρ(w̄ − w_t): what the markets learned in common stays, only each one's own departure
-      shrinks (a shared prior, as in hierarchical models).
+    - ``identity`` (MTL-LoRA): Λ_t ← Λ_t + ρ(I − Λ_t), w_t ← (1 − ρ) w_t. Shrinking w_t toward 0 is shrinking it
+      toward its own mean (softmax(w/τ) ignores a shift), so the mixing moves toward uniform: shared LoRA's point.
+    - ``mean``: toward the layer's mean over every market (frozen ones included), x_t ← x_t + ρ(x̄ − x_t): what
+      the markets learned in common stays, only each one's own departure shrinks (a shared prior, as in
+      hierarchical models). The only target of per-market LoRA's A_t, B_t, whose markets start from one
+      adapter when pulled (``Trainer.build_model``), so that their mean is a LoRA adapter too.
 
-    ``only``: ``lam`` pulls the Λ_t alone, ``mix`` the w_t alone, ``both`` both. On the quality benchmark the
-    crossing twins' win lives mostly in the mixing and the agreeing markets' wander in the Λ_t (README).
+    ``only``: ``lam`` pulls the Λ_t alone, ``mix`` the w_t alone, ``both`` both (MTL-LoRA; on the quality
+    benchmark the crossing twins' win lives mostly in the mixing and the agreeing markets' wander in the Λ_t,
+    README); ``adapter`` per-market LoRA's A_t and B_t, each at its own group's rate (LoRA+ gives B its own).
     """
     if not decay:
         return None
     if target not in TASK_DECAY_TARGETS:
         raise ValueError(f"neutral_pull target {target!r}: expected one of {TASK_DECAY_TARGETS}")
-    if only not in TASK_DECAY_ONLY:
-        raise ValueError(f"neutral_pull only {only!r}: expected one of {TASK_DECAY_ONLY}")
-    names = {"both": ("lam", "mix_logits"), "lam": ("lam",), "mix": ("mix_logits",)}[only]
-    layers = [m for m in model.modules() if hasattr(m, "lam") and hasattr(m, "mix_logits")]
-    pairs = [(lst, [p for p in list_items(lst) if p.requires_grad]) for m in layers
-             for lst in (getattr(m, name) for name in names)]
-    pairs = [(lst, train) for lst, train in pairs if train]
-    if not pairs:
+    if only not in (*TASK_DECAY_ONLY, ADAPTER_PULL):
+        raise ValueError(f"neutral_pull only {only!r}: expected one of {(*TASK_DECAY_ONLY, ADAPTER_PULL)}")
+    if only == ADAPTER_PULL and target != "mean":
+        raise ValueError(f"neutral_pull target {target!r} for per-market LoRA's A_t, B_t: only 'mean' (they have "
+                         "no neutral value of their own but the markets' shared adapter)")
+    lists = [(lst, [p for p in list_items(lst) if p.requires_grad]) for lst in _pulled_lists(model, only)]
+    lists = [(lst, train) for lst, train in lists if train]
+    if not lists:
         return None
-    first = pairs[0][1][0]
-    group = next(g for g in optimizer.param_groups if any(q is first for q in g["params"]))
-    params = [p for _, train in pairs for p in train]
+    # One foreach lerp per optimizer group, at that group's current lr (the schedule's).
+    by_group: dict[int, tuple[dict, list[tuple[nn.ParameterList, list[nn.Parameter]]]]] = {}
+    for lst, train in lists:
+        group = next(g for g in optimizer.param_groups if any(q is train[0] for q in g["params"]))
+        by_group.setdefault(id(group), (group, []))[1].append((lst, train))
     neutral: dict[tuple, torch.Tensor] = {}  # one I (r, r) for the Λ_t, one 0 (n,) for the w_t
-    for p in params:
-        if (p.shape, p.dtype) not in neutral:
-            neutral[p.shape, p.dtype] = torch.eye(p.shape[0], dtype=p.dtype, device=p.device) if p.dim() == 2 \
-                else torch.zeros_like(p)
-    identity = [neutral[p.shape, p.dtype] for p in params]
+    for lst, train in lists:
+        for p in train:
+            neutral.setdefault((p.shape, p.dtype), _neutral(p))
 
     def pull() -> None:
-        rate = float(decay) * group["lr"]
         with torch.no_grad():
-            if target == "mean":
-                means = [torch.stack(tuple(list_items(lst))).mean(0) for lst, _ in pairs]
-                ends = [mean for mean, (_, train) in zip(means, pairs) for _ in train]
-            else:
-                ends = identity
-            torch._foreach_lerp_(params, ends, rate)
+            for group, pairs in by_group.values():
+                params = [p for _, train in pairs for p in train]
+                if target == "mean":
+                    ends = [torch.stack(tuple(list_items(lst))).mean(0) for lst, train in pairs for _ in train]
+                else:
+                    ends = [neutral[p.shape, p.dtype] for p in params]
+                torch._foreach_lerp_(params, ends, float(decay) * group["lr"])
     return pull

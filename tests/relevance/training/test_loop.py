@@ -81,7 +81,7 @@ def _config(env: dict[str, Path], out: Path, **kw) -> TrainConfig:
     ("eval_every", 0, "TrainConfig.eval_every=0"),
     ("shared_start", 0.5, "only per-market-lora has per-market adapters"),  # method lora
     ("task_decay", -1.0, "TrainConfig.task_decay=-1.0"),
-    ("task_decay", 2.0, "only mtl-lora has the per-market"),  # method lora
+    ("task_decay", 2.0, "only mtl-lora (its Λ_t and w_t) and per-market-lora"),  # method lora
     ("task_decay_target", "zero", "TrainConfig.task_decay_target='zero'"),
     ("task_decay_only", "neither", "TrainConfig.task_decay_only='neither'"),
 ])
@@ -99,6 +99,13 @@ def test_the_pull_is_opt_in_and_pulls_the_lambdas_alone_unless_told() -> None:
     both = TrainConfig(method="mtl-lora", task_decay=3, task_decay_only="both", **kw)
     assert (both.task_decay_rate, both.task_decay_halves) == (3.0, "both")
     assert TrainConfig(method="lora", **kw).task_decay_rate == 0.0
+    pml = TrainConfig(method="per-market-lora", task_decay=50, **kw)  # A_t, B_t toward their mean, only there
+    assert (pml.task_decay_rate, pml.task_decay_halves, pml.task_decay_toward) == (50.0, "adapter", "mean")
+    assert TrainConfig(method="per-market-lora", **kw).pull_record == {"task_decay": 0.0, "task_decay_only": None}
+    with pytest.raises(ValueError, match=r"TrainConfig.task_decay_target='identity' .*no neutral value"):
+        TrainConfig(method="per-market-lora", task_decay=50, task_decay_target="identity", **kw)
+    with pytest.raises(ValueError, match=r"TrainConfig.task_decay_only='lam' .*A_t and B_t together"):
+        TrainConfig(method="per-market-lora", task_decay=50, task_decay_only="lam", **kw)
 
 
 def test_a_head_start_needs_the_classifier_saved() -> None:
@@ -179,6 +186,24 @@ def test_task_decay_keeps_each_market_nearer_the_shared_point(env, tmp_path: Pat
                                 task_decay_target="mean")).run_dir)
     assert base[0] > 0 and ident[0] < 0.8 * base[0]
     assert mean[1] < 0.8 * base[1]
+
+
+def test_per_market_lora_pull_starts_every_market_from_one_adapter_and_keeps_them_near_their_mean(
+        env, tmp_path: Path) -> None:
+    """Without the pull each market's A_t is its own Kaiming draw; with it every market starts from market 0's
+    (``Trainer.build_model``) and is held near the markets' mean, so the A_t's spread is a small fraction."""
+    def spread(run: Path) -> float:
+        state = load_file(str(run / "adapter" / "adapter_model.safetensors"))
+        a: dict[str, list] = {}
+        for k, v in state.items():
+            if ".lora_A." in k:
+                a.setdefault(k.rsplit(".", 1)[0], []).append(v.float())
+        return sum(float((x - torch.stack(xs).mean(0)).norm()) for xs in a.values() for x in xs)
+
+    free = spread(train(_config(env, tmp_path / "free", method="per-market-lora", max_steps=4)).run_dir)
+    run = train(_config(env, tmp_path / "pulled", method="per-market-lora", max_steps=4, task_decay=50.0))
+    assert (run.run_info["task_decay"], run.run_info["task_decay_only"]) == (50.0, "adapter")
+    assert 0 < spread(run.run_dir) < 0.05 * free
 
 
 def test_copy_first_state_gives_every_market_market_zeros_moments() -> None:

@@ -87,3 +87,27 @@ def test_neutral_pull_can_pull_one_half_alone(only: str) -> None:
     w1 = [x.detach() for m in layers for x in m.mix_logits]
     assert all(torch.equal(a, b) for a, b in zip(w0 if only == "lam" else lam0, w1 if only == "lam" else lam1))
     assert not any(torch.equal(a, b) for a, b in zip(lam0 if only == "lam" else w0, lam1 if only == "lam" else w1))
+
+
+def test_per_market_lora_pull_moves_a_and_b_toward_their_mean_at_their_own_rates() -> None:
+    from relevance.model.adapters.layers import PerTaskLoRALinear
+
+    model = tiny("per-market-lora")
+    layers = [m for m in model.modules() if isinstance(m, PerTaskLoRALinear)]
+    with torch.no_grad():
+        for m in layers:
+            for p in (*m.lora_A, *m.lora_B):
+                p.copy_(torch.randn_like(p))  # fresh, non-zero B: every market's adapter differs
+    layers[0].lora_B[1].requires_grad_(False)  # frozen (add-market): not moved, still part of the mean
+    opt = make_optimizer(model, LR, 0.01, 2.0, b_lr_ratio=4.0)  # LoRA+: B's group has its own rate
+    with pytest.raises(ValueError, match="only 'mean'"):
+        neutral_pull(model, opt, 1.0, "identity", only="adapter")
+    assert neutral_pull(tiny("mtl-lora"), make_optimizer(tiny("mtl-lora"), LR, 0.01), 1.0, "mean", "adapter") is None
+    before = [[[x.detach().clone() for x in lst] for lst in (m.lora_A, m.lora_B)] for m in layers]
+    neutral_pull(model, opt, 20.0, "mean", only="adapter")()
+    for m, lists in zip(layers, before):
+        for lst, old, rate in zip((m.lora_A, m.lora_B), lists, (20.0 * 2 * LR, 20.0 * 2 * 4 * LR)):
+            mean = torch.stack(old).mean(0)
+            for t, x0 in enumerate(old):
+                frozen = lst is layers[0].lora_B and t == 1
+                torch.testing.assert_close(lst[t].detach(), x0 if frozen else x0 + rate * (mean - x0))
