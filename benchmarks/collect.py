@@ -129,6 +129,16 @@ QUALITY = (("Quality (CPU)", "quality.md"), ("Quality on GPU", "quality_gpu.md")
             "(issue 15)", "policy_nested_task_decay.md"),
            ("MTL-LoRA with and without the pull on the Lambda_t on the demo's data, seeds 0-7, bf16, AMX Xeon (issue 15)",
             "task_decay_demo.md"),
+           ("Per-market LoRA with and without its pull toward the markets' mean (--task-decay 50), "
+            "nested policy data, seeds 0-3, bf16, AMX Xeon (issue 15)", "per_market_pull_nested.md"),
+           ("Per-market LoRA with its pull toward the markets' mean, crossing policy data, seeds 0-3, bf16, AMX Xeon "
+            "(issue 15)", "per_market_pull_crossing.md"),
+           ("Per-market LoRA with and without its pull toward the markets' mean, demo data, seeds 0-7, bf16, AMX Xeon "
+            "(issue 15)", "per_market_pull_demo.md"),
+           ("Quality benchmark, per-market LoRA without its pull, seeds 0-1, bf16, AMX Xeon (issue 15)",
+            "quality_per_market.md"),
+           ("Quality benchmark, per-market LoRA with its pull toward the markets' mean (--task-decay 50), seeds 0-1, "
+            "bf16, AMX Xeon (issue 15)", "quality_per_market_pull.md"),
            ("Add a market without retraining (issue 14)", "add_market.md"),
            ("MTL-LoRA's knobs n and τ on planted data (issue 13)", "mtl_knobs.md"),
            ("Per-market LoRA's learning-rate multiple on the demo data (issue 15)", "per_market_lr_demo.md"),

@@ -70,8 +70,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="LoRA+ ratios for per-market LoRA alone, comma-separated: each row is trained at each (shared "
                         "LoRA keeps --b-lr-ratio); empty: per-market LoRA as every run")
     p.add_argument("--pml-task-decays", default="",
-                   help="per-market LoRA at these pulls toward the markets' mean (train --task-decay D), "
-                        "comma-separated: each row is trained at each; empty: without the pull")
+                   help="per-market LoRA at these pulls toward the markets' mean (train --task-decay D; 0: off), "
+                        "comma-separated: each row is trained at each; empty: the library's default")
     p.add_argument("--mtl-lora", action="store_true",
                    help="also train MTL-LoRA (library defaults) per seed and report it against shared LoRA")
     p.add_argument("--mtl-task-decays", default="",
@@ -188,16 +188,16 @@ def main(argv: list[str] | None = None) -> int:
                 compare(key, seed, shared, run(key, "mtl-lora", seed, task_decay=d))
         for scale, start, b, pull in itertools.product(scales, starts, pml_ratios, pml_decays):
             key = (f"{scale:g}" + (f", shared start {start:g}" if start else "") + (f", B {b:g}×" if b else "")
-                   + (f", pull {pull:g}" if pull else ""))
+                   + (f", pull {pull:g}" if pull is not None else ""))
             extra = {"task_lr_scale": scale, **({"shared_start": start} if start else {}),
-                     **({"b_lr_ratio": b} if b else {}), **({"task_decay": pull} if pull else {})}
+                     **({"b_lr_ratio": b} if b else {}), **({"task_decay": pull} if pull is not None else {})}
             name = (f"per-market-lora-x{scale:g}" + (f"-shared{start:g}" if start else "")
-                    + (f"-b{b:g}" if b else "") + (f"-pull{pull:g}" if pull else ""))
+                    + (f"-b{b:g}" if b else "") + (f"-pull{pull:g}" if pull is not None else ""))
             compare(key, seed, shared, run(name, "per-market-lora", seed, **extra))
     out = {"benchmark": "per_market_lr", "setting": args.setting, "recipe": recipe, "base_model": base,
            "data": str(data), "b_lr_ratio": args.b_lr_ratio, "pml_b_lr_ratios": pml_ratios, "scales": scales,
            "shared_starts": starts, "seeds": seeds, "precision": args.precision, "mtl_task_decays": decays,
-           "pml_task_decays": [d for d in pml_decays if d],
+           "pml_task_decays": [d for d in pml_decays if d is not None],
            "environment": env, "results": results, "wall_time_s": round(time.perf_counter() - started, 1),
            "train_time_s": train_s, "degenerate_test": degenerate}
     write(out, args.out)

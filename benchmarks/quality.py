@@ -87,6 +87,9 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--task-lr-scale", type=float, default=None,
                    help="MTL-LoRA's per-market learning-rate multiple (default: the library's); a run with it set "
                         "lives in its own dir, mtl-lora-tlr<X>-seed<N>, beside the default runs")
+    p.add_argument("--pml-task-decay", type=float, default=None,
+                   help="per-market LoRA's pull of its A_t/B_t toward their mean over markets (train --task-decay; off "
+                        "by default); own dir, per-market-lora-td<X>-seed<N>")
     p.add_argument("--task-decay", type=float, default=None,
                    help="MTL-LoRA's pull of Λ_t toward I (and/or w_t toward uniform mixing: --task-decay-only; train "
                         "--task-decay); own dir, "
@@ -274,6 +277,8 @@ def train_config(args: argparse.Namespace, base: Path, markets: list[str], metho
                                    ("task_decay_target", args.task_decay_target),
                                    ("task_decay_only", args.task_decay_only),
                                    ("mixing_init_scale", args.mixing_init_scale)) if v is not None}
+    if method == "per-market-lora" and args.pml_task_decay is not None:
+        knobs = {"task_decay": args.pml_task_decay}
     for knob in ("b_lr_ratio", "head_start"):  # every method: the baselines train with them too
         if getattr(args, knob) is not None:
             knobs[knob] = getattr(args, knob)

@@ -41,14 +41,14 @@ def test_mtl_lora_rows_at_other_pulls_train_beside_the_default(tmp_path: Path) -
     assert "| MTL-LoRA, `--task-decay 10` |" in out.with_suffix(".md").read_text()
 
 
-def test_per_market_rows_at_a_pull_train_beside_the_unpulled_row(tmp_path: Path) -> None:
+def test_per_market_rows_at_other_pulls_train_beside_each_other(tmp_path: Path) -> None:
     out = tmp_path / "out"
     assert per_market_lr.main(["--quick", "--scales", "1", "--pml-task-decays", "0,50", "--workdir",
                                str(tmp_path / "work"), "--out", str(out)]) == 0
     result = json.loads(out.with_suffix(".json").read_text())
-    assert list(result["results"]) == ["1", "1, pull 50"] and result["pml_task_decays"] == [50.0]
+    assert list(result["results"]) == ["1, pull 0", "1, pull 50"] and result["pml_task_decays"] == [0.0, 50.0]
     infos = {d.name: json.loads((d / "run_info.json").read_text()) for d in (tmp_path / "work" / "runs").iterdir()}
     assert {name: (info["task_decay"], info["task_decay_only"]) for name, info in infos.items()} == {
-        "lora-seed0": (0.0, None), "per-market-lora-x1-seed0": (0.0, None),
+        "lora-seed0": (0.0, None), "per-market-lora-x1-pull0-seed0": (0.0, None),
         "per-market-lora-x1-pull50-seed0": (50.0, "adapter")}
     assert "| 1×, pull 50 |" in out.with_suffix(".md").read_text()
