@@ -71,23 +71,25 @@ def neutral_pull(model: nn.Module, optimizer: torch.optim.Optimizer, decay: floa
     lists = [(lst, train) for lst, train in lists if train]
     if not lists:
         return None
-    # One foreach lerp per optimizer group, at that group's current lr (the schedule's).
-    by_group: dict[int, tuple[dict, list[tuple[nn.ParameterList, list[nn.Parameter]]]]] = {}
+    # One foreach lerp per optimizer group, at that group's current lr (the schedule's); what each group pulls,
+    # and (identity) toward what, is fixed here, once, not rebuilt every step.
+    grouped: dict[int, tuple[dict, list[tuple[nn.ParameterList, list[nn.Parameter]]]]] = {}
     for lst, train in lists:
         group = next(g for g in optimizer.param_groups if any(q is train[0] for q in g["params"]))
-        by_group.setdefault(id(group), (group, []))[1].append((lst, train))
-    neutral: dict[tuple, torch.Tensor] = {}  # one I (r, r) for the Λ_t, one 0 (n,) for the w_t
-    for lst, train in lists:
-        for p in train:
-            neutral.setdefault((p.shape, p.dtype), _neutral(p))
+        grouped.setdefault(id(group), (group, []))[1].append((lst, train))
+    neutral: dict[tuple, torch.Tensor] = {}  # one I (r, r) for the Λ_t, one 0 (n,) for the w_t, shared
+    plans = []  # (group, params, their lists (mean) or their neutral values (identity))
+    for group, pairs in grouped.values():
+        params = [p for _, train in pairs for p in train]
+        if target == "mean":
+            plans.append((group, params, [(lst, len(train)) for lst, train in pairs]))
+        else:
+            plans.append((group, params, [neutral.setdefault((p.shape, p.dtype), _neutral(p)) for p in params]))
 
     def pull() -> None:
         with torch.no_grad():
-            for group, pairs in by_group.values():
-                params = [p for _, train in pairs for p in train]
-                if target == "mean":
-                    ends = [torch.stack(tuple(list_items(lst))).mean(0) for lst, train in pairs for _ in train]
-                else:
-                    ends = [neutral[p.shape, p.dtype] for p in params]
+            for group, params, ends in plans:
+                if target == "mean":  # the markets' mean as it is now, once per list
+                    ends = [mean for lst, n in ends for mean in [torch.stack(tuple(list_items(lst))).mean(0)] * n]
                 torch._foreach_lerp_(params, ends, float(decay) * group["lr"])
     return pull
