@@ -51,6 +51,7 @@ RECIPES["crossing"] = RECIPES["nested"]  # the policy scripts' shared recipe
 POLICY_SETTINGS = ("nested", "crossing")  # built by ../shared/tools/<setting>_policy.sh
 MTL_ROW = "mtl-lora"  # the results key (and table row) of --mtl-lora's runs
 MTL_DECAY_ROW = "mtl-lora-td"  # + D: the results key of --mtl-task-decays' runs
+PML_FORMS = {"shared": True, "independent": False}  # --pml-adapters: train --shared-adapter / --no-shared-adapter
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -70,8 +71,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="LoRA+ ratios for per-market LoRA alone, comma-separated: each row is trained at each (shared "
                         "LoRA keeps --b-lr-ratio); empty: per-market LoRA as every run")
     p.add_argument("--pml-task-decays", default="",
-                   help="per-market LoRA at these pulls toward the markets' mean (train --task-decay D; 0: off), "
+                   help="per-market LoRA at these pulls (train --task-decay D; 0: off): each market's departure "
+                        "toward the shared adapter, or without one its A_t/B_t toward the markets' mean; "
                         "comma-separated: each row is trained at each; empty: the library's default")
+    p.add_argument("--pml-adapters", default="",
+                   help="per-market LoRA's form, comma-separated: 'shared' (a shared adapter plus each market's "
+                        "departure; train --shared-adapter), 'independent' (the paper's; --no-shared-adapter); each "
+                        "row is trained in each; empty: the library's default")
     p.add_argument("--mtl-lora", action="store_true",
                    help="also train MTL-LoRA (library defaults) per seed and report it against shared LoRA")
     p.add_argument("--mtl-task-decays", default="",
@@ -152,6 +158,10 @@ def main(argv: list[str] | None = None) -> int:
     decays = [float(s) for s in args.mtl_task_decays.split(",") if s]
     pml_ratios: list[float | None] = [float(s) for s in args.pml_b_lr_ratios.split(",") if s] or [None]
     pml_decays: list[float | None] = [float(s) for s in args.pml_task_decays.split(",") if s] or [None]
+    forms = [s for s in args.pml_adapters.split(",") if s]
+    if any(f not in PML_FORMS for f in forms):
+        raise SystemExit(f"--pml-adapters {args.pml_adapters!r}: expected a comma-separated list of {list(PML_FORMS)}")
+    pml_forms: list[str | None] = forms or [None]
 
     train_s: dict[str, float] = {}  # each run's own training time (a reused run keeps the one it was made in)
     degenerate: dict[str, list[str]] = {}  # run -> markets whose test scores are degenerate (run_info.json)
@@ -186,18 +196,20 @@ def main(argv: list[str] | None = None) -> int:
             for d in decays:
                 key = f"{MTL_DECAY_ROW}{d:g}"
                 compare(key, seed, shared, run(key, "mtl-lora", seed, task_decay=d))
-        for scale, start, b, pull in itertools.product(scales, starts, pml_ratios, pml_decays):
+        for scale, start, b, pull, form in itertools.product(scales, starts, pml_ratios, pml_decays, pml_forms):
             key = (f"{scale:g}" + (f", shared start {start:g}" if start else "") + (f", B {b:g}×" if b else "")
-                   + (f", pull {pull:g}" if pull is not None else ""))
+                   + (f", pull {pull:g}" if pull is not None else "") + (f", {form}" if form else ""))
             extra = {"task_lr_scale": scale, **({"shared_start": start} if start else {}),
-                     **({"b_lr_ratio": b} if b else {}), **({"task_decay": pull} if pull is not None else {})}
+                     **({"b_lr_ratio": b} if b else {}), **({"task_decay": pull} if pull is not None else {}),
+                     **({"shared_adapter": PML_FORMS[form]} if form else {})}
             name = (f"per-market-lora-x{scale:g}" + (f"-shared{start:g}" if start else "")
-                    + (f"-b{b:g}" if b else "") + (f"-pull{pull:g}" if pull is not None else ""))
+                    + (f"-b{b:g}" if b else "") + (f"-pull{pull:g}" if pull is not None else "")
+                    + (f"-{form}" if form else ""))
             compare(key, seed, shared, run(name, "per-market-lora", seed, **extra))
     out = {"benchmark": "per_market_lr", "setting": args.setting, "recipe": recipe, "base_model": base,
            "data": str(data), "b_lr_ratio": args.b_lr_ratio, "pml_b_lr_ratios": pml_ratios, "scales": scales,
            "shared_starts": starts, "seeds": seeds, "precision": args.precision, "mtl_task_decays": decays,
-           "pml_task_decays": [d for d in pml_decays if d is not None],
+           "pml_task_decays": [d for d in pml_decays if d is not None], "pml_adapters": forms,
            "environment": env, "results": results, "wall_time_s": round(time.perf_counter() - started, 1),
            "train_time_s": train_s, "degenerate_test": degenerate}
     write(out, args.out)

@@ -313,7 +313,8 @@ def copy_light(src: Path, dst: Path) -> bool:
 
 def stale_rates(run_dir: Path, config) -> bool:
     """True for a finished run whose up-projections (LoRA+ ratio) or, for a default MTL-LoRA run, Λ_t / w_t
-    learned at another rate, or under another pull, than the config gives now.
+    learned at another rate, or under another pull, than the config gives now; or a per-market LoRA run with
+    (or without) a shared adapter, or another pull, than the config means now.
 
     ``task_lr_scale`` None means "the library's default", which changed (3× → max(3, T), issue 15): a run
     recorded before ``run_info.json`` held the multiplier, or with another one, is retrained, not reused.
@@ -323,15 +324,17 @@ def stale_rates(run_dir: Path, config) -> bool:
     n_markets = len(config.markets or info.get("markets", ()))  # LoRA+'s default ratio depends on it
     if info.get("b_lr_ratio", 1.0) != config.b_lr_multiplier(n_markets):  # none recorded: one rate
         return True
-    if config.method != "mtl-lora":
+    if config.method not in ("mtl-lora", "per-market-lora"):
         return False
+    if config.method == "per-market-lora" and info.get("shared_adapter", False) != config.uses_shared_adapter:
+        return True  # per-market LoRA with or without its shared adapter (the default since issue 15): another model
     pull = config.pull_record
     # a run recorded before run_info held the pull trained with its config's task_decay on both halves
     legacy = {"task_decay": float(config.task_decay or 0.0),
               "task_decay_only": (config.task_decay_only or "both") if config.task_decay else None}
     if {k: info.get(k, legacy[k]) for k in pull} != pull:
         return True  # another pull than the config means now (issue 15: its default, or what D alone pulls)
-    if config.task_lr_scale is not None:
+    if config.method != "mtl-lora" or config.task_lr_scale is not None:
         return False  # an explicit multiple is in train_config.json, which must match already
     return info.get("task_lr_multiplier") != config.task_lr_multiplier(n_markets)
 

@@ -143,6 +143,8 @@ def make_config(source: SourceRun, data: str, out: str, markets: tuple[str, ...]
     base = {**inherited, "resume": False, "track": True, "progress": True, "run_name": None}
     if base.get("method") == "per-market-lora":  # new markets start neutral: market 0's adapter is frozen
         base["shared_start"] = 0.0
+        # what RUN's adapter is, not what the default is now: a run recorded before run_info held it had none
+        base["shared_adapter"] = bool(source.info.get("shared_adapter", False))
     if not head:
         base["head_start"] = None
     merged = {**base, **given, "data": str(data), "out": str(out), "markets": list(markets), "base_model": base_model}

@@ -214,7 +214,8 @@ class Run:
         adapter_config = self.config.adapter_config(self.markets)
         model, tok = load_cross_encoder(self.config.base_model, self.d.device, adapter_config.modules_to_save)
         inject(model, adapter_config)
-        if self.config.method == "per-market-lora" and self.config.task_decay_rate:
+        if self.config.task_decay_toward == "mean" and self.config.method == "per-market-lora" \
+                and self.config.task_decay_rate:
             tie_to_first(model)  # pulled toward their mean: every market starts from one adapter (task_pull.py)
         if self.config.separate:
             own_heads(model)  # one model per market: its own LoRA and its own head
@@ -240,6 +241,7 @@ class Run:
             "b_lr_ratio": self.b_lr_ratio,  # LoRA+: the up-projections' multiple of the learning rate
             **config.pull_record,  # MTL-LoRA's pull (relevance.training.task_pull): its D (0: off), its halves
             "shared_steps": self.shared_steps,  # per-market-lora: steps its markets trained one shared adapter
+            "shared_adapter": config.uses_shared_adapter,  # per-market-lora: A_t = Ā + ΔA_t, B_t = B̄ + ΔB_t
             "precision": resolve_precision(config.precision, self.d.device),
             "rollbacks": prog.rollbacks,  # the divergence guard's (relevance.training.divergence)
             "eval_every": self.eval_every,  # steps between valid evaluations (the guard acts on them)

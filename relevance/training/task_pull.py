@@ -2,7 +2,8 @@
 
 MTL-LoRA: each market's Λ_t (and/or w_t) toward the neutral point (Λ_t = I, uniform mixing: shared LoRA) or the
 layer's mean over markets. Per-market LoRA: each market's A_t, B_t toward their mean over markets (a shared
-adapter's point, which per-market LoRA has no parameter for).
+adapter's point, which independent per-market adapters have no parameter for), or, with its shared adapter,
+each market's departure ΔA_t, ΔB_t toward its neutral value 0 (the shared adapter itself).
 
 A module of its own because it reads the training config's allowed values and the adapters' parameter lists,
 while ``relevance.training.optim`` (which the config's divergence guard imports) stays free of both.
@@ -29,9 +30,18 @@ def _pulled_lists(model: nn.Module, only: str) -> list[nn.ParameterList]:
     return [getattr(m, name) for m in layers for name in names]
 
 
-def _neutral(p: torch.Tensor) -> torch.Tensor:
-    """MTL-LoRA's neutral value of a per-market parameter: I for a Λ_t (r, r), 0 for a w_t (n,)."""
-    return torch.eye(p.shape[0], dtype=p.dtype, device=p.device) if p.dim() == 2 else torch.zeros_like(p)
+def _neutral(p: torch.Tensor, only: str) -> torch.Tensor:
+    """The neutral value of a per-market parameter: MTL-LoRA's I for a Λ_t (r, r), 0 for a w_t (n,); 0 for a
+    per-market LoRA's departure from its shared adapter (``ADAPTER_PULL``)."""
+    if only != ADAPTER_PULL and p.dim() == 2:
+        return torch.eye(p.shape[0], dtype=p.dtype, device=p.device)
+    return torch.zeros_like(p)
+
+
+def _adapter_target(model: nn.Module) -> str:
+    """What per-market LoRA's pull may aim at: ``identity`` (ΔA_t, ΔB_t → 0) with a shared adapter, else ``mean``."""
+    layers = [m for m in model.modules() if isinstance(m, PerTaskLoRALinear)]
+    return "identity" if layers and layers[0].shared is not None else "mean"
 
 
 def neutral_pull(model: nn.Module, optimizer: torch.optim.Optimizer, decay: float | None,
@@ -44,15 +54,17 @@ def neutral_pull(model: nn.Module, optimizer: torch.optim.Optimizer, decay: floa
     Λ_t ended as far from their mean, ‖Λ_t − Λ̄‖ ≈ 0.31, as 60% of the twins' specialisation; per-market LoRA
     lost the nested policies' markets to shared LoRA by 0.06-0.13 macro AUC). AdamW's own decay would pull Λ_t
     toward 0 (so that group has none). Decoupled decay at ``decay`` × the parameter group's current learning
-    rate ρ (as AdamW's is) bounds the wander while a market whose gradient keeps pointing one way still
-    specialises. ``target``:
+    rate ρ (as AdamW's is; D·ρ capped at 1: all the way, never past) bounds the wander while a market whose
+    gradient keeps pointing one way still specialises. ``target``:
 
     - ``identity`` (MTL-LoRA): Λ_t ← Λ_t + ρ(I − Λ_t), w_t ← (1 − ρ) w_t. Shrinking w_t toward 0 is shrinking it
       toward its own mean (softmax(w/τ) ignores a shift), so the mixing moves toward uniform: shared LoRA's point.
+      With a shared adapter (per-market LoRA's only target then): ΔA_t, ΔB_t ← (1 − ρ)·Δ, toward the shared
+      adapter, which learns from every row.
     - ``mean``: toward the layer's mean over every market (frozen ones included), x_t ← x_t + ρ(x̄ − x_t): what
       the markets learned in common stays, only each one's own departure shrinks (a shared prior, as in
-      hierarchical models). The only target of per-market LoRA's A_t, B_t, whose markets start from one
-      adapter when pulled (``Trainer.build_model``), so that their mean is a LoRA adapter too.
+      hierarchical models). The only target of independent per-market LoRA's A_t, B_t, whose markets start
+      from one adapter when pulled (``Trainer.build_model``), so that their mean is a LoRA adapter too.
 
     ``only``: ``lam`` pulls the Λ_t alone, ``mix`` the w_t alone, ``both`` both (MTL-LoRA; on the quality
     benchmark the crossing twins' win lives mostly in the mixing and the agreeing markets' wander in the Λ_t,
@@ -64,9 +76,10 @@ def neutral_pull(model: nn.Module, optimizer: torch.optim.Optimizer, decay: floa
         raise ValueError(f"neutral_pull target {target!r}: expected one of {TASK_DECAY_TARGETS}")
     if only not in (*TASK_DECAY_ONLY, ADAPTER_PULL):
         raise ValueError(f"neutral_pull only {only!r}: expected one of {(*TASK_DECAY_ONLY, ADAPTER_PULL)}")
-    if only == ADAPTER_PULL and target != "mean":
-        raise ValueError(f"neutral_pull target {target!r} for per-market LoRA's A_t, B_t: only 'mean' (they have "
-                         "no neutral value of their own but the markets' shared adapter)")
+    if only == ADAPTER_PULL and target != _adapter_target(model):
+        raise ValueError(f"neutral_pull target {target!r} for per-market LoRA's A_t, B_t: only "
+                         f"{_adapter_target(model)!r} (independent adapters have no neutral value but the markets' "
+                         "mean; with a shared adapter each market's departure is pulled toward 0, 'identity')")
     lists = [(lst, [p for p in list_items(lst) if p.requires_grad]) for lst in _pulled_lists(model, only)]
     lists = [(lst, train) for lst, train in lists if train]
     if not lists:
@@ -84,12 +97,12 @@ def neutral_pull(model: nn.Module, optimizer: torch.optim.Optimizer, decay: floa
         if target == "mean":
             plans.append((group, params, [(lst, len(train)) for lst, train in pairs]))
         else:
-            plans.append((group, params, [neutral.setdefault((p.shape, p.dtype), _neutral(p)) for p in params]))
+            plans.append((group, params, [neutral.setdefault((p.shape, p.dtype), _neutral(p, only)) for p in params]))
 
     def pull() -> None:
         with torch.no_grad():
             for group, params, ends in plans:
                 if target == "mean":  # the markets' mean as it is now, once per list
                     ends = [mean for lst, n in ends for mean in [torch.stack(tuple(list_items(lst))).mean(0)] * n]
-                torch._foreach_lerp_(params, ends, float(decay) * group["lr"])
+                torch._foreach_lerp_(params, ends, min(1.0, float(decay) * group["lr"]))  # never past the end
     return pull

@@ -74,6 +74,23 @@ def test_an_mtl_lora_run_kept_from_another_default_task_lr_is_stale(tmp_path) ->
     assert not quality.stale_rates(run, explicit)
 
 
+def test_a_per_market_lora_run_kept_from_before_its_shared_adapter_is_stale(tmp_path) -> None:
+    from relevance.training.config import DEFAULT_PML_SHARED_DECAY
+
+    markets = ["en", "jp"]
+    pml = quality.train_config(quality.parse_args(["--workdir", str(tmp_path)]), tmp_path, markets, "per-market-lora", 0)
+    run = Path(pml.out)
+    run.mkdir(parents=True)
+    ratio = pml.b_lr_multiplier(len(markets))
+    (run / "run_info.json").write_text(f'{{"b_lr_ratio": {ratio}}}')  # before: independent adapters, no pull
+    assert quality.stale_rates(run, pml)
+    (run / "run_info.json").write_text(f'{{"b_lr_ratio": {ratio}, "shared_adapter": true, "task_decay": 0.0}}')
+    assert quality.stale_rates(run, pml)  # shared, but not pulled as the default pulls now
+    today = f'"b_lr_ratio": {ratio}, "shared_adapter": true, "task_decay": {DEFAULT_PML_SHARED_DECAY}'
+    (run / "run_info.json").write_text(f'{{{today}, "task_decay_only": "adapter"}}')
+    assert not quality.stale_rates(run, pml)
+
+
 def test_the_lora_plus_ratio_reaches_every_method_and_a_run_at_another_ratio_is_stale(tmp_path) -> None:
     args = quality.parse_args(["--b-lr-ratio", "4", "--workdir", str(tmp_path)])
     markets = ["en", "jp"]

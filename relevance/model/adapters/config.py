@@ -71,6 +71,10 @@ class AdapterConfig:
     near one-hot, which pins each market to a random B_i for a short budget; ``uniform_mixing_init``
     (s = 0) leaves the B_i identical forever (w_t's gradient is exactly zero). Issue 15 measured all three.
 
+    ``shared_adapter`` (``per-market-lora`` only) makes each market's A_t, B_t a shared adapter plus the
+    market's own departure (``PerTaskLoRALinear``); False, the default here, is the paper's independent
+    per-task adapters and what every adapter saved before the field existed holds.
+
     ``multilora_n`` is MultiLoRA's number of parallel LoRAs (each of rank r); ``n_experts`` and
     ``task_embedding_dim`` are MOELoRA's expert count (each expert has rank r / n_experts, so it
     must divide r) and the size e of its per-market gate embedding.
@@ -89,6 +93,7 @@ class AdapterConfig:
     dropout: float = 0.05
     uniform_mixing_init: bool = False
     mixing_init_scale: float = 0.1
+    shared_adapter: bool = False
     multilora_n: int = 3
     n_experts: int = 4
     task_embedding_dim: int = 64
@@ -131,6 +136,11 @@ class AdapterConfig:
             raise _bad("uniform_mixing_init", self.uniform_mixing_init, "True or False")
         if not _is_number(self.mixing_init_scale) or self.mixing_init_scale < 0:
             raise _bad("mixing_init_scale", self.mixing_init_scale, "a non-negative finite number such as 1.0")
+        if not isinstance(self.shared_adapter, bool):
+            raise _bad("shared_adapter", self.shared_adapter, "True or False")
+        if self.shared_adapter and self.method != "per-market-lora":
+            raise _bad("shared_adapter", self.shared_adapter,
+                       f"False for method {self.method!r}: only 'per-market-lora' has per-market adapters to share one")
         self._check_baselines()
         object.__setattr__(
             self, "target_modules", _name_tuple("target_modules", self.target_modules, False)

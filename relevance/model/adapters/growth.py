@@ -1,7 +1,8 @@
 """Adding a market to a trained adapter without moving any existing market's outputs.
 
 A new market starts neutral (MTL-LoRA: Λ = I and zero mixing logits, so it reuses the shared A and
-an even mix of the trained B_i; per-market LoRA: fresh A_t with B_t = 0, i.e. the base model;
+an even mix of the trained B_i; per-market LoRA: fresh A_t with B_t = 0, i.e. the base model, or with a
+shared adapter zero departures, i.e. the shared adapter;
 MOELoRA: a zero task embedding, i.e. a uniform gate over the trained experts).
 ``train_new_markets_only`` then leaves exactly the new markets' own parameters trainable; since
 those are separate ``Parameter`` objects, no optimizer can touch another market's numbers.

@@ -71,7 +71,7 @@ def _make_layer(base: nn.Linear, config: AdapterConfig) -> AdapterLayer:
     if config.method == "lora":
         return LoRALinear(base, **common)
     if config.method == "per-market-lora":
-        return PerTaskLoRALinear(base, config.num_tasks, **common)
+        return PerTaskLoRALinear(base, config.num_tasks, shared=config.shared_adapter, **common)
     if config.method == "multilora":
         return MultiLoRALinear(base, n=config.multilora_n, **common)
     if config.method == "moelora":
@@ -228,7 +228,7 @@ def expected_trainable_parameters(
     """Closed-form adapter parameter count over layers of shape (d_in, d_out).
 
     MTL-LoRA: r·d_in + n·r·d_out + T·r² + T·n per layer; LoRA: r·(d_in + d_out);
-    per-market LoRA: T·r·(d_in + d_out); MultiLoRA: n·(r·(d_in + d_out) + d_out) (n = multilora_n);
+    per-market LoRA: T·r·(d_in + d_out) (+ r·(d_in + d_out) with its shared adapter); MultiLoRA: n·(r·(d_in + d_out) + d_out) (n = multilora_n);
     MOELoRA: r·(d_in + d_out) + N·e + T·e (N experts of rank r/N, gate W_g, per-task embeddings).
     ``modules_to_save`` are not included.
     """
@@ -245,5 +245,5 @@ def expected_trainable_parameters(
         elif config.method == "moelora":
             total += r * (d_in + d_out) + config.n_experts * e + t * e
         else:
-            total += t * r * (d_in + d_out)
+            total += (t + config.shared_adapter) * r * (d_in + d_out)
     return total

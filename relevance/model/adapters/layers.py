@@ -199,17 +199,30 @@ class LoRALinear(AdapterLayer):
 
 
 class PerTaskLoRALinear(AdapterLayer):
-    """Per-market LoRA: ``h = W x + (α/r) · B_t A_t x`` with independent A_t, B_t per task t.
+    """Per-market LoRA: ``h = W x + (α/r) · B_t A_t x`` with A_t, B_t per task t.
 
-    A_t: (r, d_in) Kaiming-uniform; B_t: (d_out, r) zeros. Each example gathers its own pair.
+    Independent (the paper's per-task baseline): A_t (r, d_in) Kaiming-uniform, B_t (d_out, r) zeros.
+    With ``shared=True`` each market's pair is a shared adapter plus the market's own departure,
+    ``A_t = Ā + ΔA_t``, ``B_t = B̄ + ΔB_t``: Ā Kaiming, B̄ and every ΔA_t, ΔB_t zeros (``lora_A``/``lora_B``
+    then hold the Δ, ``shared.lora_A``/``shared.lora_B`` the Ā, B̄). Why: Ā, B̄ get gradient from every row
+    of a batch, so they learn at shared LoRA's pace, while a market's own pair sees ~1/T of it; Adam's step
+    on that noisier gradient is smaller (issue 15: 9 markets, 2 rows each per batch of 16). Every example
+    gathers its own pair.
     """
 
     def __init__(
-        self, base: nn.Linear, num_tasks: int, r: int = 8, alpha: float = 16.0, dropout: float = 0.0
+        self, base: nn.Linear, num_tasks: int, r: int = 8, alpha: float = 16.0, dropout: float = 0.0,
+        shared: bool = False,
     ) -> None:
         super().__init__(base, r, alpha, dropout)
         self.lora_A = nn.ParameterList()  # T × (r, d_in)
         self.lora_B = nn.ParameterList()  # T × (d_out, r)
+        self.shared: nn.Module | None = None
+        if shared:
+            w = base.weight
+            self.shared = nn.Module()
+            self.shared.lora_A = nn.Parameter(_kaiming((r, self.in_features), w))  # Ā (r, d_in)
+            self.shared.lora_B = nn.Parameter(torch.zeros(self.out_features, r, device=w.device, dtype=w.dtype))
         for _ in range(num_tasks):
             self.add_task()
 
@@ -218,11 +231,12 @@ class PerTaskLoRALinear(AdapterLayer):
         return len(self.lora_A)
 
     def add_task(self) -> int:
+        """A new market: its own Kaiming A_t and zero B_t, or (shared) zero departures, i.e. the shared adapter."""
         w = self.base.weight
-        self.lora_A.append(nn.Parameter(_kaiming((self.r, self.in_features), w)))
-        self.lora_B.append(
-            nn.Parameter(torch.zeros(self.out_features, self.r, device=w.device, dtype=w.dtype))
-        )
+        zeros = {"device": w.device, "dtype": w.dtype}
+        a = torch.zeros(self.r, self.in_features, **zeros) if self.shared else _kaiming((self.r, self.in_features), w)
+        self.lora_A.append(nn.Parameter(a))
+        self.lora_B.append(nn.Parameter(torch.zeros(self.out_features, self.r, **zeros)))
         return len(self.lora_A) - 1
 
     def task_parameters(self, task: int) -> list[nn.Parameter]:
@@ -241,11 +255,21 @@ class PerTaskLoRALinear(AdapterLayer):
 
     def _stacked(self) -> tuple[Tensor, Tensor]:
         a = torch.stack(tuple(list_items(self.lora_A)))  # (T, r, d_in)
-        return a, torch.stack(tuple(list_items(self.lora_B))) * self.scaling  # (T, d_out, r)
+        b = torch.stack(tuple(list_items(self.lora_B)))  # (T, d_out, r)
+        if self.shared is not None:
+            a, b = a + self.shared.lora_A, b + self.shared.lora_B
+        return a, b * self.scaling
+
+    def task_pair(self, task: int) -> tuple[Tensor, Tensor]:
+        """Market ``task``'s effective (A_t (r, d_in), B_t (d_out, r)), the shared adapter's part included."""
+        a, b = self.lora_A[task], self.lora_B[task]
+        if self.shared is not None:
+            a, b = a + self.shared.lora_A, b + self.shared.lora_B
+        return a, b
 
     def delta_weight(self, task: int | None = None) -> Tensor:
-        t = self._check_task(task)
-        return (self.lora_B[t] @ self.lora_A[t]) * self.scaling  # (d_out, d_in)
+        a, b = self.task_pair(self._check_task(task))
+        return (b @ a) * self.scaling  # (d_out, d_in)
 
 
 class MTLLoRALinear(AdapterLayer):

@@ -229,11 +229,13 @@ def test_interrupted_add_market_resumes_to_the_same_adapter(world, tmp_path: Pat
     assert resumed.run_info["best_step"] == reference.run_info["best_step"]
 
 
-@pytest.mark.parametrize("method", ["per-market-lora", "moelora"])
-def test_other_task_conditioned_methods_grow_without_moving_old_markets(world, tmp_path: Path, method: str) -> None:
+@pytest.mark.parametrize(("method", "extra"), [("per-market-lora", {}), ("per-market-lora", {"shared_adapter": False}),
+                                               ("moelora", {})], ids=["per-market-lora", "independent", "moelora"])
+def test_other_task_conditioned_methods_grow_without_moving_old_markets(world, tmp_path: Path, method: str,
+                                                                      extra: dict) -> None:
     run = tmp_path / "run"
     train(TrainConfig(data=str(world["data"]), method=method, base_model=str(world["model"]), out=str(run),
-                      markets=OLD, max_steps=3, eval_every=3, batch_size=16, track=False, progress=False))
+                      markets=OLD, max_steps=3, eval_every=3, batch_size=16, track=False, progress=False, **extra))
     result = add_markets(run, world["data"], [NEW], tmp_path / "grown", max_steps=3, eval_every=3, track=False,
                          progress=False)
     assert result.run_info["task_map"] == {"fr": 0, "us": 1, "de": 2}
@@ -248,9 +250,13 @@ def test_added_per_market_lora_markets_start_neutral_not_shared() -> None:
     from relevance.training.add_market import make_config
 
     source = SimpleNamespace(train_config={"data": "ds", "method": "per-market-lora", "base_model": "m", "out": "run",
-                                           "shared_start": 0.5, "max_steps": 20})
+                                           "shared_start": 0.5, "max_steps": 20}, info={})
     config = make_config(source, "ds2", "new", ("hi",), "m", {})
     assert config.shared_start == 0.0 and config.shared_start_fraction == 0.0 and config.markets == ("hi",)
+    # a run recorded before per-market LoRA had a shared adapter had none, whatever the default is now
+    assert not config.uses_shared_adapter
+    source.info = {"shared_adapter": True}
+    assert make_config(source, "ds2", "new", ("hi",), "m", {}).uses_shared_adapter
 
 
 @pytest.mark.parametrize("head", [False, True])

@@ -99,13 +99,34 @@ def test_the_pull_is_opt_in_and_pulls_the_lambdas_alone_unless_told() -> None:
     both = TrainConfig(method="mtl-lora", task_decay=3, task_decay_only="both", **kw)
     assert (both.task_decay_rate, both.task_decay_halves) == (3.0, "both")
     assert TrainConfig(method="lora", **kw).task_decay_rate == 0.0
-    pml = TrainConfig(method="per-market-lora", task_decay=50, **kw)  # A_t, B_t toward their mean, only there
+    # independent per-market adapters: A_t, B_t toward their mean, only there; off unless asked for
+    pml = TrainConfig(method="per-market-lora", task_decay=50, shared_adapter=False, **kw)
     assert (pml.task_decay_rate, pml.task_decay_halves, pml.task_decay_toward) == (50.0, "adapter", "mean")
-    assert TrainConfig(method="per-market-lora", **kw).pull_record == {"task_decay": 0.0, "task_decay_only": None}
+    assert TrainConfig(method="per-market-lora", shared_adapter=False, **kw).pull_record == {
+        "task_decay": 0.0, "task_decay_only": None}
     with pytest.raises(ValueError, match=r"TrainConfig.task_decay_target='identity' .*no neutral value"):
-        TrainConfig(method="per-market-lora", task_decay=50, task_decay_target="identity", **kw)
+        TrainConfig(method="per-market-lora", task_decay=50, task_decay_target="identity", shared_adapter=False, **kw)
     with pytest.raises(ValueError, match=r"TrainConfig.task_decay_only='lam' .*A_t and B_t together"):
         TrainConfig(method="per-market-lora", task_decay=50, task_decay_only="lam", **kw)
+
+
+def test_per_market_lora_shares_an_adapter_by_default_and_pulls_each_departure_toward_it() -> None:
+    from relevance.training.config import DEFAULT_PML_SHARED_DECAY
+
+    kw = dict(data="ds", base_model="m", out="run")
+    pml = TrainConfig(method="per-market-lora", **kw)
+    assert pml.uses_shared_adapter and pml.adapter_config(("de", "fr")).shared_adapter
+    assert (pml.task_decay_rate, pml.task_decay_toward) == (DEFAULT_PML_SHARED_DECAY, "identity")
+    assert TrainConfig(method="per-market-lora", task_decay=0, **kw).task_decay_rate == 0.0
+    off = TrainConfig(method="per-market-lora", shared_adapter=False, **kw)
+    assert not off.uses_shared_adapter and not off.adapter_config(("de", "fr")).shared_adapter
+    for method in ("separate", "mtl-lora", "lora"):  # one model per market shares nothing; the rest have no A_t
+        assert not TrainConfig(method=method, **kw).uses_shared_adapter
+        assert not TrainConfig(method=method, **kw).adapter_config(("de", "fr")).shared_adapter
+        with pytest.raises(ValueError, match=rf"TrainConfig.shared_adapter=True .*method '{method}'"):
+            TrainConfig(method=method, shared_adapter=True, **kw)
+    with pytest.raises(ValueError, match=r"TrainConfig.task_decay_target='mean' .*toward the shared adapter"):
+        TrainConfig(method="per-market-lora", task_decay=50, task_decay_target="mean", **kw)
 
 
 def test_a_head_start_needs_the_classifier_saved() -> None:
@@ -200,10 +221,25 @@ def test_per_market_lora_pull_starts_every_market_from_one_adapter_and_keeps_the
                 a.setdefault(k.rsplit(".", 1)[0], []).append(v.float())
         return sum(float((x - torch.stack(xs).mean(0)).norm()) for xs in a.values() for x in xs)
 
-    free = spread(train(_config(env, tmp_path / "free", method="per-market-lora", max_steps=4, task_decay=0.0)).run_dir)
-    run = train(_config(env, tmp_path / "pulled", method="per-market-lora", max_steps=4, task_decay=50.0))
+    own = {"method": "per-market-lora", "max_steps": 4, "shared_adapter": False}
+    free = spread(train(_config(env, tmp_path / "free", task_decay=0.0, **own)).run_dir)
+    run = train(_config(env, tmp_path / "pulled", task_decay=50.0, **own))
     assert (run.run_info["task_decay"], run.run_info["task_decay_only"]) == (50.0, "adapter")
     assert 0 < spread(run.run_dir) < 0.05 * free
+
+
+def test_per_market_lora_trains_its_shared_adapter_and_each_markets_departure(env, tmp_path: Path) -> None:
+    """The default: the saved adapter holds Ā, B̄ and every market's ΔA_t, ΔB_t, all trained (B̄ and the Δ start
+    at 0), and run_info.json says so."""
+    from relevance.training.config import DEFAULT_PML_SHARED_DECAY
+
+    run = train(_config(env, tmp_path / "run", method="per-market-lora", max_steps=4))
+    assert run.run_info["shared_adapter"] is True
+    assert (run.run_info["task_decay"], run.run_info["task_decay_only"]) == (DEFAULT_PML_SHARED_DECAY, "adapter")
+    state = load_file(str(run.run_dir / "adapter" / "adapter_model.safetensors"))
+    for kind in ("shared.lora_B", "lora_A.0", "lora_A.1", "lora_B.0", "lora_B.1"):
+        found = [v for k, v in state.items() if k.endswith(kind)]
+        assert found and all(v.abs().sum() > 0 for v in found), kind
 
 
 def test_copy_first_state_gives_every_market_market_zeros_moments() -> None:

@@ -20,12 +20,12 @@ from relevance.training.optim import (
 LR = 1e-3
 
 
-def tiny(method: str) -> torch.nn.Module:
+def tiny(method: str, **adapter: object) -> torch.nn.Module:
     torch.manual_seed(0)
     cfg = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                      intermediate_size=32, max_position_embeddings=32, num_labels=1)
     model = BertForSequenceClassification(cfg)
-    inject(model, AdapterConfig(method, markets=("de", "fr")))
+    inject(model, AdapterConfig(method, markets=("de", "fr"), **adapter))
     return model
 
 

@@ -111,3 +111,26 @@ def test_per_market_lora_pull_moves_a_and_b_toward_their_mean_at_their_own_rates
             for t, x0 in enumerate(old):
                 frozen = lst is layers[0].lora_B and t == 1
                 torch.testing.assert_close(lst[t].detach(), x0 if frozen else x0 + rate * (mean - x0))
+
+
+def test_with_a_shared_adapter_the_pull_moves_each_departure_toward_zero_and_leaves_the_shared_one() -> None:
+    from relevance.model.adapters.layers import PerTaskLoRALinear
+
+    model = tiny("per-market-lora", shared_adapter=True)
+    layers = [m for m in model.modules() if isinstance(m, PerTaskLoRALinear)]
+    with torch.no_grad():
+        for p in (p for m in layers for p in m.parameters() if p.requires_grad):
+            p.copy_(torch.randn_like(p))  # shared adapter and departures all non-zero
+    opt = make_optimizer(model, LR, 0.01, 2.0, b_lr_ratio=4.0)
+    with pytest.raises(ValueError, match="only 'identity'"):
+        neutral_pull(model, opt, 1.0, "mean", only="adapter")
+    shared = [p.detach().clone() for m in layers for p in m.shared.parameters()]
+    before = [[[x.detach().clone() for x in lst] for lst in (m.lora_A, m.lora_B)] for m in layers]
+    neutral_pull(model, opt, 20.0, "identity", only="adapter")()
+    assert all(torch.equal(a, p) for a, p in zip(shared, (p for m in layers for p in m.shared.parameters())))
+    for m, lists in zip(layers, before):
+        for lst, old, rate in zip((m.lora_A, m.lora_B), lists, (20.0 * 2 * LR, 20.0 * 2 * 4 * LR)):
+            for t, x0 in enumerate(old):
+                torch.testing.assert_close(lst[t].detach(), (1 - rate) * x0)
+    neutral_pull(model, opt, 1e6, "identity", only="adapter")()  # D·ρ ≫ 1: all the way to 0, not past it
+    assert all(not p.any() for m in layers for lst in (m.lora_A, m.lora_B) for p in lst)

@@ -14,7 +14,7 @@ from transformers import (
     XLMRobertaForSequenceClassification,
 )
 
-from relevance.model.adapters import AdapterLayer, MTLLoRALinear, adapter_layers, use_tasks
+from relevance.model.adapters import AdapterConfig, AdapterLayer, MTLLoRALinear, adapter_layers, use_tasks
 
 VOCAB = 100
 
@@ -80,3 +80,14 @@ def logits(model: nn.Module, inputs: dict[str, torch.Tensor], task_ids: torch.Te
 
 def mtl_layers(model: nn.Module) -> list[MTLLoRALinear]:
     return [m for m in adapter_layers(model).values() if isinstance(m, MTLLoRALinear)]
+
+
+# per-market LoRA with its shared adapter (AdapterConfig.shared_adapter), a test parameter beside the methods
+SHARED_PML = "per-market-lora-shared"
+
+
+def adapter_config(method: str, markets: tuple[str, ...], **kw: object) -> AdapterConfig:
+    """``AdapterConfig(method, markets, **kw)``, where ``SHARED_PML`` is per-market LoRA with its shared adapter."""
+    if method == SHARED_PML:
+        return AdapterConfig("per-market-lora", markets, shared_adapter=True, **kw)
+    return AdapterConfig(method, markets, **kw)

@@ -66,6 +66,8 @@ BAD = [
     ("mixing_init_scale", -0.1),
     ("mixing_init_scale", math.nan),
     ("mixing_init_scale", "0.1"),
+    ("shared_adapter", "yes"),
+    ("shared_adapter", True),  # OK is mtl-lora: only per-market-lora has per-market adapters to share one
     ("target_modules", ()),
     ("target_modules", "query"),
     ("target_modules", ("query", "")),
@@ -86,6 +88,13 @@ def test_bad_values_name_field_and_value(field: str, value: object) -> None:
         AdapterConfig(**kwargs)
     assert f"AdapterConfig.{field}=" in str(info.value)
     assert repr(value)[:10] in str(info.value) or repr(tuple(value))[:10] in str(info.value)
+
+
+def test_an_adapter_saved_before_shared_adapter_existed_reads_as_independent() -> None:
+    saved = AdapterConfig("per-market-lora", ("us", "de"), shared_adapter=True).to_dict()
+    assert saved["shared_adapter"] is True and AdapterConfig.from_dict(saved).shared_adapter
+    del saved["shared_adapter"]  # what every adapter_config.json written before the field holds
+    assert AdapterConfig.from_dict(saved).shared_adapter is False
 
 
 def test_from_dict_rejects_unknown_keys_and_non_mappings() -> None:

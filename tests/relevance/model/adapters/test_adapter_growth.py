@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from adapter_helpers import inputs_for, logits, randomize, tiny_bert
+from adapter_helpers import SHARED_PML, adapter_config, inputs_for, logits, randomize, tiny_bert
 from torch import nn
 
 from relevance.model.adapters import (
@@ -33,7 +33,7 @@ OLD = torch.tensor([0, 1, 2, 2, 1, 0])
 
 
 def trained(method: str, seed: int = 0) -> nn.Module:
-    model = inject(tiny_bert(seed), AdapterConfig(method, MARKETS))
+    model = inject(tiny_bert(seed), adapter_config(method, MARKETS))
     randomize(model, seed + 20)
     return model
 
@@ -52,7 +52,7 @@ def train_steps(model: nn.Module, ids: torch.Tensor, steps: int = 3) -> None:
     model.eval()
 
 
-@pytest.mark.parametrize("method", ["mtl-lora", "per-market-lora"])
+@pytest.mark.parametrize("method", ["mtl-lora", "per-market-lora", SHARED_PML])
 @pytest.mark.parametrize("head", [False, True])
 def test_existing_markets_stay_bit_identical(method: str, head: bool) -> None:
     model = trained(method)
@@ -69,7 +69,7 @@ def test_existing_markets_stay_bit_identical(method: str, head: bool) -> None:
     assert torch.equal(logits(model, inputs, OLD), before), "an existing market moved"
     assert not torch.allclose(logits(model, inputs, jp), start), "the new market did not train"
     per_layer = [(m.in_features, m.out_features) for m in adapter_layers(model).values()]
-    own = {"mtl-lora": 8 * 8 + 3, "per-market-lora": 8 * (32 + 32)}[method] * len(per_layer)
+    own = {"mtl-lora": 8 * 8 + 3, "per-market-lora": 8 * (32 + 32), SHARED_PML: 8 * (32 + 32)}[method] * len(per_layer)
     heads = sum(p.numel() for p in model.classifier.copies.parameters()) if head else 0
     assert trainable_parameters(model) == own + heads
     assert isinstance(model.classifier, MarketHeads) == head
@@ -85,6 +85,17 @@ def test_mtl_new_market_starts_neutral() -> None:
         # neutral: uniform mix of the trained B_i applied to the shared A
         want = layer.scaling * layer.lora_B.mean(0) @ layer.lora_A
         torch.testing.assert_close(layer.delta_weight(3), want, atol=1e-6, rtol=1e-5)
+
+
+def test_per_market_new_market_with_a_shared_adapter_starts_as_it() -> None:
+    model = trained(SHARED_PML, seed=2)
+    add_market(model, "jp")
+    for layer in adapter_layers(model).values():
+        assert isinstance(layer, PerTaskLoRALinear)
+        assert not layer.lora_A[3].any() and not layer.lora_B[3].any()  # no departure yet
+        want = layer.scaling * layer.shared.lora_B @ layer.shared.lora_A
+        torch.testing.assert_close(layer.delta_weight(3), want)
+        assert layer.delta_weight(3).any()
 
 
 def test_per_market_new_market_starts_as_base() -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from adapter_helpers import ARCHS, inputs_for, logits, randomize, tiny_bert
+from adapter_helpers import ARCHS, SHARED_PML, adapter_config, inputs_for, logits, randomize, tiny_bert
 from torch import nn
 
 from relevance.model.adapters import (
@@ -21,11 +21,11 @@ from relevance.model.adapters import (
 )
 
 MARKETS = ("us", "de", "fr")  # task map: de 0, fr 1, us 2
-METHODS = ["mtl-lora", "lora", "per-market-lora", "multilora", "moelora"]
+METHODS = ["mtl-lora", "lora", "per-market-lora", SHARED_PML, "multilora", "moelora"]
 
 
 def adapted(arch: str = "bert", method: str = "mtl-lora", seed: int = 0, **kw: object) -> nn.Module:
-    model = inject(ARCHS[arch](seed), AdapterConfig(method, MARKETS, **kw))
+    model = inject(ARCHS[arch](seed), adapter_config(method, MARKETS, **kw))
     randomize(model, seed)
     return model
 
@@ -164,13 +164,14 @@ def test_custom_targets_and_pooler_training() -> None:
 def closed_form(method: str, d_in: int, d_out: int, r: int, n: int, t: int, e: int = 64) -> int:
     return {"mtl-lora": r * d_in + n * r * d_out + t * r * r + t * n,
             "lora": r * (d_in + d_out), "per-market-lora": t * r * (d_in + d_out),
+            SHARED_PML: (t + 1) * r * (d_in + d_out),  # the markets' departures and the shared adapter
             "multilora": n * (r * (d_in + d_out) + d_out),  # n parallel LoRAs + per-channel scales
             "moelora": r * (d_in + d_out) + n * e + t * e}[method]  # n experts: gate n×e, T embeddings
 
 
 @pytest.mark.parametrize("method", METHODS)
 def test_parameter_accounting_matches_closed_form(method: str) -> None:
-    model = inject(tiny_bert(), AdapterConfig(method, MARKETS, r=4, n_up=2, multilora_n=2, n_experts=2))
+    model = inject(tiny_bert(), adapter_config(method, MARKETS, r=4, n_up=2, multilora_n=2, n_experts=2))
     config = get_adapter_config(model)
     shapes = {n: (m.in_features, m.out_features) for n, m in adapter_layers(model).items()}
     head = sum(p.numel() for p in model.classifier.parameters())

@@ -18,8 +18,8 @@ def make(kind: str, dropout: float = 0.0, seed: int = 0) -> nn.Module:
     base = nn.Linear(D_IN, D_OUT)
     if kind == "lora":
         layer = LoRALinear(base, r=4, alpha=8.0, dropout=dropout)
-    elif kind == "per-market-lora":
-        layer = PerTaskLoRALinear(base, T, r=4, alpha=8.0, dropout=dropout)
+    elif kind in ("per-market-lora", "per-market-lora-shared"):
+        layer = PerTaskLoRALinear(base, T, r=4, alpha=8.0, dropout=dropout, shared=kind.endswith("shared"))
     else:
         layer = MTLLoRALinear(base, T, r=4, alpha=8.0, n_up=3, temperature=0.5, dropout=dropout)
     randomize(layer, seed)
@@ -38,6 +38,9 @@ def reference(layer: nn.Module, x: torch.Tensor, ids: torch.Tensor) -> torch.Ten
             p = torch.softmax(layer.mix_logits[t] / layer.temperature, dim=0)
             for i in range(layer.n_up):
                 h = h + s * p[i] * (xb @ layer.lora_A.T @ layer.lam[t].T @ layer.lora_B[i].T)
+        elif isinstance(layer, PerTaskLoRALinear) and layer.shared is not None:  # A_t = Ā + ΔA_t, B_t = B̄ + ΔB_t
+            a_t, b_t = layer.shared.lora_A + layer.lora_A[t], layer.shared.lora_B + layer.lora_B[t]
+            h = h + s * (xb @ a_t.T @ b_t.T)
         elif isinstance(layer, PerTaskLoRALinear):
             h = h + s * (xb @ layer.lora_A[t].T @ layer.lora_B[t].T)
         else:
@@ -54,7 +57,7 @@ def run(layer: nn.Module, x: torch.Tensor, ids: torch.Tensor | None) -> torch.Te
         layer._task_ids = None
 
 
-KINDS = ["mtl-lora", "per-market-lora", "lora"]
+KINDS = ["mtl-lora", "per-market-lora", "per-market-lora-shared", "lora"]
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -122,6 +125,25 @@ def test_per_market_gradients_reach_present_tasks_only() -> None:
     assert layer.base.weight.grad is None
 
 
+def test_per_market_shared_adapter_learns_from_every_row_departures_from_their_own() -> None:
+    layer = make("per-market-lora-shared", seed=4)
+    run(layer, torch.randn(3, 2, D_IN), torch.tensor([1, 1, 3])).sum().backward()
+    assert layer.shared.lora_A.grad.abs().sum() > 0 and layer.shared.lora_B.grad.abs().sum() > 0
+    for t in range(T):
+        grads = [layer.lora_A[t].grad, layer.lora_B[t].grad]
+        assert all((g is not None and g.abs().sum() > 0) == (t in (1, 3)) for g in grads), t
+    # ΔB_t's gradient is the shared B̄'s over market t's rows alone: here they sum to B̄'s
+    torch.testing.assert_close(layer.lora_B[1].grad + layer.lora_B[3].grad, layer.shared.lora_B.grad)
+
+
+def test_per_market_shared_adapter_starts_as_one_adapter() -> None:
+    """Fresh: B̄ and every Δ zero, Ā Kaiming; so every market is the same (base) layer at step 0."""
+    layer = PerTaskLoRALinear(nn.Linear(D_IN, D_OUT), T, r=4, shared=True)
+    assert layer.shared.lora_A.abs().sum() > 0 and not layer.shared.lora_B.any()
+    assert all(not layer.lora_A[t].any() and not layer.lora_B[t].any() for t in range(T))
+    assert [n for n, _ in layer.named_parameters() if n.startswith("shared")] == ["shared.lora_A", "shared.lora_B"]
+
+
 def test_lora_gradients_and_ignores_task_ids() -> None:
     layer = make("lora", seed=5)
     x = torch.randn(3, 2, D_IN)
@@ -137,7 +159,7 @@ def test_fresh_layers_start_as_the_base_and_dropout_only_touches_the_adapter_inp
     base = nn.Linear(D_IN, D_OUT)
     x = torch.randn(4, 3, D_IN)
     for layer in (LoRALinear(base, dropout=0.5), PerTaskLoRALinear(base, T, dropout=0.5),
-                  MTLLoRALinear(base, T, dropout=0.5)):
+                  PerTaskLoRALinear(base, T, dropout=0.5, shared=True), MTLLoRALinear(base, T, dropout=0.5)):
         layer.train()
         with torch.no_grad():
             assert torch.equal(run(layer, x, torch.tensor([0, 1, 2, 3])), base(x))
@@ -223,7 +245,7 @@ def test_layer_argument_errors() -> None:
         make("lora").add_task()
 
 
-@pytest.mark.parametrize("kind", ["mtl-lora", "per-market-lora"])
+@pytest.mark.parametrize("kind", ["mtl-lora", "per-market-lora", "per-market-lora-shared"])
 def test_inference_cache_follows_parameter_updates(kind: str) -> None:
     layer = make(kind, seed=8)
     x = torch.randn(6, 3, D_IN)
@@ -247,7 +269,7 @@ def test_inference_cache_follows_parameter_updates(kind: str) -> None:
     assert layer._cache is None
 
 
-@pytest.mark.parametrize("kind", ["mtl-lora", "per-market-lora"])
+@pytest.mark.parametrize("kind", ["mtl-lora", "per-market-lora", "per-market-lora-shared"])
 def test_inference_cache_is_invalidated_by_an_optimizer_step(kind: str) -> None:
     """The cache key uses ``Tensor._version``, which every in-place op bumps; a real optimizer step
     (foreach kernels included) must therefore make the next scoring forward recompute."""

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from adapter_helpers import ARCHS, VOCAB, inputs_for, logits, randomize, tiny_bert
+from adapter_helpers import ARCHS, SHARED_PML, VOCAB, adapter_config, inputs_for, logits, randomize, tiny_bert
 from torch import nn
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertTokenizerFast
 
@@ -29,11 +29,11 @@ from relevance.model.adapters import (
 )
 
 MARKETS = ("us", "de", "fr")  # de 0, fr 1, us 2
-METHODS = ["mtl-lora", "lora", "per-market-lora", "multilora", "moelora"]
+METHODS = ["mtl-lora", "lora", "per-market-lora", SHARED_PML, "multilora", "moelora"]
 
 
 def adapted(arch: str = "bert", method: str = "mtl-lora", seed: int = 0) -> nn.Module:
-    model = inject(ARCHS[arch](seed), AdapterConfig(method, MARKETS))
+    model = inject(ARCHS[arch](seed), adapter_config(method, MARKETS))
     randomize(model, seed + 10)
     with torch.no_grad():
         for p in model.classifier.parameters():
@@ -124,7 +124,8 @@ def test_save_load_round_trip(method: str, tmp_path: Path) -> None:
     want = logits(model, inputs, ids)
     save_adapter(model, tmp_path, base_model_name="tiny-bert")
     meta = json.loads((tmp_path / "adapter_config.json").read_text())
-    assert meta["method"] == method and meta["base_model_name"] == "tiny-bert"
+    assert meta["method"] == adapter_config(method, MARKETS).method and meta["base_model_name"] == "tiny-bert"
+    assert meta["config"]["shared_adapter"] is (method == SHARED_PML)
     assert meta["task_map"] == {"de": 0, "fr": 1, "us": 2}
     assert meta["target_modules"] == ["query", "key", "value", "attention.output.dense"]
     assert meta["config"]["r"] == 8 and meta["base_config_fingerprint"] == base_config_fingerprint(model)
