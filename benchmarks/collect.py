@@ -139,6 +139,14 @@ QUALITY = (("Quality (CPU)", "quality.md"), ("Quality on GPU", "quality_gpu.md")
             "quality_per_market.md"),
            ("Quality benchmark, per-market LoRA with its pull toward the markets' mean (--task-decay 50), seeds 0-1, "
             "bf16, AMX Xeon (issue 15)", "quality_per_market_pull.md"),
+           ("Per-market LoRA with its shared adapter (the default: departures pulled toward it, --task-decay 200), "
+            "nested policy data, seeds 0-3, bf16, AMX Xeon (issue 15)", "per_market_shared_nested.md"),
+           ("Per-market LoRA with its shared adapter, crossing policy data, seeds 0-3, bf16, AMX Xeon (issue 15)",
+            "per_market_shared_crossing.md"),
+           ("Per-market LoRA with its shared adapter, demo data, seeds 0-7, bf16, AMX Xeon (issue 15)",
+            "per_market_shared_demo.md"),
+           ("Quality benchmark, per-market LoRA with its shared adapter (the default), seeds 0-1, bf16, AMX Xeon "
+            "(issue 15)", "quality_per_market_shared.md"),
            ("Add a market without retraining (issue 14)", "add_market.md"),
            ("MTL-LoRA's knobs n and τ on planted data (issue 13)", "mtl_knobs.md"),
            ("Per-market LoRA's learning-rate multiple on the demo data (issue 15)", "per_market_lr_demo.md"),

@@ -87,6 +87,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=None, help="writes OUT.md and OUT.json")
     p.add_argument("--quick", action="store_true", help="tiny in-code model, 300 rows, 1 seed, 6 steps")
     args = p.parse_args(argv)
+    if any(f not in PML_FORMS for f in args.pml_adapters.split(",") if f):
+        p.error(f"--pml-adapters {args.pml_adapters!r}: expected a comma-separated list of {list(PML_FORMS)}")
     if args.setting in POLICY_SETTINGS and (args.data is None or args.base_model is None) and not args.quick:
         p.error(f"--setting {args.setting} needs --data (the ds/ that ../shared/tools/{args.setting}_policy.sh "
                 "builds) and --base-model")
@@ -159,8 +161,6 @@ def main(argv: list[str] | None = None) -> int:
     pml_ratios: list[float | None] = [float(s) for s in args.pml_b_lr_ratios.split(",") if s] or [None]
     pml_decays: list[float | None] = [float(s) for s in args.pml_task_decays.split(",") if s] or [None]
     forms = [s for s in args.pml_adapters.split(",") if s]
-    if any(f not in PML_FORMS for f in forms):
-        raise SystemExit(f"--pml-adapters {args.pml_adapters!r}: expected a comma-separated list of {list(PML_FORMS)}")
     pml_forms: list[str | None] = forms or [None]
 
     train_s: dict[str, float] = {}  # each run's own training time (a reused run keeps the one it was made in)
@@ -241,9 +241,12 @@ def render(r: dict) -> str:
              + (", but per-market LoRA where its row says `B X×`" if any(r.get("pml_b_lr_ratios") or []) else "")
              + "). "
              "Row: per-market LoRA with its A_t/B_t at the multiple × lr (with a shared start: that fraction "
-             "of the steps trained as one shared adapter first, `train --shared-start`; with `pull D`: every market "
-             "starting from one adapter, its A_t/B_t pulled toward their mean over markets by D × their lr after "
-             "each step, `train --task-decay D`; MTL-LoRA (defaults): "
+             "of the steps trained as one shared adapter first, `train --shared-start`; with `pull D`: after each "
+             "step D × their lr of the way, `train --task-decay D`, each market's departure toward the shared "
+             "adapter, or, independent, every market starting from one adapter, its A_t/B_t toward their mean over "
+             "markets; `shared`: A_t = Ā + ΔA_t, B_t = B̄ + ΔB_t, `train --shared-adapter`, departures pulled at the "
+             "library's D = 200 unless the row says; `independent`: the paper's own A_t/B_t per market, "
+             "`--no-shared-adapter`; no form named: the library's default at the time; MTL-LoRA (defaults): "
              "`--mtl-lora`). Cell: the row's method − shared LoRA "
              "test AUC, mean over seeds, then per seed (✱: paired 95% cluster-bootstrap interval excludes 0); "
              "last line: shared LoRA's mean AUC.", "", *([r["note"], ""] if r.get("note") else []),

@@ -91,7 +91,9 @@ DEFAULT_PML_TASK_DECAY = 0.0
 DEFAULT_PML_SHARED_ADAPTER = True
 # ... and each market's departure is pulled toward 0 (the shared adapter) at D × its learning rate: on that seed
 # D = 40 left the agreeing markets -0.002 to -0.053 behind shared LoRA, D = 200 within -0.010 / +0.010 with the
-# twins' wins (+0.107, +0.151); the README's "per-market-lora" has the runs over seeds and benchmarks.
+# twins' wins (+0.107, +0.151). Against shared LoRA at D = 200: quality seeds 0-1 macro +0.027 (0.940, MTL-LoRA's
+# too), nested policies seeds 0-3 +0.008, demo seeds 0-7 +0.111; crossing policies seeds 0-3 de +0.223, de-any
+# +0.126 (every seed significant), es +0.008 (README "per-market-lora").
 DEFAULT_PML_SHARED_DECAY = 200.0
 # MTL-LoRA's pull is off unless asked for (issue 15; the README's "Pull toward shared LoRA" has the measurements).
 # At --task-decay 10 on the Λ_t alone it gained the quality benchmark's agreeing markets +0.005 / +0.006 (seeds

@@ -109,8 +109,9 @@ def best_spreads(history: list[dict[str, Any]], best_step: int | None) -> dict[s
 
 def own_adapter_parameters(model: torch.nn.Module, markets: list[str]) -> list[str] | None:
     """Names of the trainable parameters that belong to ``markets`` alone — per-market LoRA's
-    ``…lora_A.<task>`` / ``…lora_B.<task>`` and head copies ``…copies.<market>.…`` — or ``None`` when one of
-    them has no adapter of its own (shared LoRA, MTL-LoRA: A and the B_i serve every market)."""
+    ``…lora_A.<task>`` / ``…lora_B.<task>`` (with its shared adapter: the market's departure ΔA_t, ΔB_t, while
+    the shared Ā, B̄ stay, as the shared head does) and head copies ``…copies.<market>.…`` — or ``None`` when one
+    of them has no adapter of its own (shared LoRA, MTL-LoRA: A and the B_i serve every market)."""
     config = getattr(model, CONFIG_ATTR, None)
     task_map = getattr(config, "task_map", None) or {}
     names: list[str] = []
