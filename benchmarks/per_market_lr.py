@@ -201,7 +201,8 @@ def main(argv: list[str] | None = None) -> int:
                    + (f", pull {pull:g}" if pull is not None else "") + (f", {form}" if form else ""))
             extra = {"task_lr_scale": scale, **({"shared_start": start} if start else {}),
                      **({"b_lr_ratio": b} if b else {}), **({"task_decay": pull} if pull is not None else {}),
-                     **({"shared_adapter": PML_FORMS[form]} if form else {})}
+                     # a shared start is an option of independent adapters (the shared adapter starts as one)
+                     **({"shared_adapter": PML_FORMS[form]} if form else {"shared_adapter": False} if start else {})}
             name = (f"per-market-lora-x{scale:g}" + (f"-shared{start:g}" if start else "")
                     + (f"-b{b:g}" if b else "") + (f"-pull{pull:g}" if pull is not None else "")
                     + (f"-{form}" if form else ""))

@@ -242,6 +242,9 @@ class TrainConfig:
         if self.method == "per-market-lora" and self.task_decay_only is not None:
             _bad("task_decay_only", self.task_decay_only, "None for per-market-lora: the pull moves its A_t and "
                  "B_t together (--task-decay-only picks MTL-LoRA's Λ_t or w_t)")
+        if self.shared_start and self.uses_shared_adapter:
+            _bad("shared_start", self.shared_start, "None or 0 with per-market-lora's shared adapter, whose markets "
+                 "start as one adapter anyway: add --no-shared-adapter to give independent adapters a shared start")
         if self.shared_start and self.method != "per-market-lora":
             _bad("shared_start", self.shared_start, "None or 0 for method "
                  f"{self.method!r}: only per-market-lora has per-market adapters that can start shared")

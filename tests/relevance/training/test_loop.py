@@ -27,7 +27,7 @@ RUN_INFO_KEYS = {"method", "run_name", "base_model", "trainable_params", "train_
                  "mlflow_run_id", "data_fingerprint", "best_step", "markets", "task_map", "degenerate",
                  "market_prior_offsets", "prior_logit", "models_to_serve", "precision", "task_lr_multiplier",
                  "shared_steps", "b_lr_ratio", "rollbacks", "eval_every", "head_start", "task_decay",
-                 "task_decay_only"}
+                 "task_decay_only", "shared_adapter"}
 
 
 @pytest.fixture(scope="module")
@@ -127,6 +127,8 @@ def test_per_market_lora_shares_an_adapter_by_default_and_pulls_each_departure_t
             TrainConfig(method=method, shared_adapter=True, **kw)
     with pytest.raises(ValueError, match=r"TrainConfig.task_decay_target='mean' .*toward the shared adapter"):
         TrainConfig(method="per-market-lora", task_decay=50, task_decay_target="mean", **kw)
+    with pytest.raises(ValueError, match=r"TrainConfig.shared_start=0.5 .*--no-shared-adapter"):
+        TrainConfig(method="per-market-lora", shared_start=0.5, **kw)
 
 
 def test_a_head_start_needs_the_classifier_saved() -> None:
@@ -170,7 +172,7 @@ def test_per_market_lora_shared_start_trains_one_adapter_then_each_market_its_ow
     """Steps 1-3 of 6: every market's A_t, B_t equal market 0's (B non-zero: they learned); then they part.
     Read from the checkpoint of every step; run_info records the shared steps."""
     cfg = _config(env, tmp_path / "run", method="per-market-lora", max_steps=6, eval_every=3, shared_start=0.5,
-                  checkpoint_every=1, keep_checkpoints=6)
+                  checkpoint_every=1, keep_checkpoints=6, shared_adapter=False)  # independent adapters' option
     info = train(cfg).run_info
     assert info["shared_steps"] == 3
 
@@ -270,6 +272,7 @@ def test_each_method_trains_and_writes_the_run_directory(env, tmp_path: Path, me
     from relevance.model.cross_encoder import load_cross_encoder, score
     from relevance.model.precision import resolve_precision
     from relevance.data.curated import read_split
+    from relevance.training.config import DEFAULT_PML_SHARED_DECAY
 
     out = tmp_path / method
     result = train(_config(env, out, method=method))
@@ -280,7 +283,10 @@ def test_each_method_trains_and_writes_the_run_directory(env, tmp_path: Path, me
     # the other methods have no per-market adapter parameters in shared batches
     expected = {"mtl-lora": max(3.0, len(info["markets"])), "per-market-lora": 1.0}.get(method)
     assert info["task_lr_multiplier"] == expected
-    assert (info["task_decay"], info["task_decay_only"]) == (0.0, None)  # the pull (task_pull) is opt-in
+    # the pull (task_pull) is opt-in, but for per-market LoRA's departures from its shared adapter (the default)
+    pulled = (DEFAULT_PML_SHARED_DECAY, "adapter") if method == "per-market-lora" else (0.0, None)
+    assert (info["task_decay"], info["task_decay_only"]) == pulled
+    assert info["shared_adapter"] is (method == "per-market-lora")
     assert info["precision"] == resolve_precision("auto", "cpu")  # what auto means on this machine
     assert info["markets"] == ["de", "fr", "us"] and info["task_map"] == {"de": 0, "fr": 1, "us": 2}
     assert info["trainable_params"] > 0 and info["examples_per_s"] > 0 and info["best_step"] in (4, 8)
@@ -336,7 +342,8 @@ def test_separate_trains_each_market_as_if_alone(env, tmp_path: Path) -> None:
     assert not all(torch.equal(same["us"][k], flipped["us"][k]) for k in same["us"])
     assert not torch.equal(same["de"]["classifier.weight"], same["fr"]["classifier.weight"])  # own heads
     assert info["models_to_serve"] == 3 and info["market_prior_offsets"] == {"de": 0.0, "fr": 0.0, "us": 0.0}
-    shared = train(_config(env, tmp_path / "pml", method="per-market-lora", max_steps=1)).run_info
+    # per-market LoRA's own adapters, as separate's (its default adds a shared adapter separate does not have)
+    shared = train(_config(env, tmp_path / "pml", method="per-market-lora", max_steps=1, shared_adapter=False)).run_info
     head = sum(p.numel() for n, p in load_cross_encoder(env["model"])[0].named_parameters()
                if n.startswith("classifier"))  # the default head modules (no pooler in the tiny model)
     assert info["trainable_params"] == shared["trainable_params"] + 2 * head  # 3 heads instead of 1
