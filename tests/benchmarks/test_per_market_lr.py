@@ -43,17 +43,16 @@ def test_mtl_lora_rows_at_other_pulls_train_beside_the_default(tmp_path: Path) -
 
 
 def test_per_market_rows_at_other_pulls_and_forms_train_beside_each_other(tmp_path: Path) -> None:
-    result, infos, table = _run(tmp_path, "--scales", "1", "--pml-task-decays", "0,50",
-                                "--pml-adapters", "shared,independent")
-    assert list(result["results"]) == ["1, pull 0, shared", "1, pull 0, independent", "1, pull 50, shared",
-                                       "1, pull 50, independent"]
-    assert result["pml_task_decays"] == [0.0, 50.0] and result["pml_adapters"] == ["shared", "independent"]
+    result, infos, table = _run(tmp_path, "--scales", "1", "--pml-task-decays", "0,50", "--pml-adapters", "independent")
+    assert list(result["results"]) == ["1, pull 0, independent", "1, pull 50, independent"]
+    assert result["pml_task_decays"] == [0.0, 50.0] and result["pml_adapters"] == ["independent"]
     assert {name: (info["task_decay"], info["task_decay_only"], info["shared_adapter"])
             for name, info in infos.items()} == {
-        "lora-seed0": (0.0, None, False), "per-market-lora-x1-pull0-shared-seed0": (0.0, None, True),
-        "per-market-lora-x1-pull0-independent-seed0": (0.0, None, False),
-        "per-market-lora-x1-pull50-shared-seed0": (50.0, "adapter", True),
+        "lora-seed0": (0.0, None, False), "per-market-lora-x1-pull0-independent-seed0": (0.0, None, False),
         "per-market-lora-x1-pull50-independent-seed0": (50.0, "adapter", False)}
     assert "| 1×, pull 50, independent |" in table
+    result, infos, _ = _run(tmp_path, "--scales", "1", "--pml-adapters", "shared")  # the library's pull, reused lora
+    assert list(result["results"]) == ["1, shared"]
+    assert infos["per-market-lora-x1-shared-seed0"]["shared_adapter"] is True
     with pytest.raises(SystemExit):  # argparse's error: names the option and the allowed forms
         per_market_lr.parse_args(["--quick", "--pml-adapters", "both"])
