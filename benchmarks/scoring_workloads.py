@@ -46,6 +46,34 @@ def gemm_rate(dtype_name: str, device: str = "cpu", rows: int = 4096, d: int = 3
     return best
 
 
+def sustained_gemm_rate(dtype_name: str, device: str = "cpu", rows: int = 4096, d: int = 384, ff: int = 1536,
+                        seconds: float = 3.0) -> float:
+    """GFLOP/s of the encoder's two GEMM shapes run back to back for ``seconds``: the rate sustained *now*.
+
+    Why beside :func:`gemm_rate` (the best of short windows): a VM's bf16 GEMM rate swings within seconds.
+    On the AMX Xeon of 2026-12-07, best-of-3 windows of 0.1 s read 522, 2,584, 1,093 and 790 GFLOP/s within
+    a minute, while 4 s loops read 604-746. A scoring pass runs for ~30 s, so its share of the floor is taken
+    against the rate sustained right before and after it, in its own process (``scoring_speed.py``)."""
+    import torch
+
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name]
+    shapes = [(torch.randn(rows, k_in, dtype=dtype, device=device), torch.randn(k_out, k_in, dtype=dtype, device=device))
+              for k_in, k_out in ((d, ff), (ff, d))]
+    flops = sum(2 * rows * w.shape[0] * w.shape[1] for _, w in shapes)  # one round: both shapes
+    with torch.inference_mode():
+        for x, w in shapes:  # warm-up: kernel selection, first-touch of the outputs
+            torch.nn.functional.linear(x, w)
+        sync()
+        t, rounds = time.perf_counter(), 0
+        while time.perf_counter() - t < seconds:
+            for x, w in shapes:
+                torch.nn.functional.linear(x, w)
+            sync()
+            rounds += 1
+        return flops * rounds / (time.perf_counter() - t) / 1e9
+
+
 def flops_per_pair(config: dict[str, Any], tokens: float) -> float:
     """FLOPs of one forward of a BERT-style encoder on a pair of ``tokens`` tokens (linears + attention)."""
     d, ff, layers = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]

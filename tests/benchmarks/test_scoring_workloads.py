@@ -69,3 +69,12 @@ def test_attention_flops_are_the_quadratic_part_of_a_pair() -> None:
     linear = lambda n: scoring_workloads.flops_per_pair(config, n) - scoring_workloads.attention_flops(config, n)  # noqa: E731
     assert abs(linear(200) - 2 * linear(100)) < 2 * 384 * 384 + 1  # the pooler is per pair, not per token
     assert scoring_workloads.attention_flops(config, 200) == 4 * scoring_workloads.attention_flops(config, 100)
+
+
+def test_sustained_gemm_rate_counts_every_round_of_both_shapes_over_the_whole_time(monkeypatch) -> None:
+    clock = iter(np.arange(0.0, 100.0, 0.1))  # each reading of the clock is 0.1 s after the one before
+    monkeypatch.setattr(scoring_workloads.time, "perf_counter", lambda: float(next(clock)))
+    rows, d, ff = 8, 4, 16
+    rate = scoring_workloads.sustained_gemm_rate("fp32", rows=rows, d=d, ff=ff, seconds=0.25)
+    # start 0.0; checks at 0.1 and 0.2 run a round each, 0.3 ends the loop; the end is read at 0.4
+    assert np.isclose(rate, 2 * (2 * rows * d * ff + 2 * rows * ff * d) / 0.4 / 1e9)
