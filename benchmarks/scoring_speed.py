@@ -95,9 +95,11 @@ def worker(kind: str, cfg: dict) -> dict:
         from relevance.serving.scoring import score_dataset
 
         out = work / f"out-{kind}"
-        floor_s = cfg.get("floor_seconds", 3.0)  # the bf16 GEMM rate sustained around the pass (scoring_workloads)
-        around = [scoring_workloads.sustained_gemm_rate("bf16", cfg["device"], **cfg.get("floor_size", {}),
-                                                        seconds=floor_s)] if kind in FLOOR_KINDS else []
+        def floor_now() -> float:  # the bf16 GEMM rate sustained around the pass (scoring_workloads)
+            return scoring_workloads.sustained_gemm_rate("bf16", cfg["device"], **cfg.get("floor_size", {}),
+                                                         seconds=cfg.get("floor_seconds", 3.0))
+
+        around = [floor_now()] if kind in FLOOR_KINDS else []
         t0 = time.perf_counter()
         summary = score_dataset(str(raw), out, engine="spark" if kind == "spark" else "local",
                                 tracking_uri=cfg["uri"], batch_size=bs,
@@ -105,8 +107,7 @@ def worker(kind: str, cfg: dict) -> dict:
                                 spark_master="local[2]")
         seconds = time.perf_counter() - t0
         if around:
-            around.append(scoring_workloads.sustained_gemm_rate("bf16", cfg["device"], **cfg.get("floor_size", {}),
-                                                                seconds=floor_s))
+            around.append(floor_now())
         n = summary["totals"]["scored"]
         used = summary.get("precision")
         timings = summary.get("timings_s")  # the local engine's stages (Spark has none)

@@ -23,18 +23,26 @@ QUALITY_RUN = Path("/tmp/ads-relevance-quality/runs/lora-seed0")  # benchmarks/q
 LONG_MARKETS = ("de", "en")
 
 
+def _gemm_operands(dtype_name: str, device: str, rows: int, d: int, ff: int) -> tuple[Any, list[tuple[Any, Any]]]:
+    """(sync, [(x, w)] for ``rows × d → ff`` and ``rows × ff → d``): the encoder's two GEMM shapes, and a
+    function that waits for queued GPU work (a no-op on a CPU)."""
+    import torch
+
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name]
+    return sync, [(torch.randn(rows, k_in, dtype=dtype, device=device), torch.randn(k_out, k_in, dtype=dtype, device=device))
+                  for k_in, k_out in ((d, ff), (ff, d))]
+
+
 def gemm_rate(dtype_name: str, device: str = "cpu", rows: int = 4096, d: int = 384, ff: int = 1536,
               reps: int = 20) -> float:
     """Best-of-3 GFLOP/s of ``rows × d → ff`` and ``rows × ff → d`` products (the encoder's shapes)."""
     import torch
 
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name]
+    sync, shapes = _gemm_operands(dtype_name, device, rows, d, ff)
     best = 0.0
     with torch.inference_mode():
-        for k_in, k_out in ((d, ff), (ff, d)):
-            x = torch.randn(rows, k_in, dtype=dtype, device=device)
-            w = torch.randn(k_out, k_in, dtype=dtype, device=device)
+        for x, w in shapes:
             torch.nn.functional.linear(x, w)
             for _ in range(3):
                 sync()
@@ -42,7 +50,7 @@ def gemm_rate(dtype_name: str, device: str = "cpu", rows: int = 4096, d: int = 3
                 for _ in range(reps):
                     torch.nn.functional.linear(x, w)
                 sync()
-                best = max(best, 2 * rows * k_in * k_out * reps / (time.perf_counter() - t) / 1e9)
+                best = max(best, 2 * rows * w.shape[0] * w.shape[1] * reps / (time.perf_counter() - t) / 1e9)
     return best
 
 
@@ -50,16 +58,14 @@ def sustained_gemm_rate(dtype_name: str, device: str = "cpu", rows: int = 4096, 
                         seconds: float = 3.0) -> float:
     """GFLOP/s of the encoder's two GEMM shapes run back to back for ``seconds``: the rate sustained *now*.
 
-    Why beside :func:`gemm_rate` (the best of short windows): a VM's bf16 GEMM rate swings within seconds.
-    On the AMX Xeon of 2026-12-07, best-of-3 windows of 0.1 s read 522, 2,584, 1,093 and 790 GFLOP/s within
-    a minute, while 4 s loops read 604-746. A scoring pass runs for ~30 s, so its share of the floor is taken
-    against the rate sustained right before and after it, in its own process (``scoring_speed.py``)."""
+    Why beside :func:`gemm_rate` (the best of short windows, measured once after every contender): this VM's
+    bf16 GEMM rate moves within seconds and minutes. On the AMX Xeon of 2026-12-07 short windows read 522,
+    2,584, 1,093, 790 and 771 GFLOP/s within 10 s, and 3 s loops read 2,142 before one 30 s scoring pass and
+    800 after it. No single reading is the machine's floor, so ``scoring_speed.py`` holds each engine pass
+    against the rate sustained right before and after it, in its own process: the same minute, not another."""
     import torch
 
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name]
-    shapes = [(torch.randn(rows, k_in, dtype=dtype, device=device), torch.randn(k_out, k_in, dtype=dtype, device=device))
-              for k_in, k_out in ((d, ff), (ff, d))]
+    sync, shapes = _gemm_operands(dtype_name, device, rows, d, ff)
     flops = sum(2 * rows * w.shape[0] * w.shape[1] for _, w in shapes)  # one round: both shapes
     with torch.inference_mode():
         for x, w in shapes:  # warm-up: kernel selection, first-touch of the outputs
