@@ -6,6 +6,9 @@ against the contract (``data_contracts.query_ad``), valid rows get a ``query_id`
 ``detail``. Nothing is dropped: per market, ``rows_in == sum(curated) + sum(quarantined)``, and the
 summary asserts it before anything is published.
 
+The Parquet writes run on a second thread (``relevance.data.write_behind``), in order and bounded, so
+encoding one batch overlaps validating the next.
+
 Output is built aside (a hidden sibling of DST) and swapped in with renames only when everything
 succeeded, so a crash or a corrupt input file leaves the previous DST untouched.
 
@@ -35,6 +38,7 @@ from data_contracts import query_ad, query_ad_arrow
 from data_contracts.markets import MARKET_PATTERN, is_valid_market
 from data_contracts.splits import SPLITS, assign_splits, derive_query_id, query_ids_and_splits
 from relevance.data.dedup import SeenIds
+from relevance.data.write_behind import PartitionWriters, WriteBehind
 
 CURATED_SCHEMA = pa.schema(
     [
@@ -118,30 +122,6 @@ def _batches(fs: pafs.FileSystem, path: str, batch_size: int) -> Iterator[pa.Rec
         raise IngestError(f"cannot read {path} ({type(err).__name__}: {err}); nothing was written") from err
 
 
-class _Writers:
-    """One open ParquetWriter per output partition; row groups are flushed as they are written."""
-
-    def __init__(self, root: Path):
-        self.root = root
-        self.open: dict[tuple[str, ...], pq.ParquetWriter] = {}
-
-    def write(self, parts: tuple[tuple[str, str], ...], table: pa.Table) -> None:
-        if table.num_rows == 0:
-            return
-        table = table.replace_schema_metadata(None)  # the same file schema whichever backend wrote it
-        key = tuple(f"{k}={v}" for k, v in parts)
-        if key not in self.open:
-            folder = self.root.joinpath(*key)
-            folder.mkdir(parents=True, exist_ok=True)
-            self.open[key] = pq.ParquetWriter(folder / "part-00000.parquet", table.schema)
-        self.open[key].write_table(table)
-
-    def close(self) -> None:
-        for w in self.open.values():
-            w.close()
-        self.open.clear()
-
-
 def _market_key(partition: str | None, row_market: object) -> str:
     if partition is not None:
         return partition if is_valid_market(partition) else UNKNOWN_MARKET
@@ -169,7 +149,8 @@ def ingest(
     dst = Path(out).absolute()
     staging = dst.parent / f".{dst.name}.staging-{uuid.uuid4().hex[:8]}"
     staging.mkdir(parents=True)
-    curated, quarantine = _Writers(staging / "curated"), _Writers(staging / "quarantine")
+    behind = WriteBehind(max_pending=4, name="ingest-write")  # one batch: 3 splits + quarantine
+    curated, quarantine = PartitionWriters(staging / "curated", behind), PartitionWriters(staging / "quarantine", behind)
     rows_in: Counter[str] = Counter()
     cur: dict[str, Counter[str]] = defaultdict(Counter)
     quar: dict[str, Counter[str]] = defaultdict(Counter)
@@ -192,13 +173,14 @@ def ingest(
                     _write_quarantine_pandas(ref.quarantined, path, part, quarantine, quar)
                 rows_in.update(_rows_in(batch, part))
                 bar.update(batch.num_rows)
-        _close(curated, quarantine, seen)
+        behind.drain()
+        _close(behind, curated, quarantine, seen)
         (staging / "seen_ids.sqlite").unlink()
         summary = build_summary(rows_in, cur, quar)
         (staging / "ingest_summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
         _publish(staging, dst)
     except BaseException:
-        _close(curated, quarantine, seen)
+        _close(behind, curated, quarantine, seen, quiet=True)
         shutil.rmtree(staging, ignore_errors=True)
         raise
     finally:
@@ -206,9 +188,14 @@ def ingest(
     return summary
 
 
-def _close(*things) -> None:
+def _close(*things, quiet: bool = False) -> None:
+    """Close each in order; ``quiet`` (cleaning up after an error) closes them all whatever fails."""
     for thing in things:
-        thing.close()
+        try:
+            thing.close()
+        except Exception:
+            if not quiet:
+                raise
 
 
 def _progress(total: int, enabled: bool):
@@ -233,7 +220,7 @@ def _keys_of(markets: pa.Array) -> pa.Array:
     return pc.if_else(ok, markets, pa.scalar(UNKNOWN_MARKET))
 
 
-def _write_valid(valid: pa.Table, fractions, seed, writers: _Writers, counts) -> None:
+def _write_valid(valid: pa.Table, fractions, seed, writers: PartitionWriters, counts) -> None:
     """Arrow backend: query_id and split per distinct query, one table per (market, split)."""
     if valid.num_rows == 0:
         return
@@ -249,7 +236,7 @@ def _write_valid(valid: pa.Table, fractions, seed, writers: _Writers, counts) ->
         counts[market][split] += table.num_rows
 
 
-def _write_quarantine(quarantined: pa.Table, path, part, writers: _Writers, counts) -> None:
+def _write_quarantine(quarantined: pa.Table, path, part, writers: PartitionWriters, counts) -> None:
     """Arrow backend: quarantined rows with their source file, one table per market key."""
     if quarantined.num_rows == 0:
         return
@@ -262,7 +249,7 @@ def _write_quarantine(quarantined: pa.Table, path, part, writers: _Writers, coun
         counts[key].update(group.column("rule").to_pylist())
 
 
-def _write_valid_pandas(valid, fractions, seed, writers: _Writers, counts) -> None:
+def _write_valid_pandas(valid, fractions, seed, writers: PartitionWriters, counts) -> None:
     """Reference backend (and batches the Arrow kernels decline): row by row, as ingest always did."""
     if valid.empty:
         return
@@ -276,7 +263,7 @@ def _write_valid_pandas(valid, fractions, seed, writers: _Writers, counts) -> No
         counts[market][split] += len(group)
 
 
-def _write_quarantine_pandas(quarantined, path, part, writers: _Writers, counts) -> None:
+def _write_quarantine_pandas(quarantined, path, part, writers: PartitionWriters, counts) -> None:
     if quarantined.empty:
         return
     quarantined["source_file"] = path

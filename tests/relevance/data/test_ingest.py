@@ -10,6 +10,7 @@ import pytest
 
 from relevance.data import ingest as ingest_mod
 from relevance.data.ingest import IngestError, ingest
+from relevance.data.write_behind import PartitionWriters
 
 
 def rows(market="us", n=6, start=0, **overrides):
@@ -147,6 +148,26 @@ def test_crash_mid_run_keeps_previous_output(tmp_path, monkeypatch):
         ingest(str(raw), tmp_path / "ds", progress=False)
     assert json.loads((tmp_path / "ds" / "ingest_summary.json").read_text()) == first
     assert len(read(tmp_path / "ds" / "curated")) == 10
+
+
+def test_a_write_failing_on_the_writer_thread_fails_ingest_and_keeps_previous_output(tmp_path, monkeypatch):
+    raw = tmp_path / "raw"
+    write(raw, "us", "a.parquet", rows("us", 5))
+    write(raw, "us", "b.parquet", rows("us", 5, start=5))
+    first = ingest(str(raw), tmp_path / "ds", progress=False)
+    real = PartitionWriters._write
+
+    def boom(self, key, table):
+        if self.root.name == "curated" and any("split=train" in k for k in key) and self.open:
+            raise OSError("disk full on the writer thread")
+        return real(self, key, table)
+
+    monkeypatch.setattr(PartitionWriters, "_write", boom)
+    with pytest.raises(OSError, match="writer thread"):
+        ingest(str(raw), tmp_path / "ds", progress=False, batch_size=2)
+    assert json.loads((tmp_path / "ds" / "ingest_summary.json").read_text()) == first
+    assert len(read(tmp_path / "ds" / "curated")) == 10
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no staging left behind
 
 
 def test_rerun_replaces_output(tmp_path):
