@@ -47,11 +47,16 @@ def _keyed(seed: int):
     return hashlib.blake2b(digest_size=8, key=str(seed).encode())
 
 
-def _unit(query_id: str, keyed) -> float:
-    """The query id's point in [0, 1): the only place the hash becomes a number."""
-    h = keyed.copy()
-    h.update(query_id.encode("utf-8"))
-    return int.from_bytes(h.digest(), "big") / 2.0**64
+def _digests(query_ids: Sequence[str], seed: int) -> bytes:
+    """The 8-byte keyed hashes of the ids, concatenated: the only place the hash is taken."""
+    keyed = _keyed(seed)
+
+    def digest(query_id: str) -> bytes:
+        h = keyed.copy()
+        h.update(query_id.encode("utf-8"))
+        return h.digest()
+
+    return b"".join([digest(q) for q in query_ids])
 
 
 def split_of(query_id: str, seed: int, fractions: tuple[float, float, float]) -> str:
@@ -62,8 +67,9 @@ def split_of(query_id: str, seed: int, fractions: tuple[float, float, float]) ->
 def split_codes(query_ids: Sequence[str], seed: int, fractions: tuple[float, float, float]) -> np.ndarray:
     """Index into :data:`SPLITS` of each query id (int8): the hash per id, the thresholds vectorised.
     Callers pass distinct ids (ingest hashes each distinct id of a batch once)."""
-    keyed = _keyed(seed)
-    u = np.fromiter((_unit(q, keyed) for q in query_ids), dtype=np.float64, count=len(query_ids))
+    # Each id's point in [0, 1): its hash as a big-endian integer / 2**64, converted in one numpy pass (the same
+    # rounding as Python's int / float; a third of the time of converting id by id).
+    u = np.frombuffer(_digests(query_ids, seed), dtype=">u8") / 2.0**64
     return np.where(u < fractions[0], 0, np.where(u < fractions[0] + fractions[1], 1, 2)).astype(np.int8)
 
 
