@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .mixing import mix_up_projections
+
 
 def _kaiming(shape: tuple[int, ...], like: Tensor) -> Tensor:
     """nn.Linear's (and PEFT's) default init: Kaiming-uniform with a=√5, i.e. U(±1/√fan_in)."""
@@ -344,9 +346,8 @@ class MTLLoRALinear(AdapterLayer):
         matmul, then as many in backward), which left MTL-LoRA's training step at 2.9x shared LoRA's
         on an H200 (launch-bound) and at 0.93x its examples/s on a 2-core AMX CPU. Row t is the
         same arithmetic whatever T is, so adding a market cannot change an existing one's bits
-        (``test_adapter_growth``). The mix Σ_i p_t,i B_i is a product as well (2026-12-07; before, a multiply
-        and sum, bit-identical to the loop): it rounds in another order, ~1e-7 in fp32 and one bf16 step
-        under autocast, and ``test_adapter_layers`` holds it to the loop within that.
+        (``test_adapter_growth``). The mix Σ_i p_t,i B_i is elementwise in forward for the same reason
+        (``mixing``: a product's rows moved with T on an AVX2 CPU) and products in backward.
         """
         return stacked_task_matrices([self])[0]
 
@@ -378,11 +379,12 @@ def stacked_task_matrices(layers: list[MTLLoRALinear]) -> Tensor:
     logits = torch.stack([w for layer in layers for w in list_items(layer.mix_logits)]).view(g, t, n)
     p = torch.softmax(logits / first.temperature, dim=-1) * first.scaling  # (G, T, n), α/r folded in
     b = torch.stack([layer.lora_B for layer in layers])  # (G, n, d_out, r)
-    # The mix as a product (K = n), not a broadcast multiply and sum over a (G, T, n, d_out, r) temporary:
-    # that temporary and its backward were ~9 ms of a 2-core CPU's training step (e5-small, 7 markets).
-    # In the parameters' precision, as the multiply-and-sum was: autocast would round p and B to bf16 first.
+    # The mix elementwise forward, as products backward (``mixing``: rows rounded alike for any T), not a
+    # broadcast multiply and sum over a (G, T, n, d_out, r) temporary: that temporary and its backward were
+    # ~9 ms of a 2-core CPU's training step (e5-small, 7 markets). In the parameters' precision: autocast
+    # would round p and B to bf16 first.
     with torch.autocast(b.device.type, enabled=False):
-        b_mix = torch.bmm(p, b.view(g, n, d_out * r))  # (G, T, d_out·r)
+        b_mix = mix_up_projections(p, b.view(g, n, d_out * r))  # (G, T, d_out·r)
     lam = torch.stack([x for layer in layers for x in list_items(layer.lam)])  # (G·T, r, r)
     m = torch.bmm(b_mix.view(g * t, d_out, r), lam)  # (G·T, d_out, r)
     return m.view(g, t, d_out, r)

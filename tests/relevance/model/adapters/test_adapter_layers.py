@@ -308,8 +308,8 @@ def test_task_matrices_match_a_per_market_product(tasks: int, bf16: bool) -> Non
         results.append((m, torch.autograd.grad((m.float() * upstream).sum(), params)))
     (fast, fast_grads), (slow, slow_grads) = results
     assert fast.dtype == slow.dtype == (torch.bfloat16 if bf16 else torch.float32)
-    # Rounding apart: the mix is a matrix product over the n up-projections, so B's gradient sums over the
-    # markets in the GEMM's order, not the loop's (~1e-7 off on O(1) values in fp32); a wrong index or
+    # Rounding apart: the mix's backward is a matrix product, so B's gradient sums over the markets in the
+    # GEMM's order, not the loop's (~1e-7 off on O(1) values in fp32); a wrong index or
     # scale would be off by the values themselves.
     tol = {"rtol": 1e-2, "atol": 1e-3} if bf16 else {"rtol": 1e-5, "atol": 1e-6}
     torch.testing.assert_close(fast, slow, **tol)
