@@ -225,12 +225,15 @@ def _build(kind: str, method: str, base: Any, batch: dict[str, Any], bf16: bool 
 
 
 def _time_interleaved(fns: dict[str, Callable[[], None]], warmup: int, steps: int,
-                      device: str = "cpu") -> dict[str, list[float]]:
+                      device: str = "cpu", label: str = "") -> dict[str, list[float]]:
     """Each method's step times, one per round. Rounds alternate direction (A B C, C B A, ...), so no
-    method always runs first, or always right after the same other one."""
+    method always runs first, or always right after the same other one. A line on stderr per round:
+    a ``--real`` run in fp32 on a 2-core CPU takes ~10 minutes."""
     times: dict[str, list[float]] = {m: [] for m in fns}
     order = list(fns)
     for i in range(warmup + steps):
+        if i:
+            print(f"{label} round {i}/{warmup + steps} done ({time.strftime('%H:%M:%S')})", file=sys.stderr)
         for method in order if i % 2 == 0 else reversed(order):
             _sync(device)
             t0 = time.perf_counter()
@@ -376,9 +379,9 @@ def main(argv: list[str] | None = None) -> int:
     base = (_e5_model(args.base_config) if args.real and not args.quick else _base_model(args.quick)).to(args.device)
     batch = _batch(args.quick, base.config.vocab_size, shape, args.device)
     train_rounds = _time_interleaved({m: _build("train", m, base, batch, args.bf16) for m in TRAIN_METHODS},
-                                     warmup, steps, args.device)
+                                     warmup, steps, args.device, "training")
     infer_rounds = _time_interleaved({m: _build("infer", m, base, batch, args.bf16) for m in INFER_METHODS},
-                                     warmup, steps, args.device)
+                                     warmup, steps, args.device, "inference")
     train = {m: statistics.median(ts) for m, ts in train_rounds.items()}
     infer = {m: statistics.median(ts) for m, ts in infer_rounds.items()}
     cpu_only_memory = args.no_memory or args.device != "cpu"

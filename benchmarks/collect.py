@@ -68,13 +68,19 @@ _SPEED_HERE = (
     ("Scoring speed on an H200, long pairs, e5-small's architecture with random weights",
      "gpu_h200/gpu_speed.json", _gpu_scoring, "benchmarks/gpu_speed.sh"),
 )
-# The CPU benchmarks rerun on a second machine: the same section, its file named NAME_zen5.json. The
-# machines differ in what bf16 costs (bf16 GEMMs ran 9x fp32's rate with AMX, 4.6x on the Zen 5), so
-# the ratios they give do too: both are kept.
-ZEN5 = ("adapter_speed_real.json", "adapter_speed_real_fp32.json", "scoring_speed.json", "scoring_speed_long.json",
-        "ingest_speed.json")
-SPEED = (*_SPEED_HERE, *((f"{title}, on an AMD EPYC (Zen 5: AVX512-BF16, no AMX)", name.replace(".json", "_zen5.json"),
-                          render, command) for title, name, render, command in _SPEED_HERE if name in ZEN5))
+# The CPU benchmarks rerun on other machines: the same section, its file named NAME_<suffix>.json. The
+# machines differ in what bf16 costs (bf16 GEMMs ran 9x fp32's rate with AMX, 4.6x on the Zen 5, 0.11x on
+# the Zen 3, where auto means fp32), so the ratios they give do too: all are kept.
+OTHER_MACHINES = (
+    ("zen5", "an AMD EPYC (Zen 5: AVX512-BF16, no AMX)",
+     ("adapter_speed_real.json", "adapter_speed_real_fp32.json", "scoring_speed.json", "scoring_speed_long.json",
+      "ingest_speed.json")),
+    ("zen3", "an AMD EPYC (Zen 3: AVX2, no native bf16, so auto = fp32)",
+     ("adapter_speed_real.json", "scoring_speed.json", "ingest_speed.json")),
+)
+SPEED = (*_SPEED_HERE, *((f"{title}, on {machine}", name.replace(".json", f"_{suffix}.json"), render, command)
+                         for suffix, machine, names in OTHER_MACHINES
+                         for title, name, render, command in _SPEED_HERE if name in names))
 QUALITY = (("Quality (CPU)", "quality.md"), ("Quality on GPU", "quality_gpu.md"),
            ("Training precision: auto (bf16) against fp32, seeds 0-1 (issue 16)", "quality_precision.md"),
            ("Training precision on an AMD EPYC (2026-12-03; CPU family not recorded), before cpu_dropout.py (issue 16)",

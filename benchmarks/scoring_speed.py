@@ -12,6 +12,9 @@ self time: attention, GEMMs, GELU/LayerNorm/softmax, casts, the rest; and the GF
 attention reach), so a gap to the floor names its cause. The ``*_of_bf16_floor`` ratios divide an engine pass by
 the bf16 GEMM rate sustained for 3 s right before and after it, in its own process (this VM's rate swings
 within seconds); ``*_of_best_window_bf16_floor`` by the best short window measured after every contender.
+The floor is the precision ``auto`` scores in on the device: on a CPU without native bf16 (an AMD EPYC Zen 3:
+bf16 GEMMs at 15 GFLOP/s against fp32's 130) it is the fp32 rate (``*_of_fp32_floor``), ``engine bf16`` is
+left out (``--with-emulated-bf16`` times it anyway: ~25x fp32's time there) and so is the bf16 profile.
 
 - ``engine fp32`` / ``engine auto`` / ``engine bf16``: ``score_dataset(engine="local")`` end to end (model download and
   load, streaming read, contract validation, length-sorted batches, Parquet writing, rename; only
@@ -54,7 +57,7 @@ from _env import cpu_model, output_path  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 MARKETS = ("us", "de")
-FLOOR_KINDS = ("engine-auto", "engine-bf16")  # passes measured against the bf16 rate sustained around them
+FLOOR_KINDS = ("engine-auto", "engine-bf16")  # passes measured against the floor's rate sustained around them
 ENGINE_PRECISION = {"engine-fp32": "fp32", "engine-auto": "auto", "engine-bf16": "bf16", "spark": "fp32"}
 
 
@@ -95,8 +98,10 @@ def worker(kind: str, cfg: dict) -> dict:
         from relevance.serving.scoring import score_dataset
 
         out = work / f"out-{kind}"
-        def floor_now() -> float:  # the bf16 GEMM rate sustained around the pass (scoring_workloads)
-            return scoring_workloads.sustained_gemm_rate("bf16", cfg["device"], **cfg.get("floor_size", {}),
+        prec = cfg.get("floor_precision", "bf16")
+
+        def floor_now() -> float:  # the floor precision's GEMM rate sustained around the pass (scoring_workloads)
+            return scoring_workloads.sustained_gemm_rate(prec, cfg["device"], **cfg.get("floor_size", {}),
                                                          seconds=cfg.get("floor_seconds", 3.0))
 
         around = [floor_now()] if kind in FLOOR_KINDS else []
@@ -112,7 +117,7 @@ def worker(kind: str, cfg: dict) -> dict:
         used = summary.get("precision")
         timings = summary.get("timings_s")  # the local engine's stages (Spark has none)
     else:
-        used, timings, around = None, None, []
+        used, timings, around, prec = None, None, [], cfg.get("floor_precision", "bf16")
         scores: dict = {}
         seconds, n = 0.0, 0
         for m in cfg["markets"]:
@@ -143,7 +148,7 @@ def worker(kind: str, cfg: dict) -> dict:
     model_rate = n / timings["scoring"] if timings and timings.get("scoring") else None
     return {"kind": kind, "seconds": seconds, "pairs": n, "pairs_per_s": n / seconds, "peak_rss_mb": peak_rss_mb(),
             "scores": str(out), "precision_used": used, "timings_s": timings, "model_pairs_per_s": model_rate,
-            "bf16_gemm_gflop_s_around": around}
+            f"{prec}_gemm_gflop_s_around": around}
 
 
 def setup(work: Path, quick: bool, n_pairs: int, max_length: int) -> dict:
@@ -255,6 +260,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="JSON results path (default: benchmarks/results/"
                         "scoring_speed[_long].json; a --quick run: a temp folder)")
     parser.add_argument("--device", default="cpu", help="torch device of every contender (gpu.sh: cuda)")
+    parser.add_argument("--with-emulated-bf16", action="store_true",
+                        help="on a device without native bf16, time forced bf16 too (emulated: ~25x fp32's time)")
     parser.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     long = args.workload == "long"
@@ -264,6 +271,9 @@ def main() -> None:
         return
     import pandas as pd
 
+    from relevance.model.precision import resolve_precision
+
+    prec = resolve_precision("auto", args.device)  # what `auto` scores in here: the floor it is held to
     n_pairs = args.pairs or (500 if args.quick else 20_000)
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="scoring-speed-") as tmp:
@@ -275,11 +285,13 @@ def main() -> None:
         else:
             cfg = setup(Path(tmp), args.quick, n_pairs, args.max_length)
         cfg["batch_size"], cfg["threads"], cfg["device"] = args.batch_size, args.threads, args.device
+        cfg["floor_precision"] = prec
         if args.quick:  # a smoke run: a token floor (bf16 GEMMs are emulated, slowly, on CPUs without native bf16)
             cfg["floor_seconds"], cfg["floor_size"] = 0.2, {"rows": 256}
         os.environ["ADS_RELEVANCE_DEVICE"] = args.device  # the engine's and pyfunc's models (worker processes)
         setup_s = time.perf_counter() - t0
-        kinds = ["crossencoder", "engine-fp32", "engine-auto", "engine-bf16", "pyfunc"]
+        kinds = ["crossencoder", "engine-fp32", "engine-auto", "pyfunc"]
+        kinds[3:3] = ["engine-bf16"] if prec == "bf16" or args.with_emulated_bf16 else []
         kinds += [] if args.no_spark else ["spark"]
         results: dict = {}
         for rep in range(args.repeats):  # ABBA order, best of N: a busy shared machine hits all alike
@@ -299,26 +311,28 @@ def main() -> None:
         model_dir = cfg["merged"][cfg["markets"][0]]
         counts = scoring_workloads.token_counts(model_dir, Path(cfg["raw"]), tuple(cfg["markets"]), cfg["max_length"])
         compute_floor = scoring_workloads.floor(model_dir, counts, args.device,
+                                                precisions=("bf16", "fp32") if prec == "bf16" else ("fp32",),
                                                 **({"rows": 256, "reps": 2} if args.quick else {}))
         breakdown = (scoring_workloads.time_breakdown(model_dir, counts, args.batch_size, cfg["max_length"])
-                     if args.device == "cpu" else None)  # CPU self times; a GPU's kernels run asynchronously
+                     if args.device == "cpu" and prec == "bf16" else None)  # a GPU's kernels run asynchronously
     ce, fp32 = results["crossencoder"]["pairs_per_s"], results["engine-fp32"]["pairs_per_s"]
     ratios = {f"{k.replace('-', '_')}_vs_crossencoder": results[k]["pairs_per_s"] / ce for k in kinds if k != "crossencoder"}
     ratios["engine_fp32_vs_pyfunc"] = fp32 / results["pyfunc"]["pairs_per_s"]
     for k in ("engine-fp32", "engine-auto", "engine-bf16"):  # like for like: the models' own scoring time
-        if results[k].get("model_pairs_per_s"):
+        if k in results and results[k].get("model_pairs_per_s"):
             ratios[f"{k.replace('-', '_')}_model_time_vs_crossencoder"] = results[k]["model_pairs_per_s"] / ce
     if "spark" in results:
         ratios["spark_vs_engine_fp32"] = results["spark"]["pairs_per_s"] / fp32
     per_pair = compute_floor["gflop_per_pair"]
-    for k in FLOOR_KINDS:  # against the rate sustained around the kept pass; and against the best short window
+    for k in (k for k in FLOOR_KINDS if k in results):  # the rate sustained around the kept pass; the best window
         key, r = k.replace("-", "_"), results[k]
-        sustained = sum(r["bf16_gemm_gflop_s_around"]) / len(r["bf16_gemm_gflop_s_around"]) / per_pair  # pairs/s
-        r["sustained_bf16_floor_pairs_per_s"] = sustained
-        ratios[f"{key}_of_bf16_floor"] = r["pairs_per_s"] / sustained
+        around = r[f"{prec}_gemm_gflop_s_around"]
+        sustained = sum(around) / len(around) / per_pair  # pairs/s
+        r[f"sustained_{prec}_floor_pairs_per_s"] = sustained
+        ratios[f"{key}_of_{prec}_floor"] = r["pairs_per_s"] / sustained
         if r.get("model_pairs_per_s"):
-            ratios[f"{key}_model_time_of_bf16_floor"] = r["model_pairs_per_s"] / sustained
-        ratios[f"{key}_of_best_window_bf16_floor"] = r["pairs_per_s"] / compute_floor["floor_pairs_per_s"]["bf16"]
+            ratios[f"{key}_model_time_of_{prec}_floor"] = r["model_pairs_per_s"] / sustained
+        ratios[f"{key}_of_best_window_{prec}_floor"] = r["pairs_per_s"] / compute_floor["floor_pairs_per_s"][prec]
     if results["engine-fp32"].get("model_pairs_per_s"):
         ratios["engine_fp32_model_time_of_fp32_floor"] = (results["engine-fp32"]["model_pairs_per_s"]
                                                           / compute_floor["floor_pairs_per_s"]["fp32"])
@@ -328,7 +342,7 @@ def main() -> None:
               "repeats": args.repeats, "torch_threads": args.threads or "default", "device": args.device,
               "markets": cfg["markets"], "batch_size": args.batch_size, "max_length": cfg["max_length"],
               "setup_s": setup_s, "results": results, "ratios": ratios, "quality": checks,
-              "parity_at_registration": cfg.get("parity", {}), "floor": compute_floor,
+              "parity_at_registration": cfg.get("parity", {}), "floor": compute_floor, "floor_precision": prec,
               "bf16_time_breakdown": breakdown,
               "machine": {"cpu": cpu_model(), "cpus": os.cpu_count(), "python": platform.python_version(),
                           "loadavg_before": load_before, "loadavg_after": os.getloadavg()}}
@@ -362,18 +376,19 @@ def format_table(report: dict) -> str:
         aucs = ", ".join(f"{m} {v['a']:.4f}/{v['b']:.4f}" for m, v in q["auc"].items())
         lines.append(f"{k:<30} pearson {q['pearson']:.6f}  max|Δ| {q['max_abs_diff']:.2e}  AUC {aucs}")
     lb, la = report["machine"]["loadavg_before"], report["machine"]["loadavg_after"]
-    fl = report.get("floor")
+    fl, prec = report.get("floor"), report.get("floor_precision", "bf16")  # files before 2026-12-07: bf16
     if fl:
-        lines.append(f"\nfloor: {fl['gflop_per_pair']:.2f} GFLOP/pair ({fl['mean_tokens']:.0f} tokens); GEMM bf16 "
-                     f"{fl['gemm_gflop_s']['bf16']:.0f}, fp32 {fl['gemm_gflop_s']['fp32']:.0f} GFLOP/s → "
-                     f"{fl['floor_pairs_per_s']['bf16']:.1f} / {fl['floor_pairs_per_s']['fp32']:.1f} pairs/s "
-                     "(best of short windows, after every contender)")
+        gemm = ", ".join(f"{p} {v:.0f}" for p, v in fl["gemm_gflop_s"].items())
+        floors = " / ".join(f"{v:.1f}" for v in fl["floor_pairs_per_s"].values())
+        lines.append(f"\nfloor: {fl['gflop_per_pair']:.2f} GFLOP/pair ({fl['mean_tokens']:.0f} tokens); GEMM {gemm} "
+                     f"GFLOP/s → {floors} pairs/s (best of short windows, after every contender)")
         for kind in FLOOR_KINDS:
             r = report["results"].get(kind, {})
-            if r.get("bf16_gemm_gflop_s_around"):
-                rates = " / ".join(f"{v:.0f}" for v in r["bf16_gemm_gflop_s_around"])
-                lines.append(f"{names[kind]}: bf16 GEMM sustained {rates} GFLOP/s before / after its kept pass → "
-                             f"floor {r['sustained_bf16_floor_pairs_per_s']:.1f} pairs/s (the *_of_bf16_floor ratios)")
+            if r.get(f"{prec}_gemm_gflop_s_around"):
+                rates = " / ".join(f"{v:.0f}" for v in r[f"{prec}_gemm_gflop_s_around"])
+                lines.append(f"{names[kind]}: {prec} GEMM sustained {rates} GFLOP/s before / after its kept pass → "
+                             f"floor {r[f'sustained_{prec}_floor_pairs_per_s']:.1f} pairs/s "
+                             f"(the *_of_{prec}_floor ratios)")
     bd = report.get("bf16_time_breakdown")
     if bd:
         rate = {k: f" ({v:,.0f} GFLOP/s)" if v else "" for k, v in bd["gflop_s"].items()}

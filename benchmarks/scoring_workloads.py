@@ -93,13 +93,13 @@ def attention_flops(config: dict[str, Any], tokens: float) -> float:
 
 
 def floor(model_dir: str, token_counts: list[int], device: str = "cpu", rows: int = 4096,
-          reps: int = 20) -> dict[str, Any]:
+          reps: int = 20, precisions: tuple[str, ...] = ("bf16", "fp32")) -> dict[str, Any]:
     """The compute floor of this machine for pairs of these token counts (module docstring); ``rows``: the
     GEMMs' row count (a GPU needs more than a CPU to be filled); a smoke run passes few rows and ``reps``
     (bf16 GEMMs emulated on a CPU without native bf16 run at ~10 GFLOP/s: a minute at the full size)."""
     config = json.loads((Path(model_dir) / "config.json").read_text())
     per_pair = sum(flops_per_pair(config, n) for n in token_counts) / len(token_counts)
-    rates = {p: gemm_rate(p, device, rows=rows, reps=reps) for p in ("bf16", "fp32")}
+    rates = {p: gemm_rate(p, device, rows=rows, reps=reps) for p in precisions}
     return {"gflop_per_pair": per_pair / 1e9, "mean_tokens": sum(token_counts) / len(token_counts),
             "gemm_gflop_s": rates, "floor_pairs_per_s": {p: r * 1e9 / per_pair for p, r in rates.items()}}
 

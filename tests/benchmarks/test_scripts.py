@@ -45,9 +45,32 @@ def test_collect_renders_what_exists_and_lists_what_does_not(tmp_path):
     assert "CrossEncoder.predict" in text
     assert "### Test ROC-AUC" in text and "| en | 0.950 |" in text and "Quality title" not in text
     not_run = text.split("## Not run", 1)[1]
-    assert "adapter_speed.json" in not_run and "quality_gpu.md" in not_run and "ingest_speed" not in not_run
+    assert "adapter_speed.json" in not_run and "quality_gpu.md" in not_run
+    assert "`ingest_speed.json`" not in not_run and "`ingest_speed_zen5.json`" not in not_run
     assert "## Scoring speed, short ads (MiniLM-L6), on an AMD EPYC (Zen 5" in text
     assert "`adapter_speed_real_zen5.json`" in not_run and "scoring_speed_zen5" not in not_run
+    assert "`ingest_speed_zen3.json`" in not_run  # a third machine's file, not copied here
+
+
+def test_scoring_table_names_the_floor_auto_is_held_to():
+    """A run on a CPU without native bf16 holds `auto` to the fp32 floor and has no forced-bf16 row; files
+    written before that (no ``floor_precision``) still render against bf16."""
+    from scoring_speed import format_table
+
+    bf16 = json.loads((ROOT / "benchmarks" / "results" / "scoring_speed.json").read_text())
+    assert "local engine bf16" in format_table(bf16) and "bf16 GEMM sustained" in format_table(bf16)
+    fp32 = json.loads(json.dumps(bf16))
+    fp32["floor_precision"] = "fp32"
+    del fp32["results"]["engine-bf16"]
+    fp32["floor"]["gemm_gflop_s"] = {"fp32": 130.0}
+    fp32["floor"]["floor_pairs_per_s"] = {"fp32": 512.5}
+    auto = fp32["results"]["engine-auto"]
+    auto["fp32_gemm_gflop_s_around"] = [128.0, 131.0]
+    auto["sustained_fp32_floor_pairs_per_s"] = 510.0
+    text = format_table(fp32)
+    assert "local engine bf16" not in text and "bf16 GEMM" not in text
+    assert "GEMM fp32 130 GFLOP/s → 512.5 pairs/s" in text
+    assert "fp32 GEMM sustained 128 / 131 GFLOP/s" in text and "the *_of_fp32_floor ratios" in text
 
 
 def test_quick_runs_never_write_into_results(tmp_path):
