@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Annotated, Optional
@@ -158,6 +159,9 @@ def pipeline(
     for quiet in ("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "HF_HUB_DISABLE_PROGRESS_BARS"):  # keep the log readable
         os.environ.setdefault(quiet, "false" if quiet.startswith("MLFLOW") else "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    # A line per evaluation of each training run, through the console handler Prefect puts on the root logger
+    # (which passes WARNING and up from other loggers): minutes of training are otherwise silent.
+    logging.getLogger("relevance.training.loop").setLevel(logging.INFO)
     from relevance.pipeline_plan import demo_base_model, pipeline_summary
 
     if demo:

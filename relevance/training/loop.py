@@ -298,6 +298,10 @@ class Run:
         preds = self._predict(self.eval_df)
         self._last_eval = (prog.step, preds)  # _finish reuses it when this step's weights are the best
         aucs, mean, loss = market_aucs(preds)
+        if self.main and not config.progress:  # no progress bar (a pipeline's task): one line per evaluation
+            logger.info("%s step %d/%d: valid AUC %s (%s), loss %.4f", config.method, prog.step, self.total,
+                        "n/a" if mean is None else f"{mean:.4f}",
+                        ", ".join(f"{m} {'n/a' if v is None else f'{v:.3f}'}" for m, v in aucs.items()), loss)
         spreads = divergence.market_spreads(preds)
         self.tracker.log_metrics({**{f"valid_auc_{m}": v for m, v in aucs.items()}, "valid_auc_mean": mean,
                                   "valid_loss": loss}, prog.step)

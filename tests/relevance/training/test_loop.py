@@ -444,6 +444,17 @@ def test_early_stopping_triggers_and_keeps_the_best(env, tmp_path: Path) -> None
     assert all(torch.equal(best[k], at_2[k]) for k in best)
 
 
+def test_without_a_progress_bar_each_evaluation_is_a_log_line(env, tmp_path: Path, caplog) -> None:
+    with caplog.at_level("INFO", logger="relevance.training.loop"):
+        train(_config(env, tmp_path / "quiet", max_steps=4, eval_every=2))
+        lines = [r.getMessage() for r in caplog.records if "valid AUC" in r.getMessage()]
+        assert [line.split(":")[0] for line in lines] == ["mtl-lora step 2/4", "mtl-lora step 4/4"]
+        assert all("loss" in line and "us " in line for line in lines)
+        caplog.clear()
+        train(_config(env, tmp_path / "bar", max_steps=2, eval_every=2, progress=True))  # the bar shows it instead
+        assert not [r for r in caplog.records if "valid AUC" in r.getMessage()]
+
+
 # -- degenerate markets ----------------------------------------------------------------------------
 
 def test_run_info_records_degenerate_markets_per_split_and_warns(env, tmp_path: Path, caplog) -> None:
