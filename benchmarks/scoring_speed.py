@@ -84,6 +84,7 @@ def _save(scores: dict, path: Path) -> None:
 def worker(kind: str, cfg: dict) -> dict:
     """One measurement in this (fresh) process; returns seconds, pairs, peak RSS."""
     work, raw, bs = Path(cfg["workdir"]), Path(cfg["raw"]), cfg["batch_size"]
+    prec = cfg.get("floor_precision", "bf16")  # the GEMM rate an engine pass is held to
     import mlflow.pyfunc  # noqa: F401  library imports are process start-up, excluded from every timing
     import torch
     import transformers  # noqa: F401
@@ -98,7 +99,6 @@ def worker(kind: str, cfg: dict) -> dict:
         from relevance.serving.scoring import score_dataset
 
         out = work / f"out-{kind}"
-        prec = cfg.get("floor_precision", "bf16")
 
         def floor_now() -> float:  # the floor precision's GEMM rate sustained around the pass (scoring_workloads)
             return scoring_workloads.sustained_gemm_rate(prec, cfg["device"], **cfg.get("floor_size", {}),
@@ -117,7 +117,7 @@ def worker(kind: str, cfg: dict) -> dict:
         used = summary.get("precision")
         timings = summary.get("timings_s")  # the local engine's stages (Spark has none)
     else:
-        used, timings, around, prec = None, None, [], cfg.get("floor_precision", "bf16")
+        used, timings, around = None, None, []
         scores: dict = {}
         seconds, n = 0.0, 0
         for m in cfg["markets"]:
